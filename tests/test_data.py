@@ -1,0 +1,96 @@
+"""Tests for the synthetic shapes (`data.py`) and their pixel classifier (`adherence.py`)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion.adherence import classify, score
+from stable_diffusion.data import (
+    BACKGROUNDS,
+    SIZE_RANGES,
+    format_caption,
+    make_dataset,
+    parse_caption,
+    random_caption,
+    write_folder,
+)
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_dataset(300, seed=0, image_size=IMAGE_SIZE)
+
+
+def test_classifier_recovers_every_claimed_attribute(dataset):
+    accuracies = score(*dataset)
+    assert all(accuracy >= 0.99 for accuracy in accuracies.values()), accuracies
+
+
+def test_captions_parse_and_cover_the_grammar(dataset):
+    attributes = [parse_caption(caption) for caption in dataset[1]]
+    assert [format_caption(a) for a in attributes] == dataset[1]
+    assert {a["size"] for a in attributes} == {"small", "large", None}
+    caption, drawn = random_caption(np.random.default_rng(1))
+    assert parse_caption(caption) == drawn
+
+
+def test_shapes_have_the_stated_size_and_lie_inside_the_image(dataset):
+    for image, caption in zip(*dataset):
+        attributes = parse_caption(caption)
+        # Background pixels are within the jitter (10) of the palette, shapes much farther.
+        background = np.asarray(BACKGROUNDS[attributes["background"]])
+        rows, cols = np.nonzero(np.abs(image - background).max(axis=-1) > 20)
+        height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+        assert height == width, caption  # Not cut by the image border.
+        low, high = SIZE_RANGES[attributes["size"]]
+        assert low * IMAGE_SIZE - 0.5 <= height <= high * IMAGE_SIZE + 0.5, caption  # Rounded.
+
+
+def test_dataset_is_deterministic_for_a_seed():
+    images, captions = make_dataset(20, seed=5)
+    again_images, again_captions = make_dataset(20, seed=5)
+    other_images, _ = make_dataset(20, seed=6)
+    assert images.dtype == np.uint8 and images.shape == (20, IMAGE_SIZE, IMAGE_SIZE, 3)
+    np.testing.assert_array_equal(images, again_images)
+    assert captions == again_captions
+    assert not np.array_equal(images, other_images)
+
+
+def test_write_folder_writes_pngs_and_captions_jsonl(tmp_path):
+    images, captions = make_dataset(4, seed=2)
+    write_folder(tmp_path / "shapes", images, captions)
+    lines = (tmp_path / "shapes" / "captions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [record["text"] for record in records] == captions
+    for image, record in zip(images, records):
+        written = Image.open(tmp_path / "shapes" / record["file_name"])
+        np.testing.assert_array_equal(np.asarray(written), image)
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a pink circle on a white background",
+        "a red hexagon on a white background",
+        "a huge red circle on a white background",
+        "a red circle on a blue background",
+        "a red circle",
+        "a small large red circle on a white background",
+        "",
+    ],
+)
+def test_parse_caption_rejects_text_outside_the_grammar(caption):
+    with pytest.raises(ValueError, match="is not of the form"):
+        parse_caption(caption)
+
+
+def test_classify_plain_background_finds_no_shape():
+    image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 15, dtype=np.uint8)
+    assert classify(image) == dict(color=None, shape=None, background="black", size=None)
+    assert score([image], ["a blue square on a black background"]) == dict(
+        color=0.0, shape=0.0, background=1.0, size=None, all=0.0
+    )
