@@ -1,0 +1,4 @@
+"""Stable Diffusion in Keras 3: small, XLA-compiled, equal to the reference implementation."""
+from .stable_diffusion import StableDiffusion
+
+__all__ = ["StableDiffusion"]

@@ -1,0 +1,48 @@
+"""The VAE decoder of latent diffusion (Rombach et al., 2022, sec. 3.1): latents -> RGB image.
+
+Layer names follow diffusers' `AutoencoderKL` keys (`post_quant_conv`, `decoder.*`).
+"""
+import keras
+from keras import layers, ops
+
+from .blocks import attention, resnet_block, to_image, to_tokens
+
+
+def vae_attention(x, groups, name):
+    """Single-head self-attention over all pixels, with a residual (the VAE's mid-block attention)."""
+    h = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}.group_norm")(x)
+    return x + to_image(attention(to_tokens(h), None, 1, name, qkv_bias=True), x)
+
+
+class Decoder(keras.Model):
+    """VAE decoder: latents as the UNet produces them (B, h, w, 4) -> RGB (B, 8h, 8w, 3), about [-1, 1].
+
+    Args:
+        latent_height, latent_width: latent size.
+        latent_channels: channels of the latents.
+        out_channels: image channels.
+        channels: channels of the encoder's levels; the decoder walks them in reverse.
+        layers_per_block: ResBlocks per encoder level (the decoder has one more).
+        norm_groups: GroupNorm groups.
+        scaling_factor: the latents' scale (SD: 0.18215), undone before decoding.
+    """
+
+    def __init__(self, latent_height=64, latent_width=64, latent_channels=4, out_channels=3,
+                 channels=(128, 256, 512, 512), layers_per_block=2, norm_groups=32,
+                 scaling_factor=0.18215, name="decoder"):
+        latents = keras.Input((latent_height, latent_width, latent_channels), name="latents")
+        x = layers.Conv2D(latent_channels, 1, name="post_quant_conv")(latents / scaling_factor)
+        x = layers.Conv2D(channels[-1], 3, padding="same", name="decoder.conv_in")(x)
+        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "decoder.mid_block.resnets.0")
+        x = vae_attention(x, norm_groups, "decoder.mid_block.attentions.0")
+        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "decoder.mid_block.resnets.1")
+        for up, width in enumerate(reversed(channels)):
+            for i in range(layers_per_block + 1):
+                x = resnet_block(x, width, norm_groups, 1e-6, f"decoder.up_blocks.{up}.resnets.{i}")
+            if up < len(channels) - 1:
+                x = layers.UpSampling2D(2)(x)
+                x = layers.Conv2D(width, 3, padding="same",
+                                  name=f"decoder.up_blocks.{up}.upsamplers.0.conv")(x)
+        x = layers.GroupNormalization(norm_groups, epsilon=1e-6, name="decoder.conv_norm_out")(x)
+        x = layers.Conv2D(out_channels, 3, padding="same", name="decoder.conv_out")(ops.silu(x))
+        super().__init__(latents, x, name=name)

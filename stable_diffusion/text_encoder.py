@@ -1,0 +1,57 @@
+"""CLIP text transformer (Radford et al., 2021), the text conditioning of Stable Diffusion.
+
+References: openai/CLIP `model.py`; transformers `CLIPTextModel`, whose keys (without the
+`text_model.` prefix) name the layers. SD 1.x uses CLIP ViT-L/14 (quick_gelu); SD 2.x uses the
+penultimate layer of OpenCLIP ViT-H/14 (gelu), stored by diffusers as a 23-layer model.
+"""
+import keras
+from keras import layers, ops
+
+from .blocks import attention
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
+    "gelu": lambda x: ops.gelu(x, approximate=False),
+}
+
+
+class PositionEmbedding(layers.Layer):
+    """Adds one learned vector per position (CLIP's `position_embedding`)."""
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(shape=input_shape[1:], name="embeddings")
+
+    def call(self, x):
+        return x + self.embeddings
+
+
+class TextEncoder(keras.Model):
+    """CLIP text transformer: token ids (B, L) -> final-layer-normed hidden states (B, L, width).
+
+    Args:
+        vocab_size: BPE vocabulary size.
+        max_length: tokens per prompt (positions).
+        width: hidden size (768 for ViT-L/14, 1024 for OpenCLIP ViT-H/14).
+        num_layers: transformer blocks.
+        num_heads: attention heads.
+        intermediate_size: MLP hidden size.
+        activation: "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP).
+    """
+
+    def __init__(self, vocab_size=49408, max_length=77, width=768, num_layers=12, num_heads=12,
+                 intermediate_size=3072, activation="quick_gelu", name="text_encoder"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+        tokens = keras.Input((max_length,), dtype="int32", name="tokens")
+        x = layers.Embedding(vocab_size, width, name="embeddings.token_embedding")(tokens)
+        x = PositionEmbedding(name="embeddings.position_embedding")(x)
+        for i in range(num_layers):  # pre-LN blocks with causal self-attention
+            block = f"encoder.layers.{i}"
+            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}.layer_norm1")(x)
+            x = x + attention(h, None, num_heads, f"{block}.self_attn", qkv_bias=True, causal=True,
+                              names=("q_proj", "k_proj", "v_proj", "out_proj"))
+            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}.layer_norm2")(x)
+            h = layers.Dense(intermediate_size, name=f"{block}.mlp.fc1")(h)
+            x = x + layers.Dense(width, name=f"{block}.mlp.fc2")(ACTIVATIONS[activation](h))
+        x = layers.LayerNormalization(epsilon=1e-5, name="final_layer_norm")(x)
+        super().__init__(tokens, x, name=name)

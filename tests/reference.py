@@ -1,0 +1,90 @@
+"""Reference pipelines for the parity tests: tiny random-weight diffusers / transformers models
+saved with `save_pretrained`, in the SD 1.x, SD 2.x and other layouts of the family."""
+import numpy as np
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from stable_diffusion.tokenizer import Tokenizer
+
+# Small members of the family: SD 1.x layout (conv projections, 8 heads everywhere, quick_gelu CLIP,
+# end-token padding, epsilon), SD 2.x layout (linear projections, heads per level, gelu CLIP,
+# "!" padding, v-prediction), and a deeper one (3 levels, 1 ResBlock per level, 2 transformer blocks).
+CONFIGS = {
+    "sd1": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=False),
+        text=dict(hidden_act="quick_gelu", num_hidden_layers=2, num_attention_heads=4),
+        pad_token="<|endoftext|>", prediction_type="epsilon"),
+    "sd2": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=(2, 4),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=True),
+        text=dict(hidden_act="gelu", num_hidden_layers=3, num_attention_heads=2),
+        pad_token="!", prediction_type="v_prediction"),
+    "deep": dict(
+        unet=dict(block_out_channels=(16, 32, 32), layers_per_block=1, attention_head_dim=(2, 2, 4),
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  transformer_layers_per_block=2, use_linear_projection=True),
+        text=dict(hidden_act="quick_gelu", num_hidden_layers=1, num_attention_heads=4),
+        pad_token="<|endoftext|>", prediction_type="epsilon"),
+}
+CONTEXT_DIM = 32
+
+
+def make_pipeline(kind, folder, seed=0):
+    """Builds a random-weight StableDiffusionPipeline of `kind`, saves it to `folder`, returns it."""
+    spec = CONFIGS[kind]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8,
+                                cross_attention_dim=CONTEXT_DIM, **spec["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=37, max_position_embeddings=77,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **spec["text"]))
+    randomize(unet, vae, text_encoder)
+    vocab_folder = folder / "vocab"
+    Tokenizer.from_vendored(spec["pad_token"]).save(vocab_folder)
+    tokenizer = CLIPTokenizer.from_pretrained(vocab_folder, model_max_length=77, pad_token=spec["pad_token"])
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
+                              prediction_type=spec["prediction_type"])
+    if kind == "sd1":  # as in the hub's SD 1.5 config; elsewhere DDIM's default (True) applies
+        scheduler.register_to_config(clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):  # hub folders have these; transformers 5 writes tokenizer.json
+        (folder / "tokenizer" / name).write_bytes((vocab_folder / name).read_bytes())
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe.to(torch.float32)
+
+
+def randomize(*models):
+    """Gives every parameter a random value: fresh diffusers models zero some layers (e.g. conv_out),
+    which would hide mapping errors."""
+    with torch.no_grad():
+        for model in models:
+            for name, parameter in model.named_parameters():
+                if "norm" in name and name.endswith("weight"):
+                    parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
+                else:
+                    parameter.copy_(torch.randn_like(parameter) * (0.5 / max(1, parameter[0].numel()) ** 0.5))
+
+
+def to_numpy(tensor):
+    return tensor.detach().cpu().numpy()
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def nhwc(tensor):
+    return np.transpose(to_numpy(tensor), (0, 2, 3, 1))
