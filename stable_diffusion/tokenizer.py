@@ -1,0 +1,175 @@
+"""CLIP BPE tokenizer for Stable Diffusion prompts.
+
+Glue around `keras_hub.models.CLIPTokenizer` (byte-level BPE) and `keras_hub.layers.StartEndPacker`
+(start/end tokens, truncation, padding). Both run on their pure-Python path (the `tokenizers`
+library), so the tokenizer works under every Keras backend and returns NumPy.
+
+The ids match transformers' `CLIPTokenizer` (transformers 5.x, which diffusers uses): NFC, every
+whitespace run to one space, lowercase, CLIP's pre-split regex, byte-level BPE. keras-hub builds the
+identical `tokenizers` pipeline, so no text pre-processing is needed. One transformers behaviour is
+reproduced here: the pad token is a special token, matched in the raw text before BPE. For SD 2.x
+(pad "!") every "!" in a prompt therefore becomes id 0, unlike open_clip ("!!" is 748 there); see
+diffusers issue #4153.
+
+References:
+- OpenAI CLIP `clip/simple_tokenizer.py` and open_clip `tokenizer.py`: vocabulary built from the BPE
+  merges file (vendored as `weights/bpe_simple_vocab_16e6.txt.gz`, MIT licence beside it).
+- transformers `models/clip/tokenization_clip.py`: the ids we match.
+- diffusers `StableDiffusionPipeline.encode_prompt`: the warning on truncated prompts.
+"""
+
+import gzip
+import json
+import warnings
+from pathlib import Path
+
+import keras
+import keras_hub
+
+VENDORED_BPE_PATHS = [
+    Path(__file__).parent.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz",  # repository checkout
+    Path(__file__).parent / "weights" / "bpe_simple_vocab_16e6.txt.gz",  # installed package data
+]
+START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+
+def byte_characters():
+    """The 256 printable characters byte-level BPE uses for the bytes 0..255, in CLIP vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    n_others = 256 - len(printable)
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(n_others)]
+
+
+def pad_id(vocabulary, pad_token, source):
+    """Id of `pad_token`, or a ValueError naming the token and where it came from."""
+    if pad_token not in vocabulary:
+        raise ValueError(f"Pad token {pad_token!r} from {source} is not in the vocabulary.")
+    return vocabulary[pad_token]
+
+
+class Tokenizer:
+    """Prompts to `(B, sequence_length)` int32 ids: start token, BPE ids, end token, padding.
+
+    Args:
+        vocabulary: dict mapping token string to id (the contents of `vocab.json`).
+        merges: list of merge rules, `"a b"` strings in priority order (the lines of `merges.txt`; a
+            `#version` header line is ignored).
+        pad_token_id: id written after the end token. SD 1.x pads with the end token (49407),
+            SD 2.x with `"!"` (0). The pad token is special, as in transformers: where it appears in a
+            prompt it becomes this id instead of going through BPE.
+        sequence_length: length of every output row, start and end tokens included.
+    """
+
+    def __init__(self, vocabulary, merges, pad_token_id=49407, sequence_length=77):
+        if pad_token_id not in vocabulary.values():
+            raise ValueError(f"pad_token_id {pad_token_id} is not an id of the vocabulary.")
+        self.vocabulary = dict(vocabulary)
+        self.merges = [merge for merge in merges if merge and not merge.startswith("#version")]
+        self.pad_token_id = pad_token_id
+        self.sequence_length = sequence_length
+        self.bpe = keras_hub.models.CLIPTokenizer(self.vocabulary, self.merges)
+        self.pad_token = self.bpe.id_to_token(pad_token_id)
+        self.packer = keras_hub.layers.StartEndPacker(
+            sequence_length,
+            start_value=self.bpe.start_token_id,
+            end_value=self.bpe.end_token_id,
+            pad_value=pad_token_id,
+        )
+
+    def __call__(self, prompts):
+        """Tokenize a prompt or a list of prompts.
+
+        Args:
+            prompts: a string or a non-empty list of strings. Prompts longer than `sequence_length`
+                tokens are truncated (with a warning) so that the last token is still the end token.
+
+        Returns:
+            `np.ndarray` of int32, shape `(B, sequence_length)`.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"Expected a prompt string or a non-empty list of strings, got {prompts!r}.")
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise ValueError(f"Expected every prompt to be a string, got {prompt!r} ({type(prompt).__name__}).")
+        bpe_ids = self.bpe_ids(prompts)
+        kept = self.sequence_length - 2
+        for i, ids in enumerate(bpe_ids):
+            if len(ids) > kept:
+                warnings.warn(
+                    f"Prompt {i} was truncated: CLIP takes at most {self.sequence_length} tokens, "
+                    f"so the last {len(ids) - kept} of its {len(ids) + 2} tokens were dropped.",
+                    stacklevel=2,
+                )
+        return keras.ops.convert_to_numpy(self.packer(bpe_ids)).astype("int32")  # (B, sequence_length)
+
+    def bpe_ids(self, prompts):
+        """B lists of ids without start/end tokens; the pad token in a prompt maps to its id, not to BPE."""
+        pieces = [prompt.split(self.pad_token) for prompt in prompts]
+        ids = iter(self.bpe([piece for split in pieces for piece in split]))
+        rows = []
+        for split in pieces:
+            row = list(next(ids))
+            for _ in split[1:]:
+                row += [self.pad_token_id, *next(ids)]
+            rows.append(row)
+        return rows
+
+    @classmethod
+    def from_folder(cls, path):
+        """Tokenizer from a diffusers/transformers tokenizer folder.
+
+        Args:
+            path: folder holding `vocab.json`, `merges.txt` and `special_tokens_map.json` and/or
+                `tokenizer_config.json`. The pad token is read from `special_tokens_map.json` first
+                (it overrides `tokenizer_config.json`, as in transformers), and defaults to
+                `<|endoftext|>` like transformers' `CLIPTokenizer`.
+        """
+        folder = Path(path)
+        vocabulary = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        config_paths = [p for p in (folder / "special_tokens_map.json", folder / "tokenizer_config.json") if p.exists()]
+        if not config_paths:
+            raise FileNotFoundError(f"Neither special_tokens_map.json nor tokenizer_config.json found in {folder}.")
+        configs = [json.loads(p.read_text(encoding="utf-8")) for p in config_paths]
+        pad_token = next((c["pad_token"] for c in configs if c.get("pad_token")), END_TOKEN)
+        if isinstance(pad_token, dict):
+            pad_token = pad_token["content"]
+        return cls(vocabulary, merges, pad_token_id=pad_id(vocabulary, pad_token, config_paths))
+
+    @classmethod
+    def from_vendored(cls, pad_token=END_TOKEN):
+        """Tokenizer from the vendored OpenAI BPE file, built exactly as CLIP's `simple_tokenizer.py` does.
+
+        Args:
+            pad_token: `"<|endoftext|>"` for SD 1.x, `"!"` for SD 2.x.
+        """
+        path = next((p for p in VENDORED_BPE_PATHS if p.exists()), None)
+        if path is None:
+            searched = [str(p) for p in VENDORED_BPE_PATHS]
+            raise FileNotFoundError(f"bpe_simple_vocab_16e6.txt.gz not found in {searched}.")
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+        characters = byte_characters()
+        tokens = characters + [c + "</w>" for c in characters] + ["".join(m.split()) for m in merges]
+        vocabulary = {token: i for i, token in enumerate(tokens + [START_TOKEN, END_TOKEN])}
+        return cls(vocabulary, merges, pad_token_id=pad_id(vocabulary, pad_token, path.name))
+
+    def save(self, folder):
+        """Write `vocab.json`, `merges.txt` and `tokenizer_config.json`, readable by `from_folder`
+        and by transformers' `CLIPTokenizer.from_pretrained`.
+
+        Args:
+            folder: directory to write into; created if missing.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocabulary, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *self.merges]) + "\n", encoding="utf-8")
+        config = {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": self.sequence_length,
+            "pad_token": self.pad_token,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
