@@ -1,4 +1,5 @@
-"""Checkpoints -> Keras models: diffusers folders (as written by `save_pretrained`).
+"""Checkpoints -> Keras models: diffusers folders (as written by `save_pretrained`) and our bundles
+(a `config.json`, one Keras `.weights.h5` per model and the tokenizer files).
 
 The Keras layers are named after the checkpoint key prefixes, so mapping is by name, with the one
 table below: `KEY_SUFFIX` names the PyTorch tensor of each Keras variable and `to_keras_layout`
@@ -6,7 +7,8 @@ transposes it. Loading is strict: every variable gets exactly one tensor of the 
 tensor is used (or known-unused), and nothing is assigned before everything checks out.
 """
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import numpy as np
 
 from .tokenizer import Tokenizer
 
+BUNDLE_FORMAT, BUNDLE_CONFIG = "keras-stable-diffusion/1", "config.json"
+BUNDLE_MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
 KEY_SUFFIX = {"kernel": "weight", "gamma": "weight", "embeddings": "weight", "bias": "bias", "beta": "bias"}
 
 # diffusers' DDIMScheduler defaults, for keys a checkpoint's scheduler config leaves out.
@@ -68,10 +72,10 @@ class Tensors(Mapping):
         return len(self._readers)
 
 
-def load_weights(model, tensors, unused_prefixes=()):
-    """Assigns every variable of `model` from `tensors`, strictly; raises ValueError listing problems."""
+def load_weights(models, tensors, unused_prefixes=()):
+    """Assigns every variable of `models` from `tensors`, strictly; raises ValueError listing problems."""
     plan, problems, used = [], [], set()
-    for layer in model.layers:
+    for layer in (layer for model in models for layer in model.layers):
         for variable in layer.weights:
             key = f"{layer.name}.{KEY_SUFFIX[variable.name]}"
             if key not in tensors:
@@ -87,42 +91,43 @@ def load_weights(model, tensors, unused_prefixes=()):
     problems += [f"unexpected tensor {key}" for key in unused]
     if problems:
         listed = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise ValueError(f"{tensors.source} does not fit the {model.name} model:\n  {listed}")
+        names = " + ".join(model.name for model in models)
+        raise ValueError(f"{tensors.source} does not fit the {names} model:\n  {listed}")
     for variable, key in plan:
         variable.assign(to_keras_layout(variable.name, tensors[key], variable.shape).astype(variable.dtype))
 
 
 @dataclass
 class Checkpoint:
-    """What `read` found: model configs, tokenizer, default image size and the tensors per model."""
+    """What `read` found: model configs, tokenizer, default image size, and how to load the weights."""
 
     config: dict
     tokenizer: Tokenizer
-    sample_size: int
-    tensors: dict
-    unused_prefixes: dict
-
-    def load_into(self, sd):
-        """Assigns the weights to `sd.text_encoder`, `sd.diffusion_model` and `sd.decoder`."""
-        for name, tensors in self.tensors.items():
-            load_weights(getattr(sd, name), tensors, self.unused_prefixes.get(name, ()))
+    img_height: int
+    img_width: int
+    load_into: Callable  # load_into(sd) assigns the weights of sd's models
 
 
 def read(path):
-    """Reads the checkpoint at `path` (a diffusers folder)."""
+    """Reads the checkpoint at `path`: a diffusers folder or a bundle written by `save_bundle`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     if path.is_dir() and (path / "model_index.json").exists():
         return read_diffusers(path)
+    if path.is_dir() and (path / BUNDLE_CONFIG).exists():
+        return read_bundle(path)
     raise ValueError(f"{path} is not a checkpoint this library reads: expected a diffusers folder "
-                     "(with model_index.json).")
+                     f"(with model_index.json) or a saved bundle (with {BUNDLE_CONFIG}).")
 
 
 def read_json(path):
     if not path.exists():
         raise FileNotFoundError(f"Missing {path}: the checkpoint is incomplete.")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def find_weights(folder, rename=lambda key: key):
@@ -145,15 +150,57 @@ def read_diffusers(folder):
     text = read_json(folder / "text_encoder" / "config.json")
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
     config = dict(text_encoder=text_encoder_config(text), diffusion_model=unet_config(unet),
-                  decoder=vae_config(vae),
+                  **vae_configs(vae),
                   scheduler={**DIFFUSERS_DDIM_DEFAULTS, **{k: v for k, v in scheduler.items() if not k.startswith("_")}})
     tokenizer_folder = folder / "tokenizer"
     tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder.exists() else Tokenizer.from_vendored()
-    tensors = dict(text_encoder=find_weights(folder / "text_encoder", lambda k: k.removeprefix("text_model.")),
-                   diffusion_model=find_weights(folder / "unet"), decoder=find_weights(folder / "vae"))
-    unused = dict(text_encoder=("embeddings.position_ids",), decoder=("encoder.", "quant_conv."))
-    sample_size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-    return Checkpoint(config, tokenizer, sample_size, tensors, unused)
+    parts = [(("text_encoder",), find_weights(folder / "text_encoder", lambda k: k.removeprefix("text_model.")),
+              ("embeddings.position_ids",)),
+             (("diffusion_model",), find_weights(folder / "unet"), ()),
+             (("encoder", "decoder"), find_weights(folder / "vae"), ())]
+
+    def load_into(sd):
+        for names, tensors, unused in parts:
+            load_weights([getattr(sd, name) for name in names], tensors, unused)
+
+    size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return Checkpoint(config, tokenizer, size, size, load_into)
+
+
+def save_bundle(sd, path, overwrite=False):
+    """Writes `sd` as a bundle folder, under a temporary name renamed at the end."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    partial = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    config = dict(format=BUNDLE_FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
+    (partial / BUNDLE_CONFIG).write_text(json.dumps(config, indent=2))
+    for name in BUNDLE_MODELS:
+        getattr(sd, name).save_weights(partial / f"{name}.weights.h5")
+    sd.tokenizer.save(partial / "tokenizer")
+    if path.exists():
+        shutil.rmtree(path)
+    partial.rename(path)
+
+
+def read_bundle(folder):
+    """A bundle folder written by `save_bundle`."""
+    config = read_json(folder / BUNDLE_CONFIG)
+    if config.pop("format", None) != BUNDLE_FORMAT:
+        raise ValueError(f"{folder / BUNDLE_CONFIG} is not a {BUNDLE_FORMAT} config.")
+    files = {name: folder / f"{name}.weights.h5" for name in BUNDLE_MODELS}
+    for file in files.values():
+        if not file.exists():
+            raise FileNotFoundError(f"Missing {file}: the bundle is incomplete.")
+
+    def load_into(sd):
+        for name, file in files.items():
+            getattr(sd, name).load_weights(file)
+
+    return Checkpoint(config, Tokenizer.from_folder(folder / "tokenizer"), config.pop("img_height"),
+                      config.pop("img_width"), load_into)
 
 
 def text_encoder_config(c):
@@ -187,8 +234,9 @@ def unet_config(c):
                 flip_sin_to_cos=c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0))
 
 
-def vae_config(c):
-    """Decoder arguments from a diffusers AutoencoderKL config."""
-    return dict(latent_channels=c["latent_channels"], out_channels=c["out_channels"],
-                channels=tuple(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
-                norm_groups=c.get("norm_num_groups", 32), scaling_factor=c.get("scaling_factor", 0.18215))
+def vae_configs(c):
+    """Decoder and Encoder arguments from a diffusers AutoencoderKL config."""
+    shared = dict(latent_channels=c["latent_channels"], channels=tuple(c["block_out_channels"]),
+                  layers_per_block=c["layers_per_block"], norm_groups=c.get("norm_num_groups", 32))
+    return dict(decoder=dict(shared, out_channels=c["out_channels"], scaling_factor=c.get("scaling_factor", 0.18215)),
+                encoder=dict(shared, in_channels=c["in_channels"]))

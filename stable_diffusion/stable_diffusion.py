@@ -6,13 +6,15 @@ import keras
 import numpy as np
 from keras import ops
 
+from . import checkpoints
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
+from .encoder import Encoder
 from .schedulers import DDIMScheduler
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
 
-COMPONENTS = ("text_encoder", "diffusion_model", "decoder", "scheduler")
+MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
 
 
 class StableDiffusion:
@@ -25,12 +27,12 @@ class StableDiffusion:
         jit_compile: compile the text encoder, the denoising step and the decoder with XLA
             (TensorFlow and JAX; the torch backend runs eagerly).
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
-            "decoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values.
+            "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values.
         tokenizer: a `Tokenizer`; default: the bundled CLIP vocabulary, padding with the end token.
     """
 
     def __init__(self, img_height=512, img_width=512, jit_compile=True, config=None, tokenizer=None):
-        config = {name: dict((config or {}).get(name, {})) for name in COMPONENTS}
+        config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
@@ -42,6 +44,7 @@ class StableDiffusion:
         self.text_encoder = TextEncoder(**config["text_encoder"])
         self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"])
         self.decoder = Decoder(**latent_size, **config["decoder"])
+        self.encoder = Encoder(img_height, img_width, **config["encoder"])
         self.scheduler = DDIMScheduler(**config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
@@ -51,21 +54,25 @@ class StableDiffusion:
 
     @classmethod
     def from_checkpoint(cls, path, img_height=None, img_width=None, jit_compile=True):
-        """Loads a checkpoint: a diffusers folder (`save_pretrained` layout).
+        """Loads a checkpoint: a diffusers folder (`save_pretrained` layout) or a bundle from `save`.
 
         Args:
             path: the checkpoint.
             img_height, img_width: image size; default: the size the model was trained at.
             jit_compile: see `StableDiffusion`.
         """
-        from . import checkpoints
-
         checkpoint = checkpoints.read(path)
-        size = checkpoint.sample_size
-        sd = cls(img_height or size, img_width or size, jit_compile, checkpoint.config,
-                 checkpoint.tokenizer)
+        sd = cls(img_height or checkpoint.img_height, img_width or checkpoint.img_width, jit_compile,
+                 checkpoint.config, checkpoint.tokenizer)
         checkpoint.load_into(sd)
         return sd
+
+    def save(self, path, overwrite=False):
+        """Saves a bundle folder: `config.json`, one `.weights.h5` per model and the tokenizer.
+
+        The folder appears only once complete. Load it with `StableDiffusion.from_checkpoint(path)`.
+        """
+        checkpoints.save_bundle(self, path, overwrite)
 
     def _build_denoise_step(self):
         """One sampler step as a model: the UNet runs once on [unconditional, conditional] latents."""

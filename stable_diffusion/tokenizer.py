@@ -121,14 +121,20 @@ class Tokenizer:
         """Tokenizer from a diffusers/transformers tokenizer folder.
 
         Args:
-            path: folder holding `vocab.json`, `merges.txt` and `special_tokens_map.json` and/or
+            path: folder holding `vocab.json` and `merges.txt` (or `tokenizer.json`), and
+                `special_tokens_map.json` and/or
                 `tokenizer_config.json`. The pad token is read from `special_tokens_map.json` first
                 (it overrides `tokenizer_config.json`, as in transformers), and defaults to
                 `<|endoftext|>` like transformers' `CLIPTokenizer`.
         """
         folder = Path(path)
-        vocabulary = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        if (folder / "vocab.json").exists() or not (folder / "tokenizer.json").exists():
+            vocabulary = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        else:  # transformers 5 writes only the `tokenizers` file
+            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            vocabulary = model["vocab"]
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         config_paths = [p for p in (folder / "special_tokens_map.json", folder / "tokenizer_config.json") if p.exists()]
         if not config_paths:
             raise FileNotFoundError(f"Neither special_tokens_map.json nor tokenizer_config.json found in {folder}.")

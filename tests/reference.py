@@ -2,6 +2,7 @@
 saved with `save_pretrained`, in the SD 1.x, SD 2.x and other layouts of the family."""
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -60,8 +61,11 @@ def make_pipeline(kind, folder, seed=0):
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
-    for name in ("vocab.json", "merges.txt"):  # hub folders have these; transformers 5 writes tokenizer.json
-        (folder / "tokenizer" / name).write_bytes((vocab_folder / name).read_bytes())
+    if kind == "sd1":  # the hub's layout; transformers 5 writes tokenizer.json and unprefixed keys
+        for name in ("vocab.json", "merges.txt"):
+            (folder / "tokenizer" / name).write_bytes((vocab_folder / name).read_bytes())
+        path = folder / "text_encoder" / "model.safetensors"
+        save_file({f"text_model.{k}": v for k, v in load_file(path).items()}, path)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe.to(torch.float32)
 
