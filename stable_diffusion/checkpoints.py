@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, shipped_path
 
 BUNDLE_FORMAT, BUNDLE_CONFIG = "keras-stable-diffusion/1", "config.json"
 BUNDLE_MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
@@ -108,9 +108,10 @@ class Checkpoint:
     load_into: Callable  # load_into(sd) assigns the weights of sd's models
 
 
-def read(path):
-    """Reads the checkpoint at `path`: a diffusers folder or a bundle written by `save_bundle`."""
-    path = Path(path)
+def read(path=None):
+    """Reads the checkpoint at `path`: a diffusers folder or a bundle written by `save_bundle`;
+    None: the demo model bundle shipped in `weights/demo`."""
+    path = shipped_path("demo") if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     if path.is_dir() and (path / "model_index.json").exists():

@@ -53,11 +53,11 @@ class StableDiffusion:
             model.compile(jit_compile=jit_compile)
 
     @classmethod
-    def from_checkpoint(cls, path, img_height=None, img_width=None, jit_compile=True):
+    def from_checkpoint(cls, path=None, img_height=None, img_width=None, jit_compile=True):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout) or a bundle from `save`.
 
         Args:
-            path: the checkpoint.
+            path: the checkpoint; default: the small demo model shipped in `weights/demo`.
             img_height, img_width: image size; default: the size the model was trained at.
             jit_compile: see `StableDiffusion`.
         """

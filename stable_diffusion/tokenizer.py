@@ -26,11 +26,19 @@ from pathlib import Path
 import keras
 import keras_hub
 
-VENDORED_BPE_PATHS = [
-    Path(__file__).parent.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz",  # repository checkout
-    Path(__file__).parent / "weights" / "bpe_simple_vocab_16e6.txt.gz",  # installed package data
+WEIGHTS_FOLDERS = [
+    Path(__file__).parent.parent / "weights",  # repository checkout (pip install -e .)
+    Path(__file__).parent / "weights",  # installed package data
 ]
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+
+def shipped_path(name):
+    """Path of a file or folder shipped in `weights/`; FileNotFoundError naming where it was looked for."""
+    path = next((folder / name for folder in WEIGHTS_FOLDERS if (folder / name).exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"{name} not found in {[str(folder) for folder in WEIGHTS_FOLDERS]}.")
+    return path
 
 
 def byte_characters():
@@ -151,10 +159,7 @@ class Tokenizer:
         Args:
             pad_token: `"<|endoftext|>"` for SD 1.x, `"!"` for SD 2.x.
         """
-        path = next((p for p in VENDORED_BPE_PATHS if p.exists()), None)
-        if path is None:
-            searched = [str(p) for p in VENDORED_BPE_PATHS]
-            raise FileNotFoundError(f"bpe_simple_vocab_16e6.txt.gz not found in {searched}.")
+        path = shipped_path("bpe_simple_vocab_16e6.txt.gz")
         with gzip.open(path, "rt", encoding="utf-8") as f:
             merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
         characters = byte_characters()
