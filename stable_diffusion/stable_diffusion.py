@@ -53,19 +53,33 @@ class StableDiffusion:
             model.compile(jit_compile=jit_compile)
 
     @classmethod
-    def from_checkpoint(cls, path=None, img_height=None, img_width=None, jit_compile=True):
-        """Loads a checkpoint: a diffusers folder (`save_pretrained` layout) or a bundle from `save`.
+    def from_checkpoint(cls, path=None, img_height=None, img_width=None, jit_compile=True, vae=None,
+                        prediction_type=None, use_ema=None, config=None):
+        """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save`, or an
+        original SD 1.x / 2.x single file (`.safetensors`, `.ckpt`).
 
         Args:
             path: the checkpoint; default: the small demo model shipped in `weights/demo`.
             img_height, img_width: image size; default: the size the model was trained at.
             jit_compile: see `StableDiffusion`.
+            vae, prediction_type, use_ema, config: see `checkpoints.read`.
         """
-        checkpoint = checkpoints.read(path)
-        sd = cls(img_height or checkpoint.img_height, img_width or checkpoint.img_width, jit_compile,
+        checkpoint = checkpoints.read(path, vae, prediction_type, use_ema, config)
+        sd = cls(checkpoint.img_height if img_height is None else img_height,
+                 checkpoint.img_width if img_width is None else img_width, jit_compile,
                  checkpoint.config, checkpoint.tokenizer)
         checkpoint.load_into(sd)
         return sd
+
+    @classmethod
+    def from_preset(cls, name, img_height=None, img_width=None, jit_compile=True):
+        """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into
+        the Keras cache and converted once into a bundle there, which later calls load."""
+        bundle = checkpoints.preset_bundle(name)
+        if not bundle.exists():
+            path, options = checkpoints.download_preset(name)
+            cls.from_checkpoint(path, jit_compile=False, **options).save(bundle)
+        return cls.from_checkpoint(bundle, img_height, img_width, jit_compile)
 
     def save(self, path, overwrite=False):
         """Saves a bundle folder: `config.json`, one `.weights.h5` per model and the tokenizer.
