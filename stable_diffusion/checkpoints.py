@@ -77,7 +77,7 @@ def load_weights(models, tensors, unused_prefixes=()):
     plan, problems, used = [], [], set()
     for layer in (layer for model in models for layer in model.layers):
         for variable in layer.weights:
-            key = f"{layer.name}.{KEY_SUFFIX[variable.name]}"
+            key = f"{layer.name.replace('-', '.')}.{KEY_SUFFIX[variable.name]}"
             if key not in tensors:
                 problems.append(f"missing tensor {key} for {variable.path} {tuple(variable.shape)}")
                 continue

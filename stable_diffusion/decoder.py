@@ -10,7 +10,7 @@ from .blocks import attention, resnet_block, to_image, to_tokens
 
 def vae_attention(x, groups, name):
     """Single-head self-attention over all pixels, with a residual (the VAE's mid-block attention)."""
-    h = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}.group_norm")(x)
+    h = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}-group_norm")(x)
     return x + to_image(attention(to_tokens(h), None, 1, name, qkv_bias=True), x)
 
 
@@ -32,17 +32,17 @@ class Decoder(keras.Model):
                  scaling_factor=0.18215, name="decoder"):
         latents = keras.Input((latent_height, latent_width, latent_channels), name="latents")
         x = layers.Conv2D(latent_channels, 1, name="post_quant_conv")(latents / scaling_factor)
-        x = layers.Conv2D(channels[-1], 3, padding="same", name="decoder.conv_in")(x)
-        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "decoder.mid_block.resnets.0")
-        x = vae_attention(x, norm_groups, "decoder.mid_block.attentions.0")
-        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "decoder.mid_block.resnets.1")
+        x = layers.Conv2D(channels[-1], 3, padding="same", name="decoder-conv_in")(x)
+        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "decoder-mid_block-resnets-0")
+        x = vae_attention(x, norm_groups, "decoder-mid_block-attentions-0")
+        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "decoder-mid_block-resnets-1")
         for up, width in enumerate(reversed(channels)):
             for i in range(layers_per_block + 1):
-                x = resnet_block(x, width, norm_groups, 1e-6, f"decoder.up_blocks.{up}.resnets.{i}")
+                x = resnet_block(x, width, norm_groups, 1e-6, f"decoder-up_blocks-{up}-resnets-{i}")
             if up < len(channels) - 1:
                 x = layers.UpSampling2D(2)(x)
                 x = layers.Conv2D(width, 3, padding="same",
-                                  name=f"decoder.up_blocks.{up}.upsamplers.0.conv")(x)
-        x = layers.GroupNormalization(norm_groups, epsilon=1e-6, name="decoder.conv_norm_out")(x)
-        x = layers.Conv2D(out_channels, 3, padding="same", name="decoder.conv_out")(ops.silu(x))
+                                  name=f"decoder-up_blocks-{up}-upsamplers-0-conv")(x)
+        x = layers.GroupNormalization(norm_groups, epsilon=1e-6, name="decoder-conv_norm_out")(x)
+        x = layers.Conv2D(out_channels, 3, padding="same", name="decoder-conv_out")(ops.silu(x))
         super().__init__(latents, x, name=name)

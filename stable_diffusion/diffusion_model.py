@@ -26,21 +26,21 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0, max_p
 
 def feed_forward(x, name, mult=4):
     """GEGLU MLP (Shazeer, 2020) of the transformer blocks, with exact GELU as in PyTorch."""
-    h, gate = ops.split(layers.Dense(x.shape[-1] * mult * 2, name=f"{name}.net.0.proj")(x), 2, axis=-1)
-    return layers.Dense(x.shape[-1], name=f"{name}.net.2")(h * ops.gelu(gate, approximate=False))
+    h, gate = ops.split(layers.Dense(x.shape[-1] * mult * 2, name=f"{name}-net-0-proj")(x), 2, axis=-1)
+    return layers.Dense(x.shape[-1], name=f"{name}-net-2")(h * ops.gelu(gate, approximate=False))
 
 
 def spatial_transformer(x, context, heads, depth, groups, name):
     """Transformer2DModel: norm, proj_in, [self-attn, cross-attn to context, MLP] x depth, proj_out."""
-    t = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}.norm")(x)
-    t = layers.Dense(x.shape[-1], name=f"{name}.proj_in")(to_tokens(t))  # a 1x1 conv in SD 1.x
+    t = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}-norm")(x)
+    t = layers.Dense(x.shape[-1], name=f"{name}-proj_in")(to_tokens(t))  # a 1x1 conv in SD 1.x
     for i in range(depth):
-        block = f"{name}.transformer_blocks.{i}"
-        norm = lambda h, n: layers.LayerNormalization(epsilon=1e-5, name=f"{block}.norm{n}")(h)
-        t = t + attention(norm(t, 1), None, heads, f"{block}.attn1")
-        t = t + attention(norm(t, 2), context, heads, f"{block}.attn2")
-        t = t + feed_forward(norm(t, 3), f"{block}.ff")
-    return x + to_image(layers.Dense(x.shape[-1], name=f"{name}.proj_out")(t), x)
+        block = f"{name}-transformer_blocks-{i}"
+        norm = lambda h, n: layers.LayerNormalization(epsilon=1e-5, name=f"{block}-norm{n}")(h)
+        t = t + attention(norm(t, 1), None, heads, f"{block}-attn1")
+        t = t + attention(norm(t, 2), context, heads, f"{block}-attn2")
+        t = t + feed_forward(norm(t, 3), f"{block}-ff")
+    return x + to_image(layers.Dense(x.shape[-1], name=f"{name}-proj_out")(t), x)
 
 
 class DiffusionModel(keras.Model):
@@ -72,40 +72,40 @@ class DiffusionModel(keras.Model):
         context = keras.Input((None, context_dim), name="context")
 
         t_emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos, freq_shift)
-        t_emb = layers.Dense(4 * channels[0], name="time_embedding.linear_1")(t_emb)
-        t_emb = layers.Dense(4 * channels[0], name="time_embedding.linear_2")(ops.silu(t_emb))
+        t_emb = layers.Dense(4 * channels[0], name="time_embedding-linear_1")(t_emb)
+        t_emb = layers.Dense(4 * channels[0], name="time_embedding-linear_2")(ops.silu(t_emb))
 
         def res_attn(x, level, block, i):
-            x = resnet_block(x, channels[level], norm_groups, norm_eps, f"{block}.resnets.{i}", t_emb)
+            x = resnet_block(x, channels[level], norm_groups, norm_eps, f"{block}-resnets-{i}", t_emb)
             if attention_levels[level]:
                 x = spatial_transformer(x, context, heads[level], transformer_depth, norm_groups,
-                                        f"{block}.attentions.{i}")
+                                        f"{block}-attentions-{i}")
             return x
 
         x = layers.Conv2D(channels[0], 3, padding="same", name="conv_in")(latents)
         skips = [x]
         for level in range(len(channels)):
             for i in range(layers_per_block):
-                x = res_attn(x, level, f"down_blocks.{level}", i)
+                x = res_attn(x, level, f"down_blocks-{level}", i)
                 skips.append(x)
             if level < len(channels) - 1:  # symmetric padding, as PyTorch's padding=1
                 x = layers.ZeroPadding2D(1)(x)
                 x = layers.Conv2D(channels[level], 3, strides=2,
-                                  name=f"down_blocks.{level}.downsamplers.0.conv")(x)
+                                  name=f"down_blocks-{level}-downsamplers-0-conv")(x)
                 skips.append(x)
 
-        x = resnet_block(x, channels[-1], norm_groups, norm_eps, "mid_block.resnets.0", t_emb)
+        x = resnet_block(x, channels[-1], norm_groups, norm_eps, "mid_block-resnets-0", t_emb)
         x = spatial_transformer(x, context, heads[-1], transformer_depth, norm_groups,
-                                "mid_block.attentions.0")
-        x = resnet_block(x, channels[-1], norm_groups, norm_eps, "mid_block.resnets.1", t_emb)
+                                "mid_block-attentions-0")
+        x = resnet_block(x, channels[-1], norm_groups, norm_eps, "mid_block-resnets-1", t_emb)
 
         for up, level in enumerate(reversed(range(len(channels)))):
             for i in range(layers_per_block + 1):
-                x = res_attn(layers.Concatenate()([x, skips.pop()]), level, f"up_blocks.{up}", i)
+                x = res_attn(layers.Concatenate()([x, skips.pop()]), level, f"up_blocks-{up}", i)
             if level > 0:
                 x = layers.UpSampling2D(2)(x)
                 x = layers.Conv2D(channels[level], 3, padding="same",
-                                  name=f"up_blocks.{up}.upsamplers.0.conv")(x)
+                                  name=f"up_blocks-{up}-upsamplers-0-conv")(x)
 
         x = layers.GroupNormalization(norm_groups, epsilon=norm_eps, name="conv_norm_out")(x)
         x = layers.Conv2D(out_channels, 3, padding="same", name="conv_out")(ops.silu(x))

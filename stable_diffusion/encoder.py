@@ -27,17 +27,17 @@ class Encoder(keras.Model):
     def __init__(self, img_height=512, img_width=512, in_channels=3, latent_channels=4,
                  channels=(128, 256, 512, 512), layers_per_block=2, norm_groups=32, name="encoder"):
         images = keras.Input((img_height, img_width, in_channels), name="images")
-        x = layers.Conv2D(channels[0], 3, padding="same", name="encoder.conv_in")(images)
+        x = layers.Conv2D(channels[0], 3, padding="same", name="encoder-conv_in")(images)
         for level, width in enumerate(channels):
             for i in range(layers_per_block):
-                x = resnet_block(x, width, norm_groups, 1e-6, f"encoder.down_blocks.{level}.resnets.{i}")
+                x = resnet_block(x, width, norm_groups, 1e-6, f"encoder-down_blocks-{level}-resnets-{i}")
             if level < len(channels) - 1:  # diffusers pads right and bottom only, then a valid conv
                 x = layers.ZeroPadding2D(((0, 1), (0, 1)))(x)
-                x = layers.Conv2D(width, 3, strides=2, name=f"encoder.down_blocks.{level}.downsamplers.0.conv")(x)
-        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "encoder.mid_block.resnets.0")
-        x = vae_attention(x, norm_groups, "encoder.mid_block.attentions.0")
-        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "encoder.mid_block.resnets.1")
-        x = layers.GroupNormalization(norm_groups, epsilon=1e-6, name="encoder.conv_norm_out")(x)
-        x = layers.Conv2D(2 * latent_channels, 3, padding="same", name="encoder.conv_out")(ops.silu(x))
+                x = layers.Conv2D(width, 3, strides=2, name=f"encoder-down_blocks-{level}-downsamplers-0-conv")(x)
+        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "encoder-mid_block-resnets-0")
+        x = vae_attention(x, norm_groups, "encoder-mid_block-attentions-0")
+        x = resnet_block(x, channels[-1], norm_groups, 1e-6, "encoder-mid_block-resnets-1")
+        x = layers.GroupNormalization(norm_groups, epsilon=1e-6, name="encoder-conv_norm_out")(x)
+        x = layers.Conv2D(2 * latent_channels, 3, padding="same", name="encoder-conv_out")(ops.silu(x))
         x = layers.Conv2D(2 * latent_channels, 1, name="quant_conv")(x)
         super().__init__(images, x, name=name)

@@ -43,15 +43,15 @@ class TextEncoder(keras.Model):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         tokens = keras.Input((max_length,), dtype="int32", name="tokens")
-        x = layers.Embedding(vocab_size, width, name="embeddings.token_embedding")(tokens)
-        x = PositionEmbedding(name="embeddings.position_embedding")(x)
+        x = layers.Embedding(vocab_size, width, name="embeddings-token_embedding")(tokens)
+        x = PositionEmbedding(name="embeddings-position_embedding")(x)
         for i in range(num_layers):  # pre-LN blocks with causal self-attention
-            block = f"encoder.layers.{i}"
-            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}.layer_norm1")(x)
-            x = x + attention(h, None, num_heads, f"{block}.self_attn", qkv_bias=True, causal=True,
+            block = f"encoder-layers-{i}"
+            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}-layer_norm1")(x)
+            x = x + attention(h, None, num_heads, f"{block}-self_attn", qkv_bias=True, causal=True,
                               names=("q_proj", "k_proj", "v_proj", "out_proj"))
-            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}.layer_norm2")(x)
-            h = layers.Dense(intermediate_size, name=f"{block}.mlp.fc1")(h)
-            x = x + layers.Dense(width, name=f"{block}.mlp.fc2")(ACTIVATIONS[activation](h))
+            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}-layer_norm2")(x)
+            h = layers.Dense(intermediate_size, name=f"{block}-mlp-fc1")(h)
+            x = x + layers.Dense(width, name=f"{block}-mlp-fc2")(ACTIVATIONS[activation](h))
         x = layers.LayerNormalization(epsilon=1e-5, name="final_layer_norm")(x)
         super().__init__(tokens, x, name=name)
