@@ -35,6 +35,25 @@ CONFIGS = {
 }
 CONTEXT_DIM = 32
 
+FULL_SIZE_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+           layers_per_block=2, norm_num_groups=32, down_block_types=["DownEncoderBlock2D"] * 4,
+           up_block_types=["UpDecoderBlock2D"] * 4)
+FULL_SIZE_UNET = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32)
+# Full-size SD 1.5 and SD 2.1: the values of the hub's config.json files.
+HUB_CONFIGS = {
+    "sd-1.5": dict(
+        unet=dict(FULL_SIZE_UNET, sample_size=64, attention_head_dim=8, cross_attention_dim=768),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408)),
+    "sd-2.1": dict(
+        unet=dict(FULL_SIZE_UNET, sample_size=96, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                  use_linear_projection=True),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  hidden_act="gelu", max_position_embeddings=77, vocab_size=49408)),
+}
+
 
 def make_pipeline(kind, folder, seed=0):
     """Builds a random-weight StableDiffusionPipeline of `kind`, saves it to `folder`, returns it."""
@@ -49,25 +68,47 @@ def make_pipeline(kind, folder, seed=0):
         vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=37, max_position_embeddings=77,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **spec["text"]))
     randomize(unet, vae, text_encoder)
-    vocab_folder = folder / "vocab"
-    Tokenizer.from_vendored(spec["pad_token"]).save(vocab_folder)
-    tokenizer = CLIPTokenizer.from_pretrained(vocab_folder, model_max_length=77, pad_token=spec["pad_token"])
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
-                              prediction_type=spec["prediction_type"])
-    if kind == "sd1":  # as in the hub's SD 1.5 config; elsewhere DDIM's default (True) applies
-        scheduler.register_to_config(clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder)
+    pipe = save_pipeline(folder, unet, vae, text_encoder, spec["pad_token"], spec["prediction_type"],
+                         clip_sample=False if kind == "sd1" else None)
     if kind == "sd1":  # the hub's layout; transformers 5 writes tokenizer.json and unprefixed keys
         for name in ("vocab.json", "merges.txt"):
-            (folder / "tokenizer" / name).write_bytes((vocab_folder / name).read_bytes())
+            (folder / "tokenizer" / name).write_bytes((folder / "vocab" / name).read_bytes())
         path = folder / "text_encoder" / "model.safetensors"
         save_file({f"text_model.{k}": v for k, v in load_file(path).items()}, path)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe.to(torch.float32)
+
+
+def make_full_size_pipeline(version, folder):
+    """A full-size random-weight SD 1.5 / 2.1 pipeline (`HUB_CONFIGS`), saved to `folder`."""
+    config = HUB_CONFIGS[version]
+    unet = UNet2DConditionModel(**config["unet"])
+    vae = AutoencoderKL(**FULL_SIZE_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config["text"]))
+    randomize(unet.conv_out)  # zero-initialised in diffusers
+    sd2 = version.startswith("sd-2")
+    pipe = save_pipeline(folder, unet, vae, text_encoder, "!" if sd2 else "<|endoftext|>",
+                         "v_prediction" if sd2 and config["unet"]["sample_size"] == 96 else "epsilon",
+                         clip_sample=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def save_pipeline(folder, unet, vae, text_encoder, pad_token, prediction_type, clip_sample):
+    """Assembles a StableDiffusionPipeline with SD's noise schedule and saves it to `folder`."""
+    vocab_folder = folder / "vocab"
+    Tokenizer.from_vendored(pad_token).save(vocab_folder)
+    tokenizer = CLIPTokenizer.from_pretrained(vocab_folder, model_max_length=77, pad_token=pad_token)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
+                              prediction_type=prediction_type)
+    if clip_sample is not None:  # the hub's SD configs say False; otherwise DDIM's default (True)
+        scheduler.register_to_config(clip_sample=clip_sample)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe
 
 
 def randomize(*models):

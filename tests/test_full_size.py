@@ -6,28 +6,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from reference import FULL_SIZE_VAE as VAE, HUB_CONFIGS
 from stable_diffusion import checkpoints
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.diffusion_model import DiffusionModel
 from stable_diffusion.text_encoder import TextEncoder
-
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-           layers_per_block=2, norm_num_groups=32, down_block_types=["DownEncoderBlock2D"] * 4,
-           up_block_types=["UpDecoderBlock2D"] * 4)
-UNET = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32)
-HUB_CONFIGS = {  # the values of the hub's config.json files
-    "sd-1.5": dict(
-        unet=dict(UNET, sample_size=64, attention_head_dim=8, cross_attention_dim=768),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408)),
-    "sd-2.1": dict(
-        unet=dict(UNET, sample_size=96, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
-                  use_linear_projection=True),
-        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                  hidden_act="gelu", max_position_embeddings=77, vocab_size=49408)),
-}
 
 
 def count(model):
