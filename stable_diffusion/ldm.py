@@ -1,0 +1,270 @@
+"""Original single-file Stable Diffusion 1.x / 2.x checkpoints (the latent-diffusion layout of the
+CompVis, RunwayML and Stability `.ckpt` / `.safetensors` releases and their fine-tunes): the key table
+to the diffusers names our layers carry, and the architecture read off the tensor shapes.
+
+`plan(shapes)` splits a checkpoint's keys by component, infers each component's configuration from
+the shapes, and names every tensor: `{diffusers key: (original key, part)}`, where `part` picks a
+third of OpenCLIP's fused q/k/v projection. Tensors whose prefix maps to None are known-unused;
+keys no rule matches keep their own name, so strict loading reports them.
+
+What the tensors do not hold comes from the family, as in the original inference configs: the SD 1.x
+UNet has 8 heads per level, SD 2.x 64-wide heads; the CLIP (SD 1.x) and OpenCLIP (SD 2.x) text
+encoders have 64-wide heads, and SD 2.x uses OpenCLIP's penultimate layer followed by `ln_final`.
+
+References: CompVis/stable-diffusion `ldm/modules/diffusionmodules/openaimodel.py` (UNetModel) and
+`model.py` (VAE Encoder / Decoder), `configs/stable-diffusion/v1-inference.yaml`;
+Stability-AI/stablediffusion `configs/stable-diffusion/v2-inference(-v).yaml` and
+`ldm/modules/encoders/modules.py` (FrozenOpenCLIPEmbedder, layer "penultimate"); diffusers
+`loaders/single_file_utils.py` (the same mapping in the other direction, which the tests check).
+"""
+from dataclasses import dataclass
+
+UNET, VAE, CLIP, OPEN_CLIP, EMA = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.",
+                                   "cond_stage_model.model.", "model_ema.")
+HEAD_WIDTH, SD1_UNET_HEADS = 64, 8
+# Training-only tensors: the DDPM schedule buffers, the learned log-variance, the EMA bookkeeping.
+KNOWN_UNUSED = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar",
+                "model_ema.decay", "model_ema.num_updates")
+UNSUPPORTED = {"conditioner.embedders.": "SDXL", "control_model.": "ControlNet",
+               f"{UNET}label_emb.": "SDXL / upscaler (class-conditioned UNet)"}
+# diffusers' StableDiffusionPipeline scheduler config of SD 1.5 and 2.1 (their PNDM config, run as DDIM).
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
+PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!"}
+SD2_BASE_GLOBAL_STEP = 875000  # diffusers: an SD 2.x file at this step is 512-base (epsilon), others 768-v
+
+UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn": "self_attn", "mlp.c_fc": "mlp.fc1",
+                   "mlp.c_proj": "mlp.fc2"}
+
+
+@dataclass
+class Plan:
+    """What `plan` found: the family ("sd1" / "sd2"), model configs, and the tensor names per model group."""
+
+    family: str
+    config: dict
+    names: dict  # {("text_encoder",): {diffusers key: (original key, part)}, ...}
+
+
+def count(shapes, prefix, index):
+    """How many distinct values the `index`-th dotted part of the keys under `prefix` takes."""
+    return len({key.split(".")[index] for key in shapes if key.startswith(prefix)})
+
+
+def strip(shapes, prefix):
+    return {key.removeprefix(prefix): shape for key, shape in shapes.items() if key.startswith(prefix)}
+
+
+def unet_config(s, family):
+    """DiffusionModel arguments from the UNet's shapes (keys without `model.diffusion_model.`)."""
+    levels = 1 + sum(key.startswith("input_blocks.") and key.endswith(".op.weight") for key in s)
+    per_level = count(s, "input_blocks.", 1) // levels  # ResBlocks + the downsampler (conv_in at level 0)
+    first = [1 + level * per_level for level in range(levels)]
+    channels = tuple(s[f"input_blocks.{block}.0.out_layers.3.weight"][0] for block in first)
+    heads = SD1_UNET_HEADS if family == "sd1" else tuple(width // HEAD_WIDTH for width in channels)
+    return dict(in_channels=s["input_blocks.0.0.weight"][1], out_channels=s["out.2.weight"][0],
+                channels=channels, layers_per_block=per_level - 1,
+                attention_levels=tuple(f"input_blocks.{block}.1.proj_in.weight" in s for block in first),
+                num_heads=heads, context_dim=s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
+                transformer_depth=count(s, "middle_block.1.transformer_blocks.", 3))
+
+
+def unet_table(levels, layers_per_block, attention_levels):
+    """{LDM prefix: diffusers prefix} of the UNet (openaimodel's input/middle/output blocks)."""
+    table = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+             "middle_block.1": "mid_block.attentions.0"}
+    resnets = {"middle_block.0": "mid_block.resnets.0", "middle_block.2": "mid_block.resnets.1"}
+    per_level = layers_per_block + 1
+    for level in range(levels):
+        for i in range(layers_per_block):
+            block = 1 + level * per_level + i
+            resnets[f"input_blocks.{block}.0"] = f"down_blocks.{level}.resnets.{i}"
+            if attention_levels[level]:
+                table[f"input_blocks.{block}.1"] = f"down_blocks.{level}.attentions.{i}"
+        if level < levels - 1:
+            table[f"input_blocks.{(level + 1) * per_level}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+    for up, level in enumerate(reversed(range(levels))):
+        for i in range(per_level):
+            resnets[f"output_blocks.{up * per_level + i}.0"] = f"up_blocks.{up}.resnets.{i}"
+            if attention_levels[level]:
+                table[f"output_blocks.{up * per_level + i}.1"] = f"up_blocks.{up}.attentions.{i}"
+        if level > 0:  # after the attention, where the level has one
+            upsampler = f"output_blocks.{up * per_level + layers_per_block}.{2 if attention_levels[level] else 1}.conv"
+            table[upsampler] = f"up_blocks.{up}.upsamplers.0.conv"
+    for old, new in resnets.items():
+        table.update({f"{old}.{a}": f"{new}.{b}" for a, b in UNET_RESNET.items()})
+    return table
+
+
+def vae_configs(s):
+    """Decoder and Encoder arguments from the VAE's shapes (keys without `first_stage_model.`)."""
+    levels = count(s, "encoder.down.", 2)
+    shared = dict(latent_channels=s["decoder.conv_in.weight"][1],
+                  channels=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
+                  layers_per_block=count(s, "encoder.down.0.block.", 4))
+    return dict(decoder=dict(shared, out_channels=s["decoder.conv_out.weight"][0], scaling_factor=0.18215),
+                encoder=dict(shared, in_channels=s["encoder.conv_in.weight"][1]))
+
+
+def vae_table(levels, layers_per_block):
+    """{LDM prefix: diffusers prefix} of the VAE (the decoder's `up` blocks are numbered by level)."""
+    table = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv", "loss": None}
+    resnets = {}
+    for part in ("encoder", "decoder"):
+        table.update({f"{part}.conv_in": f"{part}.conv_in", f"{part}.conv_out": f"{part}.conv_out",
+                      f"{part}.norm_out": f"{part}.conv_norm_out"})
+        table.update({f"{part}.mid.attn_1.{a}": f"{part}.mid_block.attentions.0.{b}" for a, b in VAE_ATTENTION.items()})
+        resnets.update({f"{part}.mid.block_{i + 1}": f"{part}.mid_block.resnets.{i}" for i in range(2)})
+    for level in range(levels):
+        resnets.update({f"encoder.down.{level}.block.{i}": f"encoder.down_blocks.{level}.resnets.{i}"
+                        for i in range(layers_per_block)})
+        if level < levels - 1:
+            table[f"encoder.down.{level}.downsample.conv"] = f"encoder.down_blocks.{level}.downsamplers.0.conv"
+    for up, level in enumerate(reversed(range(levels))):
+        resnets.update({f"decoder.up.{level}.block.{i}": f"decoder.up_blocks.{up}.resnets.{i}"
+                        for i in range(layers_per_block + 1)})
+        if level > 0:
+            table[f"decoder.up.{level}.upsample.conv"] = f"decoder.up_blocks.{up}.upsamplers.0.conv"
+    for old, new in resnets.items():
+        table.update({f"{old}.{a}": f"{new}.{b}" for a, b in VAE_RESNET.items()})
+    return table
+
+
+def text_encoder_config(s, family):
+    """TextEncoder arguments from the text encoder's shapes, already under diffusers names."""
+    vocab_size, width = s["embeddings.token_embedding.weight"]
+    return dict(vocab_size=vocab_size, max_length=s["embeddings.position_embedding.weight"][0], width=width,
+                num_layers=count(s, "encoder.layers.", 2), num_heads=width // HEAD_WIDTH,
+                intermediate_size=s["encoder.layers.0.mlp.fc1.weight"][0],
+                activation="quick_gelu" if family == "sd1" else "gelu")
+
+
+def open_clip_table(resblocks):
+    """{OpenCLIP prefix: transformers CLIP prefix}: the last block is dropped (SD 2.x conditions on the
+    penultimate layer), then `ln_final` applies, as diffusers' 23-layer conversion of ViT-H/14."""
+    table = {"token_embedding": "embeddings.token_embedding", "positional_embedding": "embeddings.position_embedding.weight",
+             "ln_final": "final_layer_norm", "text_projection": None, "logit_scale": None,
+             f"transformer.resblocks.{resblocks - 1}": None}
+    for i in range(resblocks - 1):
+        table.update({f"transformer.resblocks.{i}.{a}": f"encoder.layers.{i}.{b}" for a, b in OPEN_CLIP_BLOCK.items()})
+    return table
+
+
+CLIP_TABLE = {"text_model": "", "text_model.embeddings.position_ids": None, "embeddings.position_ids": None}
+
+
+def map_keys(keys, table):
+    """{diffusers key: (key, part)}: each key's longest dotted prefix in `table` replaced; dropped where it
+    maps to None; kept as is where none matches. OpenCLIP's fused `in_proj` becomes q, k, v (parts 0-2)."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        match = next((n for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in table), None)
+        if match is None:
+            names[key] = (key, None)
+            continue
+        target = table[".".join(parts[:match])]
+        if target is None:
+            continue
+        new = ".".join(filter(None, [target, *parts[match:]]))
+        if new.endswith((".in_proj_weight", ".in_proj_bias")):
+            base, kind = new.rsplit(".in_proj_", 1)
+            names.update({f"{base}.{p}_proj.{kind}": (key, i) for i, p in enumerate("qkv")})
+        else:
+            names[new] = (key, None)
+    return names
+
+
+def prefixed(names, prefix):
+    return {new: (prefix + key, part) for new, (key, part) in names.items()}
+
+
+def family_of(shapes, source):
+    """"sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP ViT-H); ValueError for other layouts."""
+    for prefix, name in UNSUPPORTED.items():
+        if any(key.startswith(prefix) for key in shapes):
+            raise ValueError(f"{source} is a {name} checkpoint ({prefix}* keys); only Stable Diffusion 1.x "
+                             f"and 2.x single files are supported.")
+    if not any(key.startswith(UNET) for key in shapes):
+        raise ValueError(f"{source} has no {UNET}* tensors: not a Stable Diffusion 1.x / 2.x checkpoint.")
+    if any(key.startswith(CLIP) for key in shapes):
+        return "sd1"
+    if any(key.startswith(OPEN_CLIP) for key in shapes):
+        return "sd2"
+    raise ValueError(f"{source} has no text encoder ({CLIP}* or {OPEN_CLIP}* tensors).")
+
+
+def vae_plan(s, source):
+    """(Decoder / Encoder configs, names) of VAE shapes without their prefix."""
+    try:
+        config = vae_configs(s)
+    except KeyError as error:
+        raise ValueError(f"{source}: the VAE tensors do not have the latent-diffusion layout (no {error}).") from error
+    return config, map_keys(s, vae_table(len(config["decoder"]["channels"]), config["decoder"]["layers_per_block"]))
+
+
+def plan(shapes, source, use_ema=None, with_vae=True):
+    """Configs and tensor names of a single-file SD 1.x / 2.x checkpoint given its tensor shapes by key.
+
+    Args:
+        shapes: {key: shape} of every tensor in the file (after any `state_dict` nesting).
+        source: the file, for error messages.
+        use_ema: for files holding both (`model_ema.*`): load the EMA UNet weights; default: yes.
+        with_vae: whether to load the file's VAE (False when another VAE file replaces it).
+    """
+    family = family_of(shapes, source)
+    text_prefix = CLIP if family == "sd1" else OPEN_CLIP
+    ema_keys = {key for key in shapes if key.startswith(EMA) and key not in KNOWN_UNUSED}
+    if use_ema and not ema_keys:
+        raise ValueError(f"use_ema=True, but {source} holds no separate EMA weights ({EMA}*).")
+    use_ema = bool(ema_keys) if use_ema is None else use_ema
+    if with_vae and not any(key.startswith(VAE) for key in shapes):
+        raise ValueError(f"{source} has no VAE ({VAE}* tensors); pass a VAE file with vae=PATH.")
+    components = (UNET, text_prefix, VAE, EMA)
+    unknown = [key for key in shapes if key not in KNOWN_UNUSED and not key.startswith(components)]
+    if unknown:
+        raise ValueError(f"{source} holds tensors of no SD 1.x / 2.x component: {unknown[:5]}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    try:
+        unet = unet_config(strip(shapes, UNET), family)
+        text = strip(shapes, text_prefix)
+        if family == "sd1":
+            text_names = map_keys(text, CLIP_TABLE)
+        else:
+            text_names = map_keys(text, open_clip_table(count(text, "transformer.resblocks.", 2)))
+        text_config = text_encoder_config({new: text[key] for new, (key, part) in text_names.items()}, family)
+    except KeyError as error:
+        raise ValueError(f"{source}: the tensors do not have the SD 1.x / 2.x layout (no {error}).") from error
+    unet_names = prefixed(map_keys(strip(shapes, UNET), unet_table(len(unet["channels"]), unet["layers_per_block"],
+                                                                   unet["attention_levels"])), UNET)
+    if use_ema:  # LDM's EMA copy names each parameter without its dots: model_ema.diffusion_modelinput_blocks00weight
+        unet_names = {new: (EMA + "".join(key.split(".")[1:]), part) for new, (key, part) in unet_names.items()}
+        missing = [key for key, _ in unet_names.values() if key not in shapes]
+        if missing:
+            raise ValueError(f"{source}: the EMA weights lack {missing[:5]}; pass use_ema=False for the others.")
+    config = dict(text_encoder=text_config, diffusion_model=unet)
+    names = {("text_encoder",): prefixed(text_names, text_prefix), ("diffusion_model",): unet_names}
+    if with_vae:
+        config_vae, vae_names = vae_plan(strip(shapes, VAE), source)
+        config.update(config_vae)
+        names[("encoder", "decoder")] = prefixed(vae_names, VAE)
+    return Plan(family, config, names)
+
+
+def standalone_vae_plan(shapes, source):
+    """(Decoder / Encoder configs, names) of a VAE file (`vae-ft-mse-840000` style: `encoder.*`,
+    `decoder.*`, maybe `loss.*`), or of the VAE inside a full checkpoint."""
+    prefix = VAE if any(key.startswith(VAE) for key in shapes) else ""
+    s = {key: shape for key, shape in strip(shapes, prefix).items() if key not in KNOWN_UNUSED}
+    if not any(key.startswith("decoder.") for key in s):
+        raise ValueError(f"{source} is not a VAE checkpoint: no {prefix}decoder.* tensors.")
+    config, names = vae_plan(s, source)
+    return config, prefixed(names, prefix)

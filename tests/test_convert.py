@@ -1,0 +1,312 @@
+"""Original single-file checkpoints (SD 1.x / 2.x, `.safetensors` / `.ckpt`): the test writer proven
+against diffusers' own single-file converters, our models loaded from such files vs the reference
+pipelines, training-only and EMA tensors, standalone VAEs, bundles, bad input, and presets."""
+import copy
+import functools
+import json
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import ldm_reference
+from reference import CONFIGS, make_pipeline, nchw, nhwc, to_numpy
+from stable_diffusion import StableDiffusion, checkpoints, ldm
+from stable_diffusion.convert import main as convert
+
+MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
+
+
+class Bench:
+    """Tiny reference pipelines, their original-layout files and our models loaded from them, each made once."""
+
+    def __init__(self, root):
+        self.root = root
+
+    @functools.cache
+    def pipe(self, kind):
+        (self.root / kind).mkdir()
+        return make_pipeline(kind, self.root / kind)
+
+    @functools.cache
+    def file(self, kind, suffix, dtype=torch.float32, ema=None, vae=True):
+        state = ldm_reference.ldm_state_dict(self.pipe(kind), kind, ema, vae)
+        name = f"{kind}-{str(dtype).split('.')[1]}-{ema}-{vae}{suffix}"
+        return ldm_reference.write(state, self.root / name, dtype)
+
+    @functools.cache
+    def load(self, kind, path, **options):
+        return StableDiffusion.from_checkpoint(path, 64, 64, jit_compile=False,
+                                               config=ldm_reference.overrides(self.pipe(kind)), **options)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return Bench(tmp_path_factory.mktemp("ldm"))
+
+
+def rounded(pipe, dtype):
+    """A copy of `pipe` whose weights went through `dtype`, as a file of that dtype holds them."""
+    if dtype == torch.float32:
+        return pipe
+    pipe = copy.deepcopy(pipe)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            for parameter in model.parameters():
+                parameter.copy_(parameter.to(dtype).float())
+    return pipe
+
+
+def weights(sd, models=MODELS):
+    return {f"{name}/{v.path}": v.numpy() for name in models for v in getattr(sd, name).weights}
+
+
+def assert_same_weights(a, b, models=MODELS):
+    wa, wb = weights(a, models), weights(b, models)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
+
+
+def relative_diff(got, expected):
+    return np.abs(got - expected).max() / np.abs(expected).max()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("ema", [None, "ema"])
+def test_writer_round_trips_through_diffusers_converters(kind, ema, bench):
+    pipe = bench.pipe(kind)
+    state = ldm_reference.ldm_state_dict(pipe, kind, ema)
+    converted = ldm_reference.to_diffusers(state, pipe, kind, extract_ema=ema == "ema")
+    layers = pipe.text_encoder.config.num_hidden_layers
+    converted["text_encoder"] = {  # diffusers drops only block 23 (ViT-H's last) and keeps the projection
+        k.removeprefix("text_model."): v for k, v in converted["text_encoder"].items()
+        if not k.endswith("position_ids") and f"layers.{layers}." not in k and k != "text_projection.weight"}
+    expected = dict(unet=pipe.unet.state_dict(), vae=pipe.vae.state_dict(),
+                    text_encoder=ldm_reference.text_state_dict(pipe.text_encoder))
+    for component, reference in expected.items():
+        got = converted[component]
+        assert got.keys() == reference.keys(), f"{component}: {sorted(got.keys() ^ reference.keys())[:5]}"
+        unequal = [k for k in reference if not torch.equal(got[k], reference[k])]
+        assert not unequal, f"{component}: diffusers reads other values for {unequal[:5]}"
+
+
+CASES = [("sd1", ".safetensors", torch.float32, None, None),
+         ("sd2", ".ckpt", torch.float32, None, None),
+         ("sd1", ".ckpt", torch.float16, "ema", None),  # full file: EMA by default
+         ("sd2", ".safetensors", torch.float16, "training", False),  # full file, use_ema=False
+         ("sd2", ".safetensors", torch.bfloat16, None, None)]
+
+
+@pytest.mark.parametrize("kind, suffix, dtype, ema, use_ema", CASES)
+def test_components_equal_reference(kind, suffix, dtype, ema, use_ema, bench):
+    pipe = rounded(bench.pipe(kind), dtype)
+    sd = bench.load(kind, bench.file(kind, suffix, dtype, ema), use_ema=use_ema)
+    rng = np.random.default_rng(1)
+    ids = sd.tokenize(["a red circle", "a blue square"])
+    latents = rng.standard_normal((2, 8, 8, 4), dtype=np.float32)
+    timesteps, context = np.array([10.0, 700.0], "float32"), rng.standard_normal((2, 77, 32), dtype=np.float32)
+    images = rng.uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
+    with torch.no_grad():
+        expected = dict(
+            text_encoder=to_numpy(pipe.text_encoder(torch.from_numpy(ids).long()).last_hidden_state),
+            diffusion_model=nhwc(pipe.unet(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample),
+            decoder=nhwc(pipe.vae.decode(nchw(latents) / pipe.vae.config.scaling_factor).sample),
+            encoder=nhwc(pipe.vae.encode(nchw(images)).latent_dist.parameters))
+    got = dict(text_encoder=sd.text_encoder.predict_on_batch(ids),
+               diffusion_model=sd.diffusion_model.predict_on_batch([latents, timesteps, context]),
+               decoder=sd.decoder.predict_on_batch(latents), encoder=sd.encoder.predict_on_batch(images))
+    diffs = {name: float(relative_diff(got[name], expected[name])) for name in MODELS}
+    print(f"\n{kind} {suffix} {dtype} ema={ema}: max abs diff / output scale {diffs}")
+    assert all(diff <= 1e-4 for diff in diffs.values()), f"vs diffusers/transformers (tolerance 1e-4): {diffs}"
+
+
+def reference_images(pipe, prompts, negative, noise, steps):
+    images = pipe(prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5,
+                  height=noise.shape[1] * 8, width=noise.shape[2] * 8, latents=nchw(noise), output_type="np").images
+    return np.round(images * 255).astype("uint8")
+
+
+@pytest.mark.parametrize("kind, suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt")])  # epsilon, v
+def test_text_to_image_equals_diffusers(kind, suffix, bench):
+    sd = bench.load(kind, bench.file(kind, suffix))
+    pipe = bench.pipe(kind)  # as diffusers' from_single_file: SD 1.5 / 2.1's scheduler config
+    pipe.scheduler = DDIMScheduler(**ldm.SCHEDULER, prediction_type=sd.config["scheduler"]["prediction_type"])
+    assert sd.config["scheduler"]["prediction_type"] == CONFIGS[kind]["prediction_type"]
+    prompts, negative = ["a red circle", "a blue square"], ["green", ""]
+    noise = np.random.default_rng(4).standard_normal((2, 8, 8, 4), dtype=np.float32)
+    expected = reference_images(pipe, prompts, negative, noise, steps=6)
+    got = sd.text_to_image(prompts, negative_prompt=negative, num_steps=6, diffusion_noise=noise, verbose=False)
+    assert expected.std() > 10, "the reference images are flat: the comparison would prove little"
+    diff = np.abs(got.astype(int) - expected).max()
+    assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionPipeline (tolerance 1/255)"
+
+
+def test_defaults_follow_diffusers(bench):
+    sd1 = checkpoints.read(bench.file("sd1", ".safetensors"))
+    sd2 = checkpoints.read(bench.file("sd2", ".ckpt"))
+    assert (sd1.config["scheduler"]["prediction_type"], sd1.img_height, sd1.tokenizer.pad_token_id) == ("epsilon", 512, 49407)
+    assert (sd2.config["scheduler"]["prediction_type"], sd2.img_height, sd2.tokenizer.pad_token_id) == ("v_prediction", 768, 0)
+    assert checkpoints.read(bench.file("sd2", ".ckpt"), prediction_type="epsilon").img_height == 512
+    state = ldm_reference.ldm_state_dict(bench.pipe("sd2"), "sd2")  # SD 2.0-base's global step
+    base = ldm_reference.write(state, bench.root / "base.ckpt", global_step=ldm.SD2_BASE_GLOBAL_STEP)
+    assert checkpoints.read(base).config["scheduler"]["prediction_type"] == "epsilon"
+    assert sd2.config["scheduler"] == dict(ldm.SCHEDULER, prediction_type="v_prediction")
+
+
+SD15 = dict(unet=dict(cross_attention_dim=768, attention_head_dim=8),
+            text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      hidden_act="quick_gelu"))
+SD21 = dict(unet=dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+            text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                      hidden_act="gelu"))
+
+
+@pytest.mark.parametrize("family, spec", [("sd1", SD15), ("sd2", SD21)])
+def test_full_size_architecture_inferred(family, spec):
+    """The family rules (8 heads, 64-wide heads, penultimate OpenCLIP layer) give SD 1.5 / 2.1's
+    diffusers configs from the full-size key shapes (models on the meta device: no memory)."""
+    with torch.device("meta"):
+        pipe = type("Pipe", (), dict(
+            unet=UNet2DConditionModel(**spec["unet"]),
+            vae=AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
+            text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **spec["text"]))))
+    state = ldm_reference.ldm_state_dict(pipe, family)
+    plan = ldm.plan({k: tuple(v.shape) for k, v in state.items()}, family)
+    expected = dict(diffusion_model=checkpoints.unet_config(dict(pipe.unet.config)),
+                    text_encoder=checkpoints.text_encoder_config(pipe.text_encoder.config.to_dict()),
+                    **checkpoints.vae_configs(dict(pipe.vae.config)))
+    for name, config in plan.config.items():
+        assert config == {k: expected[name][k] for k in config}, name
+    assert plan.family == family
+
+
+def test_standalone_vae_replaces_the_checkpoint_vae(bench, tmp_path):
+    pipe = bench.pipe("sd1")
+    vae_file = ldm_reference.write(
+        {**ldm_reference.vae_state_dict(pipe.vae, prefix=""), "loss.logvar": torch.zeros(()),
+         "loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4), "model_ema.decay": torch.ones(())},
+        tmp_path / "vae-ft-mse.ckpt")
+    without_vae = bench.file("sd1", ".safetensors", vae=False)
+    sd = bench.load("sd1", without_vae, vae=vae_file)
+    assert_same_weights(sd, bench.load("sd1", bench.file("sd1", ".safetensors")))
+
+
+def test_bundle_reloads_bit_exact(bench, tmp_path):
+    source = bench.file("sd2", ".ckpt")
+    original = bench.load("sd2", source)
+    original.save(tmp_path / "bundle")
+    assert not list(tmp_path.glob(".*partial*"))
+    again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+    assert (again.img_height, again.tokenizer.pad_token_id) == (64, 0)
+    assert again.config["scheduler"]["prediction_type"] == "v_prediction"
+    assert_same_weights(again, original)
+    timings = {}
+    for name, checkpoint in (("original", checkpoints.read(source, config=ldm_reference.overrides(bench.pipe("sd2")))),
+                             ("bundle", checkpoints.read(tmp_path / "bundle"))):
+        start = time.perf_counter()
+        checkpoint.load_into(again)
+        timings[name] = round(time.perf_counter() - start, 3)
+    print(f"\nweights loaded in {timings} s (tiny model; full-size figures: benchmarks/RESULTS.md)")
+    assert_same_weights(again, original)
+    np.testing.assert_array_equal(again.text_to_image("a cat", num_steps=2, seed=1, verbose=False),
+                                  original.text_to_image("a cat", num_steps=2, seed=1, verbose=False))
+
+
+def test_convert_cli_writes_a_bundle(bench, tmp_path):
+    settings = json.dumps(ldm_reference.overrides(bench.pipe("sd1")))
+    convert([str(bench.file("sd1", ".safetensors")), str(tmp_path / "out"), "--config", settings])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [checkpoints.BUNDLE_CONFIG, "tokenizer", *(f"{m}.weights.h5" for m in checkpoints.BUNDLE_MODELS)])
+    with pytest.raises(SystemExit):
+        convert([str(bench.file("sd1", ".safetensors")), str(tmp_path / "out")])  # exists, no --overwrite
+
+
+class Marker:
+    """Unpickling this would create a file: proof that a pickle ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def truncated(bench, path):
+    data = bench.file("sd1", ".safetensors").read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def sdxl(bench, path):
+    ldm_reference.write({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+                         "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(768)},
+                        path)
+
+
+BAD = {
+    "truncated.safetensors": (truncated, "not a readable safetensors"),
+    "random.safetensors": (lambda bench, path: path.write_bytes(np.random.default_rng(0).bytes(4096)),
+                           "not a readable safetensors"),
+    "random.ckpt": (lambda bench, path: path.write_bytes(np.random.default_rng(0).bytes(4096)), "not a readable .ckpt"),
+    "pickle.ckpt": (lambda bench, path: torch.save({"state_dict": {"x": Marker(path.with_suffix(".ran"))}}, path),
+                    "refused unexecuted"),
+    "no-vae.safetensors": (lambda bench, path: path.write_bytes(bench.file("sd1", ".safetensors", vae=False).read_bytes()),
+                           "no VAE"),
+    "sdxl.safetensors": (sdxl, "SDXL"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_gives_one_clear_error_and_no_output(name, bench, tmp_path, capsys):
+    make, message = BAD[name]
+    source = tmp_path / name
+    make(bench, source)
+    with pytest.raises(SystemExit) as exit_info:
+        convert([str(source), str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error.startswith("error: ") and message in error, error
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
+    assert not source.with_suffix(".ran").exists(), "the pickle ran"
+
+
+def test_ckpt_without_torch_says_what_to_do(bench, monkeypatch):
+    path = bench.file("sd1", ".ckpt")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match="pip install torch.*safetensors"):
+        checkpoints.read(path)
+
+
+def test_unexpected_tensor_is_named(bench, tmp_path):
+    state = ldm_reference.ldm_state_dict(bench.pipe("sd1"), "sd1")
+    state["model.diffusion_model.input_blocks.1.0.extra.weight"] = torch.zeros(3)
+    path = ldm_reference.write(state, tmp_path / "extra.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensor input_blocks.1.0.extra.weight"):
+        bench.load("sd1", path)
+
+
+def test_preset_reuses_the_cached_bundle(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("tried to download"))
+    bench.load("sd1", bench.file("sd1", ".safetensors")).save(checkpoints.preset_bundle("sd-1.5"))
+    sd = StableDiffusion.from_preset("sd-1.5", 64, 64, jit_compile=False)
+    assert_same_weights(sd, bench.load("sd1", bench.file("sd1", ".safetensors")))
+
+
+def test_preset_offline_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(ConnectionError, match=r"sd-2\.1.*Name or service not known.*from_checkpoint\(path, "
+                                              r"prediction_type='v_prediction'\)"):
+        StableDiffusion.from_preset("sd-2.1")
+    assert not checkpoints.preset_bundle("sd-2.1").exists()
+    with pytest.raises(ValueError, match="Unknown preset"):
+        StableDiffusion.from_preset("sd-3")
