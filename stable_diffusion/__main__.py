@@ -1,0 +1,141 @@
+"""Command line text-to-image: `python -m stable_diffusion "a red circle on a white background"`.
+
+Argument parsing and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
+negative prompt, seed, steps, guidance, size and model as PNG text chunks (read them with
+`PIL.Image.open(path).text`), so any image can be made again. Bad arguments end the program with one
+line on stderr and exit status 2, before any file is written.
+"""
+import argparse
+import inspect
+import math
+import secrets
+import sys
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .stable_diffusion import StableDiffusion
+
+DEMO_NOTICE = ("Using the built-in demo model: 64x64 images of one shape on a plain background, prompted "
+               "like 'a large red circle on a white background'. For real images pass --checkpoint PATH "
+               "to a diffusers folder (save_pretrained layout) or a bundle saved with StableDiffusion.save.")
+PIPELINE_DEFAULTS = inspect.signature(StableDiffusion.text_to_image).parameters
+SEED_RANGE = 2**32
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: `prog: error: message (see --help)`."""
+
+    def error(self, message):
+        message = " ".join(str(message).split()).rstrip(".")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind, minimum, multiple=1):
+    """An argparse type: a finite `kind` (int or float) >= `minimum`, a multiple of `multiple`."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or value % multiple:
+            multiple_of = f" and a multiple of {multiple}" if multiple != 1 else ""
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}{multiple_of}, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser():
+    parser = Parser(prog="python -m stable_diffusion", description="Generates images for a prompt and "
+                    "writes them as PNGs with their settings as PNG text metadata.")
+    parser.add_argument("prompt", help="what the image shows")
+    parser.add_argument("-o", "--output", default="out.png", type=Path,
+                        help="PNG file (default: %(default)s); with --batch-size B > 1: out-0.png, "
+                        "out-1.png, ...")
+    parser.add_argument("--negative-prompt", default="", help="what the image should not show")
+    parser.add_argument("--steps", type=number(int, 1), default=PIPELINE_DEFAULTS["num_steps"].default,
+                        help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=number(float, 0),
+                        default=PIPELINE_DEFAULTS["unconditional_guidance_scale"].default,
+                        help="classifier-free guidance scale, 1 for none (default: %(default)s)")
+    parser.add_argument("--seed", type=number(int, 0),
+                        help="noise seed in [0, 2**32) (default: random, printed and stored)")
+    parser.add_argument("--batch-size", type=number(int, 1), default=1, help="images (default: 1)")
+    parser.add_argument("--height", type=number(int, 8, 8), help="pixels (default: the model's)")
+    parser.add_argument("--width", type=number(int, 8, 8), help="pixels (default: the model's)")
+    parser.add_argument("--checkpoint", type=Path, help="a diffusers folder or a bundle saved with "
+                        "StableDiffusion.save (default: the built-in demo model)")
+    parser.add_argument("--xla", action="store_true", help="compile with XLA: a slower start, for faster "
+                        "steps on large models and many images")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def output_paths(output, batch_size):
+    """The PNG file of each image: `output` itself, or `stem-i.png` for a batch."""
+    if batch_size == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(batch_size)]
+
+
+def check_arguments(args):
+    """The error message for arguments argparse accepts but cannot work, or None."""
+    if not args.prompt.strip():
+        return "the prompt is empty"
+    if args.seed is not None and args.seed >= SEED_RANGE:
+        return f"--seed must be below {SEED_RANGE}, got {args.seed}"
+    if args.output.suffix.lower() != ".png":
+        return f"--output must be a .png file, got {str(args.output)!r}"
+    if not args.output.parent.is_dir():
+        return f"the folder of --output {str(args.output)!r} does not exist"
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        return f"no checkpoint at {str(args.checkpoint)!r}"
+    existing = [str(path) for path in output_paths(args.output, args.batch_size) if path.exists()]
+    if existing and not args.overwrite:
+        return f"{', '.join(existing)} exists; pass --overwrite to replace it"
+    return None
+
+
+def main(argv=None):
+    """Runs the command line on `argv` (default: `sys.argv[1:]`); bad arguments exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = check_arguments(args)
+    if problem:
+        parser.error(problem)
+    try:
+        sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.height, img_width=args.width,
+                                             jit_compile=args.xla)
+    except FileNotFoundError as error:
+        if args.checkpoint is None:
+            parser.error(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "
+                         f"pass --checkpoint PATH to a diffusers folder or a saved bundle")
+        parser.error(error)
+    except (OSError, ValueError) as error:
+        parser.error(error)
+    if args.checkpoint is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+    seed = secrets.randbelow(SEED_RANGE) if args.seed is None else args.seed
+    print(f"Seed {seed}; {args.steps} steps, guidance {args.guidance}, {sd.img_width}x{sd.img_height}.")
+    images = sd.text_to_image(args.prompt, args.negative_prompt, args.batch_size, args.steps,
+                              args.guidance, seed)
+    settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
+                    guidance=args.guidance, height=sd.img_height, width=sd.img_width,
+                    model=str(args.checkpoint or "built-in demo"), batch_size=args.batch_size)
+    for index, (image, path) in enumerate(zip(images, output_paths(args.output, args.batch_size))):
+        info = PngInfo()
+        for key, value in {**settings, "batch_index": index}.items():
+            info.add_text(key, str(value))
+        try:
+            with open(path, "wb" if args.overwrite else "xb") as file:
+                Image.fromarray(image).save(file, format="PNG", pnginfo=info)
+        except FileExistsError:
+            parser.error(f"{path} appeared while generating; pass --overwrite to replace it")
+        print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The command line (`python -m stable_diffusion`) on a tiny random-weight bundle: PNGs with their
+settings as metadata, reproducible seeds, no overwriting, one-line errors that write nothing."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import stable_diffusion
+from stable_diffusion import StableDiffusion, tokenizer
+from stable_diffusion.__main__ import DEMO_NOTICE, main
+
+PROG = "python -m stable_diffusion"
+# The smallest model of the family: 32x32 images, 16x16 latents, a 1-layer CLIP of width 32.
+TINY_CONFIG = dict(
+    text_encoder=dict(width=32, num_layers=1, num_heads=2, intermediate_size=64),
+    diffusion_model=dict(channels=(32, 32), layers_per_block=1, attention_levels=(True, False),
+                         num_heads=2, context_dim=32, norm_groups=8),
+    decoder=dict(channels=(8, 8), layers_per_block=1, norm_groups=4),
+    encoder=dict(channels=(8, 8), layers_per_block=1, norm_groups=4),
+)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A tiny random-weight bundle saved with `StableDiffusion.save`."""
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny"
+    StableDiffusion(img_height=32, img_width=32, config=TINY_CONFIG).save(path)
+    return path
+
+
+@pytest.fixture
+def demo(bundle, tmp_path, monkeypatch):
+    """Makes the tiny bundle the built-in demo model (`weights/demo`)."""
+    weights = tmp_path / "weights"
+    shutil.copytree(bundle, weights / "demo")
+    monkeypatch.setattr(tokenizer, "WEIGHTS_FOLDERS", [weights, *tokenizer.WEIGHTS_FOLDERS])
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty current folder, so a stray default `out.png` would show up."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def run_failing(argv, capsys):
+    """Runs `main(argv)` expecting a bad-argument exit; returns its one stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"{PROG}: error: ")
+    return err
+
+
+def test_writes_pngs_with_metadata_reproducibly(demo, workdir, capsys):
+    argv = ["a red circle", "-o", "shape.png", "--negative-prompt", "blue", "--steps", "2",
+            "--guidance", "3", "--seed", "7", "--batch-size", "2"]
+    main(argv)
+    out, err = capsys.readouterr()
+    assert err.strip() == DEMO_NOTICE
+    assert "Seed 7" in out
+    assert sorted(p.name for p in workdir.iterdir()) == ["shape-0.png", "shape-1.png"]
+    first = []
+    for index in range(2):
+        with Image.open(workdir / f"shape-{index}.png") as image:
+            assert (image.format, image.size, image.mode) == ("PNG", (32, 32), "RGB")
+            assert image.text == dict(prompt="a red circle", negative_prompt="blue", seed="7", steps="2",
+                                      guidance="3.0", height="32", width="32", model="built-in demo",
+                                      batch_size="2", batch_index=str(index))
+            first.append(np.asarray(image))
+    assert not np.array_equal(*first)
+
+    main([*argv, "--overwrite"])  # the stored settings make the same images again
+    for index in range(2):
+        with Image.open(workdir / f"shape-{index}.png") as image:
+            np.testing.assert_array_equal(np.asarray(image), first[index])
+
+
+def test_refuses_to_overwrite(bundle, workdir, capsys):
+    (workdir / "out-1.png").write_bytes(b"keep me")
+    err = run_failing(["a red circle", "--checkpoint", str(bundle), "--batch-size", "2"], capsys)
+    assert "out-1.png exists" in err and "--overwrite" in err
+    assert (workdir / "out-1.png").read_bytes() == b"keep me"
+    assert sorted(p.name for p in workdir.iterdir()) == ["out-1.png"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: prompt"),
+    (["  "], "the prompt is empty"),
+    (["a", "--steps", "0"], "--steps: expected an integer >= 1"),
+    (["a", "--steps", "two"], "--steps: expected an integer"),
+    (["a", "--guidance", "nan"], "--guidance: expected a number >= 0"),
+    (["a", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["a", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["a", "--seed", str(2**32)], "--seed must be below"),
+    (["a", "--height", "30"], "--height: expected an integer >= 8 and a multiple of 8"),
+    (["a", "--width", "0"], "--width: expected an integer >= 8"),
+    (["a", "-o", "missing/out.png"], "does not exist"),
+    (["a", "-o", "out.jpg"], "must be a .png file"),
+    (["a", "--checkpoint", "missing"], "no checkpoint at 'missing'"),
+    (["a", "--checkpoint", "."], "is not a checkpoint this library reads"),
+    (["a", "--unknown"], "unrecognized arguments: --unknown"),
+])
+def test_bad_arguments_exit_with_one_line_and_no_file(argv, message, workdir, capsys):
+    err = run_failing(argv, capsys)
+    assert message in err
+    assert list(workdir.iterdir()) == []
+
+
+def test_incomplete_bundle(bundle, workdir, capsys):
+    broken = workdir.parent / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "diffusion_model.weights.h5").unlink()
+    err = run_failing(["a", "--checkpoint", str(broken)], capsys)
+    assert "diffusion_model.weights.h5" in err and "incomplete" in err
+    assert list(workdir.iterdir()) == []
+
+
+def test_missing_demo_model(workdir, monkeypatch, capsys):
+    monkeypatch.setattr(tokenizer, "WEIGHTS_FOLDERS", [workdir.parent / "no-weights"])
+    err = run_failing(["a red circle"], capsys)
+    assert "the built-in demo model is not installed" in err and "--checkpoint PATH" in err
+    assert list(workdir.iterdir()) == []
+
+
+def run_module(args, cwd):
+    """Runs `python -m stable_diffusion` in a fresh interpreter."""
+    root = str(Path(stable_diffusion.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "stable_diffusion", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_module_entry_point(bundle, workdir):
+    done = run_module(["a green square", "--checkpoint", str(bundle), "--steps", "1", "--seed", "3"], workdir)
+    assert done.returncode == 0, done.stderr
+    assert "Seed 3" in done.stdout and "Wrote out.png" in done.stdout
+    assert DEMO_NOTICE not in done.stderr
+    with Image.open(workdir / "out.png") as image:
+        assert image.size == (32, 32) and image.text["seed"] == "3" and image.text["model"] == str(bundle)
+
+    done = run_module(["a green square", "--checkpoint", str(bundle), "--steps", "0"], workdir)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    # TensorFlow may log to stderr when imported; the CLI's own message is the one last line.
+    errors = [line for line in done.stderr.splitlines() if line.startswith(PROG)]
+    assert errors == [done.stderr.splitlines()[-1]] and "--steps" in errors[0]
