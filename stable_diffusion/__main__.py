@@ -17,9 +17,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from .stable_diffusion import StableDiffusion
 
+CHECKPOINTS = "a diffusers folder, an SD 1.x / 2.x .safetensors or .ckpt file, or a saved bundle"
 DEMO_NOTICE = ("Using the built-in demo model: 64x64 images of one shape on a plain background, prompted "
-               "like 'a large red circle on a white background'. For real images pass --checkpoint PATH "
-               "to a diffusers folder (save_pretrained layout) or a bundle saved with StableDiffusion.save.")
+               "like 'a large red circle on a white background'. For real images pass --checkpoint PATH: "
+               f"{CHECKPOINTS}.")
 PIPELINE_DEFAULTS = inspect.signature(StableDiffusion.text_to_image).parameters
 SEED_RANGE = 2**32
 
@@ -66,8 +67,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=number(int, 1), default=1, help="images (default: 1)")
     parser.add_argument("--height", type=number(int, 8, 8), help="pixels (default: the model's)")
     parser.add_argument("--width", type=number(int, 8, 8), help="pixels (default: the model's)")
-    parser.add_argument("--checkpoint", type=Path, help="a diffusers folder or a bundle saved with "
-                        "StableDiffusion.save (default: the built-in demo model)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help=f"{CHECKPOINTS} (default: the built-in demo model)")
     parser.add_argument("--xla", action="store_true", help="compile with XLA: a slower start, for faster "
                         "steps on large models and many images")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -112,7 +113,7 @@ def main(argv=None):
     except FileNotFoundError as error:
         if args.checkpoint is None:
             parser.error(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "
-                         f"pass --checkpoint PATH to a diffusers folder or a saved bundle")
+                         f"pass --checkpoint PATH: {CHECKPOINTS}")
         parser.error(error)
     except (OSError, ValueError) as error:
         parser.error(error)
