@@ -1,23 +1,27 @@
 """Stable Diffusion text-to-image (Rombach et al., 2022): tokenize the prompt, encode it with CLIP,
-denoise random latents with DDIM and classifier-free guidance (Ho & Salimans, 2022), decode with the
-VAE. The API follows KerasCV's `StableDiffusion`.
+denoise random latents with a sampler (`schedulers.py`) and classifier-free guidance (Ho & Salimans,
+2022), decode with the VAE. Image-to-image and inpainting (`editing.py`) share the denoising loop.
+The API follows KerasCV's `StableDiffusion`.
+
+Seeds: image i of a call gets its own numpy generator seeded with `seed + i`, which draws its initial
+noise, then (ancestral samplers) each step's noise, so an image repeats across runs and batch sizes.
 """
 import keras
 import numpy as np
 from keras import ops
 
-from . import checkpoints
+from . import checkpoints, schedulers
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
-from .schedulers import DDIMScheduler
 from .text_encoder import TextEncoder
+from .editing import ImageEditing
 from .tokenizer import Tokenizer
 
 MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
 
 
-class StableDiffusion:
+class StableDiffusion(ImageEditing):
     """Stable Diffusion 1.x / 2.x, or a smaller model of the same family, with random weights.
 
     Use `StableDiffusion.from_checkpoint(path)` for trained weights.
@@ -29,9 +33,12 @@ class StableDiffusion:
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values.
         tokenizer: a `Tokenizer`; default: the bundled CLIP vocabulary, padding with the end token.
+        scheduler: the default sampler, one of `schedulers.SCHEDULERS` ("ddim", "euler", "euler_a",
+            "dpmpp_2m", "dpmpp_2m_karras", "pndm"), built from `config["scheduler"]`.
     """
 
-    def __init__(self, img_height=512, img_width=512, jit_compile=True, config=None, tokenizer=None):
+    def __init__(self, img_height=512, img_width=512, jit_compile=True, config=None, tokenizer=None,
+                 scheduler="ddim"):
         config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
@@ -45,7 +52,7 @@ class StableDiffusion:
         self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"])
         self.decoder = Decoder(**latent_size, **config["decoder"])
         self.encoder = Encoder(img_height, img_width, **config["encoder"])
-        self.scheduler = DDIMScheduler(**config["scheduler"])
+        self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
         jit_compile = jit_compile and keras.backend.backend() != "torch"
@@ -54,20 +61,20 @@ class StableDiffusion:
 
     @classmethod
     def from_checkpoint(cls, path=None, img_height=None, img_width=None, jit_compile=True, vae=None,
-                        prediction_type=None, use_ema=None, config=None):
+                        prediction_type=None, use_ema=None, config=None, scheduler="ddim"):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save`, or an
         original SD 1.x / 2.x single file (`.safetensors`, `.ckpt`).
 
         Args:
             path: the checkpoint; default: the small demo model shipped in `weights/demo`.
             img_height, img_width: image size; default: the size the model was trained at.
-            jit_compile: see `StableDiffusion`.
+            jit_compile, scheduler: see `StableDiffusion`.
             vae, prediction_type, use_ema, config: see `checkpoints.read`.
         """
         checkpoint = checkpoints.read(path, vae, prediction_type, use_ema, config)
         sd = cls(checkpoint.img_height if img_height is None else img_height,
                  checkpoint.img_width if img_width is None else img_width, jit_compile,
-                 checkpoint.config, checkpoint.tokenizer)
+                 checkpoint.config, checkpoint.tokenizer, scheduler)
         checkpoint.load_into(sd)
         return sd
 
@@ -89,47 +96,117 @@ class StableDiffusion:
         checkpoints.save_bundle(self, path, overwrite)
 
     def _build_denoise_step(self):
-        """One sampler step as a model: the UNet runs once on [unconditional, conditional] latents."""
+        """The compiled model call of a step: the UNet runs once on [unconditional, conditional] inputs
+        and guidance mixes its outputs. The sampler's update (cheap, with the history multistep
+        samplers keep) runs after it in numpy."""
         latents = keras.Input(self.diffusion_model.inputs[0].shape[1:])
         context, negative_context = (keras.Input(self.diffusion_model.inputs[2].shape[1:]) for _ in "cn")
-        timestep, alpha, alpha_prev, guidance = (keras.Input(()) for _ in range(4))
+        timestep, guidance = keras.Input(()), keras.Input(())
         both = self.diffusion_model([ops.concatenate([latents, latents]),
                                      ops.concatenate([timestep, timestep]),
                                      ops.concatenate([negative_context, context])])
         unconditional, conditional = ops.split(both, 2)
         output = unconditional + guidance[:, None, None, None] * (conditional - unconditional)
-        new_latents = self.scheduler.step(output, latents, alpha, alpha_prev)
-        return keras.Model([latents, context, negative_context, timestep, alpha, alpha_prev, guidance],
-                           new_latents, name="denoise_step")
+        return keras.Model([latents, context, negative_context, timestep, guidance], output, name="denoise_step")
 
-    def tokenize(self, prompt):
-        """Token ids, int32 numpy (B, 77), of a prompt or a list of prompts."""
-        return self.tokenizer(prompt)
+    def tokenize(self, prompt, long_prompts=False, min_chunks=1):
+        """Token ids, int32 numpy (B, 77), of a prompt or a list of prompts. With `long_prompts`,
+        (B, 77 k): each prompt in k chunks of 75 tokens (at least `min_chunks`, as many as the longest
+        prompt needs), each chunk with start and end tokens, padded to 77."""
+        if not long_prompts:
+            return self.tokenizer(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            return self.tokenizer(prompt)  # raises, naming the bad prompt
+        rows = self.tokenizer.bpe_ids(prompts)
+        width = self.tokenizer.sequence_length - 2
+        chunks = max(min_chunks, *(-(-len(row) // width) for row in rows))
+        pieces = [row[i * width:(i + 1) * width] for row in rows for i in range(chunks)]
+        return keras.ops.convert_to_numpy(self.tokenizer.packer(pieces)).astype("int32").reshape(len(rows), -1)
 
-    def encode_text(self, prompt):
-        """CLIP hidden states (B, 77, dim) of a prompt or a list of prompts."""
-        return self.text_encoder.predict_on_batch(self.tokenize(prompt))
+    def encode_text(self, prompt, long_prompts=False, min_chunks=1):
+        """CLIP hidden states (B, 77, dim) of a prompt or a list of prompts; with `long_prompts`
+        (B, 77 k, dim): the chunks of `tokenize` encoded one by one and concatenated."""
+        tokens = self.tokenize(prompt, long_prompts, min_chunks)
+        states = self.text_encoder.predict_on_batch(tokens.reshape(-1, self.tokenizer.sequence_length))
+        return np.asarray(states).reshape(tokens.shape[0], -1, states.shape[-1])
 
     def text_to_image(self, prompt, negative_prompt=None, batch_size=1, num_steps=50,
-                      unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, verbose=True):
+                      unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, verbose=True,
+                      scheduler=None, callback=None, return_latents=False, long_prompts=False):
         """Generates images for a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
             prompt: a string, or a list of strings (one image each).
             negative_prompt: what to steer away from: a string, or one per image; default "".
             batch_size: images per prompt string.
-            num_steps: DDIM steps.
+            num_steps: sampler steps.
             unconditional_guidance_scale: classifier-free guidance weight.
-            seed: seeds the initial noise (numpy), so images repeat across runs and backends.
-            diffusion_noise: the initial latents (B, h, w, C) instead of seeded noise.
+            seed: image i draws its noise from numpy's `default_rng(seed + i)` (see the module
+                docstring); default: a random seed.
+            diffusion_noise: the initial latents (B, h, w, C) instead of seeded noise (scaled by the
+                sampler's initial sigma, as diffusers' `latents`).
             verbose: show a progress bar.
+            scheduler: the sampler for this call (see `StableDiffusion`); default: the pipeline's.
+            callback: called as `callback(step, timestep, latents)` after every step.
+            return_latents: return the final latents (B, h, w, C) instead of decoding them.
+            long_prompts: encode prompts longer than 77 tokens in chunks (see `tokenize`) instead of
+                truncating them; the negative prompt gets as many chunks.
         """
-        return self.generate_image(self.encode_text(prompt), negative_prompt, batch_size, num_steps,
-                                   unconditional_guidance_scale, diffusion_noise, seed, verbose)
+        return self.generate_image(self.encode_text(prompt, long_prompts), negative_prompt, batch_size,
+                                   num_steps, unconditional_guidance_scale, diffusion_noise, seed, verbose,
+                                   scheduler, callback, return_latents)
 
     def generate_image(self, encoded_text, negative_prompt=None, batch_size=1, num_steps=50,
-                       unconditional_guidance_scale=7.5, diffusion_noise=None, seed=None, verbose=True):
-        """Generates images from `encode_text` output (B or 1, 77, dim); see `text_to_image`."""
+                       unconditional_guidance_scale=7.5, diffusion_noise=None, seed=None, verbose=True,
+                       scheduler=None, callback=None, return_latents=False):
+        """Generates images from `encode_text` output (B or 1, 77 k, dim); see `text_to_image`."""
+        context, negative = self._contexts(encoded_text, negative_prompt, batch_size)
+        draw_noise = self._noise_source(len(context), seed)
+        sampler = self._sampler(scheduler, num_steps)
+        latents = self._initial_noise(draw_noise, diffusion_noise) * sampler.init_noise_sigma
+        latents = self.denoise(latents, context, negative, sampler, unconditional_guidance_scale,
+                               draw_noise, callback, verbose=verbose)
+        return latents if return_latents else self.decode(latents)
+
+    def denoise(self, latents, context, negative, sampler, guidance=7.5, draw_noise=None, callback=None,
+                conditioning=None, after_step=None, verbose=True):
+        """The denoising loop of every task: latents at the sampler's first timestep -> clean latents.
+
+        Args:
+            latents: (B, h, w, C) float32.
+            context, negative: prompt and negative prompt hidden states (B, L, dim).
+            sampler: a `schedulers.Scheduler` after `set_timesteps`.
+            guidance: classifier-free guidance weight.
+            draw_noise: fresh noise (B, h, w, C) for ancestral samplers.
+            callback: `callback(step, timestep, latents)` after every step.
+            conditioning: extra UNet input channels (B, h, w, C'), e.g. an inpainting UNet's mask and
+                masked-image latents.
+            after_step: `after_step(latents) -> latents` after every update (inpainting's blending).
+            verbose: show a progress bar.
+        """
+        per_image = lambda value: np.full((len(latents),), value, dtype="float32")
+        progress = keras.utils.Progbar(len(sampler.timesteps), verbose=int(verbose))
+        for step, t in enumerate(sampler.timesteps):
+            model_input = sampler.scale_model_input(latents)
+            if conditioning is not None:
+                model_input = np.concatenate([model_input, conditioning], axis=-1)
+            output = self.denoise_step.predict_on_batch(
+                [model_input, context, negative, per_image(t), per_image(guidance)])
+            latents = sampler.step(output, latents, draw_noise)
+            latents = after_step(latents) if after_step else latents
+            if callback:
+                callback(step, t, latents)
+            progress.update(step + 1)
+        return latents
+
+    def decode(self, latents):
+        """VAE-decodes latents (B, h, w, C) to uint8 images (B, H, W, 3)."""
+        images = np.asarray(self.decoder.predict_on_batch(latents))
+        return np.round(np.clip(images / 2 + 0.5, 0, 1) * 255).astype("uint8")
+
+    def _contexts(self, encoded_text, negative_prompt, batch_size):
+        """Prompt and negative prompt hidden states, one row per image (B, L, dim)."""
         context = np.asarray(encoded_text, dtype="float32")
         context = context[None] if context.ndim == 2 else context
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -138,32 +215,34 @@ class StableDiffusion:
             raise ValueError(f"batch_size={batch_size} does not match {context.shape[0]} encoded prompts.")
         batch_size = max(batch_size, context.shape[0])
         context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
-        negative = self.encode_text("" if negative_prompt is None else negative_prompt)
+        chunks = context.shape[1] // self.tokenizer.sequence_length
+        negative = self.encode_text("" if negative_prompt is None else negative_prompt, chunks > 1, chunks)
         if negative.shape[0] not in (1, batch_size):
             raise ValueError(f"Got {negative.shape[0]} negative prompts for {batch_size} images.")
-        negative = np.broadcast_to(negative, context.shape)
-        latents = self._initial_noise(batch_size, diffusion_noise, seed)
-        timesteps, alphas, alphas_prev = self.scheduler.schedule(num_steps)
-        per_image = lambda value: np.full((batch_size,), value, dtype="float32")
-        progress = keras.utils.Progbar(num_steps, verbose=int(verbose))
-        for step, (t, alpha, alpha_prev) in enumerate(zip(timesteps, alphas, alphas_prev)):
-            latents = self.denoise_step.predict_on_batch(
-                [latents, context, negative, per_image(t), per_image(alpha), per_image(alpha_prev),
-                 per_image(unconditional_guidance_scale)])
-            progress.update(step + 1)
-        return self.decode(latents)
+        if negative.shape[1] != context.shape[1]:
+            raise ValueError(f"The negative prompt needs {negative.shape[1]} tokens, more than the prompt's "
+                             f"{context.shape[1]}; shorten it or encode the prompt with more chunks.")
+        return context, np.broadcast_to(negative, context.shape)
 
-    def decode(self, latents):
-        """VAE-decodes latents (B, h, w, C) to uint8 images (B, H, W, 3)."""
-        images = np.asarray(self.decoder.predict_on_batch(latents))
-        return np.round(np.clip(images / 2 + 0.5, 0, 1) * 255).astype("uint8")
+    def _sampler(self, name, num_steps, strength=1.0):
+        """A fresh sampler `name` (default: the pipeline's) set for `num_steps` steps."""
+        sampler = schedulers.create(name or self.scheduler_name, self.config["scheduler"])
+        sampler.set_timesteps(num_steps, strength)
+        return sampler
 
-    def _initial_noise(self, batch_size, diffusion_noise, seed):
-        shape = (batch_size, *self.diffusion_model.inputs[0].shape[1:])
+    def _noise_source(self, batch_size, seed):
+        """draw() -> standard normal latents (B, h, w, C), image i from `default_rng(seed + i)`."""
+        seed = np.random.SeedSequence().entropy % 2**32 if seed is None else seed
+        generators = [np.random.default_rng(seed + i) for i in range(batch_size)]
+        shape = self.decoder.inputs[0].shape[1:]
+        return lambda: np.stack([g.standard_normal(shape, dtype=np.float32) for g in generators])
+
+    def _initial_noise(self, draw_noise, diffusion_noise):
+        noise = draw_noise()  # drawn either way, so that later draws do not depend on diffusion_noise
         if diffusion_noise is None:
-            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        noise = np.asarray(diffusion_noise, dtype="float32")
-        noise = np.broadcast_to(noise, shape) if noise.shape in (shape[1:], (1, *shape[1:])) else noise
-        if noise.shape != shape:
-            raise ValueError(f"diffusion_noise must have shape {shape}, got {noise.shape}.")
-        return noise
+            return noise
+        given = np.asarray(diffusion_noise, dtype="float32")
+        given = np.broadcast_to(given, noise.shape) if given.shape in (noise.shape[1:], (1, *noise.shape[1:])) else given
+        if given.shape != noise.shape:
+            raise ValueError(f"diffusion_noise must have shape {noise.shape}, got {given.shape}.")
+        return given

@@ -1,0 +1,122 @@
+"""The samplers against diffusers' schedulers built from the same config: timesteps, sigmas and whole
+trajectories under a fixed stand-in model, then whole pipelines against `StableDiffusionPipeline` with
+that scheduler; the same noise throughout (injected into diffusers' ancestral sampler)."""
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
+
+from reference import nchw, nhwc, to_numpy
+from stable_diffusion import schedulers
+
+REFERENCES = {  # our name -> the diffusers scheduler and the config keys that select the method
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                          use_karras_sigmas=True)),
+    "pndm": (PNDMScheduler, dict(skip_prk_steps=True)),
+}
+TOLERANCE = 1e-4  # max abs difference of the latents (std ~1-15) over a whole trajectory
+PIPELINE_TOLERANCE = 1e-3  # max abs difference of the final latents (std ~1) after the UNet in float32
+
+
+def config(prediction_type, spacing):
+    """SD's scheduler config, as checkpoints carry it."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                steps_offset=1, set_alpha_to_one=False, prediction_type=prediction_type,
+                timestep_spacing=spacing, clip_sample=False)
+
+
+def stand_in_model(latents, t):
+    """A fixed function of the latents and the timestep in place of the UNet, (B, h, w, C)."""
+    return np.tanh(latents) * (0.5 + float(t) / 1000) + 0.1 * np.cos(latents * 3)
+
+
+@pytest.mark.parametrize("num_steps", [7, 20])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_trajectory_equals_diffusers(name, prediction_type, spacing, num_steps, monkeypatch):
+    reference, keys = REFERENCES[name]
+    theirs = reference.from_config(dict(config(prediction_type, spacing), **keys))
+    ours = schedulers.create(name, config(prediction_type, spacing))
+    theirs.set_timesteps(num_steps)
+    timesteps = ours.set_timesteps(num_steps)
+    np.testing.assert_array_equal(timesteps, theirs.timesteps.numpy())
+    if hasattr(theirs, "sigmas"):
+        np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-5)
+    assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-5)
+
+    draws = np.random.default_rng(0).standard_normal((len(timesteps), 2, 4, 4, 3), dtype=np.float32)
+    theirs_noise = iter(nchw(draw) for draw in draws)
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, **k: next(theirs_noise))
+    ours_noise = iter(draws).__next__
+    x = np.random.default_rng(1).standard_normal((2, 4, 4, 3), dtype=np.float32) * ours.init_noise_sigma
+    y = nchw(x)
+    worst = 0.0
+    for t in timesteps:
+        x = ours.step(stand_in_model(ours.scale_model_input(x), t), x, ours_noise)
+        model_input = nhwc(theirs.scale_model_input(y, t))
+        y = theirs.step(nchw(stand_in_model(model_input, t)), t, y).prev_sample
+        worst = max(worst, np.abs(x - nhwc(y)).max())
+    assert np.abs(nhwc(y)).max() > 0.1, "the trajectory collapsed: the comparison would prove little"
+    assert worst <= TOLERANCE, f"max abs diff {worst} vs diffusers {reference.__name__} ({name})"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])  # epsilon, v-prediction
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_pipeline_equals_diffusers(name, kind, reference, ours, monkeypatch):
+    pipe, folder = reference(kind)
+    reference_class, keys = REFERENCES[name]  # built from the checkpoint's scheduler config, as we are
+    monkeypatch.setattr(pipe, "scheduler", reference_class.from_pretrained(folder, subfolder="scheduler", **keys))
+    seed, steps = 3, 6
+    rng = np.random.default_rng(seed)  # what our pipeline draws for image 0 of seed 3
+    draws = [rng.standard_normal((1, 8, 8, 4), dtype=np.float32) for _ in range(steps + 2)]
+    step_noise = iter(nchw(draw) for draw in draws[1:])
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, **k: next(step_noise))
+    expected = pipe("a red circle", negative_prompt="green", num_inference_steps=steps, guidance_scale=7.5,
+                    height=64, width=64, latents=nchw(draws[0]), output_type="latent").images
+    got = ours(kind).text_to_image("a red circle", negative_prompt="green", num_steps=steps, seed=seed,
+                                   scheduler=name, return_latents=True, verbose=False)
+    diff = np.abs(got - nhwc(expected)).max()
+    assert diff <= PIPELINE_TOLERANCE, f"max abs latent diff {diff} vs StableDiffusionPipeline + {reference_class.__name__}"
+    with torch.no_grad():
+        images = to_numpy(pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample)
+    images = np.round(np.clip(images.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1) * 255)
+    assert np.abs(ours(kind).decode(got).astype(int) - images).max() <= 1, "uint8 images differ by more than 1"
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m_karras", "pndm"])
+def test_add_noise_at_the_strength_timestep_equals_diffusers(name):
+    reference, keys = REFERENCES[name]
+    theirs = reference.from_config(dict(config("epsilon", "leading"), **keys))
+    ours = schedulers.create(name, config("epsilon", "leading"))
+    theirs.set_timesteps(10)
+    timesteps = ours.set_timesteps(10, strength=0.6)
+    start = len(theirs.timesteps) - len(timesteps)
+    np.testing.assert_array_equal(timesteps, theirs.timesteps[start:].numpy())
+    if hasattr(theirs, "set_begin_index"):
+        theirs.set_begin_index(start)
+    latents, noise = np.random.default_rng(2).standard_normal((2, 1, 4, 4, 3), dtype=np.float32)
+    expected = theirs.add_noise(nchw(latents), nchw(noise), theirs.timesteps[start:start + 1])
+    np.testing.assert_allclose(ours.add_noise(latents, noise), nhwc(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(num_steps=0), "num_steps"),
+    (dict(num_steps=10, strength=0), r"strength must be in \(0, 1\]"),
+    (dict(num_steps=10, strength=1.5), r"strength must be in \(0, 1\]"),
+    (dict(num_steps=10, strength=0.05), "no step"),
+])
+def test_bad_steps_or_strength(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        schedulers.create("ddim", {}).set_timesteps(**arguments)
+
+
+def test_unknown_scheduler():
+    with pytest.raises(ValueError, match="'heun'.*"):
+        schedulers.create("heun", {})
