@@ -6,8 +6,8 @@ The Keras layers are named after the diffusers key prefixes, so mapping is by na
 table below: `KEY_SUFFIX` names the PyTorch tensor of each Keras variable and `to_keras_layout`
 transposes it. Loading is strict: every variable gets exactly one tensor of the right shape, every
 tensor is used (or known-unused), and nothing is assigned before everything checks out. Tensors are
-read one at a time (safetensors' `safe_open`, a memory-mapped `torch.load`), so converting needs
-about the model's size in memory, not twice.
+read one at a time (plain reads at the offsets of a safetensors header; a memory-mapped `torch.load`
+for `.ckpt`, whose file pages the OS can reclaim), so loading needs about the model's size in memory.
 """
 import json
 import os
@@ -58,19 +58,26 @@ def to_keras_layout(variable_name, tensor, shape):
     return tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T  # (out, in, kh, kw) -> (kh, kw, in, out)
 
 
-def bfloat16_reader(path):
-    """read(key) -> float32 numpy of a bfloat16 tensor in a safetensors file (numpy has no bfloat16):
-    the JSON header gives the tensor's bytes; a bfloat16 is the upper half of a float32."""
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def safetensors_reader(path):
+    """read(key) -> numpy array of a tensor in a safetensors file, with a plain read at the offsets the
+    JSON header gives: unlike safe_open's memory map, nothing of the file stays resident afterwards.
+    bfloat16 comes back as float32 (numpy has none; a bfloat16 is the upper half of a float32)."""
     with open(path, "rb") as file:
         size = int.from_bytes(file.read(8), "little")
         header = json.loads(file.read(size))
 
     def read(key):
-        begin, end = header[key]["data_offsets"]
+        entry = header[key]
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
         with open(path, "rb") as file:
             file.seek(8 + size + begin)
-            raw = np.fromfile(file, dtype="<u2", count=(end - begin) // 2)
-        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(header[key]["shape"])
+            data = np.fromfile(file, dtype=dtype, count=(end - begin) // dtype.itemsize).reshape(entry["shape"])
+        return (data.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else data
 
     return read
 
@@ -92,18 +99,15 @@ class Tensors(Mapping):
 
         readers, shapes = {}, {}
         for path in paths:
-            try:
-                handle = safe_open(str(path), framework="np")
+            try:  # safe_open checks the header and the file's length
+                with safe_open(str(path), framework="np") as handle:
+                    listed = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
             except Exception as error:
                 raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-            bfloat16 = None
-            for key in handle.keys():
-                tensor = handle.get_slice(key)
-                if tensor.get_dtype() == "BF16":
-                    bfloat16 = bfloat16 or bfloat16_reader(path)
-                read = bfloat16 if tensor.get_dtype() == "BF16" else handle.get_tensor
-                readers[rename(key)] = lambda read=read, key=key: read(key)
-                shapes[rename(key)] = tuple(tensor.get_shape())
+            read = safetensors_reader(path)
+            for key, shape in listed.items():
+                readers[rename(key)] = lambda key=key: read(key)
+                shapes[rename(key)] = shape
         return cls(readers, shapes, ", ".join(map(str, paths)))
 
     @classmethod
@@ -115,7 +119,7 @@ class Tensors(Mapping):
         return cls({k: (lambda t=t: to_numpy(t)) for k, t in state_dict.items()},
                    {k: tuple(t.shape) for k, t in state_dict.items()}, source)
 
-    def subset(self, names, source=None):
+    def subset(self, names):
         """These tensors under new names: `names[new] = (key, part)`; part i takes the i-th third along
         the first axis (OpenCLIP's fused q/k/v projection), None the whole tensor."""
         readers, shapes = {}, {}
@@ -127,7 +131,7 @@ class Tensors(Mapping):
                 n = shape[0] // 3
                 readers[new] = lambda key=key, part=part, n=n: self[key][part * n:(part + 1) * n]
                 shapes[new] = (n, *shape[1:])
-        return Tensors(readers, shapes, source or self.source)
+        return Tensors(readers, shapes, self.source)
 
     def __getitem__(self, key):
         return self._readers[key]()

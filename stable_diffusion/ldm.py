@@ -217,15 +217,13 @@ def plan(shapes, source, use_ema=None, with_vae=True):
     Args:
         shapes: {key: shape} of every tensor in the file (after any `state_dict` nesting).
         source: the file, for error messages.
-        use_ema: for files holding both (`model_ema.*`): load the EMA UNet weights; default: yes.
+        use_ema: for files holding both UNet weight sets (a `model_ema.*` copy): load the EMA ones
+            (default) or, with False, the training ones. EMA-only files hold one set, used either way.
         with_vae: whether to load the file's VAE (False when another VAE file replaces it).
     """
     family = family_of(shapes, source)
     text_prefix = CLIP if family == "sd1" else OPEN_CLIP
-    ema_keys = {key for key in shapes if key.startswith(EMA) and key not in KNOWN_UNUSED}
-    if use_ema and not ema_keys:
-        raise ValueError(f"use_ema=True, but {source} holds no separate EMA weights ({EMA}*).")
-    use_ema = bool(ema_keys) if use_ema is None else use_ema
+    use_ema = use_ema is not False and any(key.startswith(EMA) and key not in KNOWN_UNUSED for key in shapes)
     if with_vae and not any(key.startswith(VAE) for key in shapes):
         raise ValueError(f"{source} has no VAE ({VAE}* tensors); pass a VAE file with vae=PATH.")
     components = (UNET, text_prefix, VAE, EMA)

@@ -1,0 +1,161 @@
+"""Converting a full-size SD 1.5 checkpoint: time and peak memory, `.safetensors` and `.ckpt`.
+
+    python -m benchmarks.convert [--workdir /tmp/sd-convert-bench]
+
+Writes a random-weight SD 1.5 checkpoint in the original (LDM) layout, fp32, tensor by tensor (the
+shapes come from diffusers' models on the meta device) and the same as a `.ckpt`, converts each
+into a bundle, and loads each original and a bundle, every step in a fresh process, timing model
+construction, weight loading and saving, and recording peak memory. Writes its section of
+benchmarks/RESULTS.md.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Checkpoint conversion (full-size SD 1.5, original layout)"
+MEASURE = """
+import json, resource, sys, threading, time
+peak = dict(anon=0, file=0)
+
+def sample():  # resident anonymous memory vs pages of mapped files (a memory-mapped checkpoint)
+    while True:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        for name in peak:
+            peak[name] = max(peak[name], int(status[f"Rss{name.title()}"].split()[0]) / 2**20)
+        time.sleep(0.05)
+
+threading.Thread(target=sample, daemon=True).start()
+from stable_diffusion import StableDiffusion, checkpoints
+times = [time.perf_counter()]
+checkpoint = checkpoints.read(sys.argv[2])
+sd = StableDiffusion(checkpoint.img_height, checkpoint.img_width, False, checkpoint.config, checkpoint.tokenizer)
+times.append(time.perf_counter())
+checkpoint.load_into(sd)
+times.append(time.perf_counter())
+if sys.argv[1] == "convert":
+    sd.save(sys.argv[3])
+times.append(time.perf_counter())
+print(json.dumps(dict(build=times[1] - times[0], weights=times[2] - times[1], save=times[3] - times[2],
+                      seconds=times[3] - times[0], peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      peak_anon_gb=peak["anon"], peak_file_gb=peak["file"])))
+"""
+
+
+def sd15_shapes():
+    """{original key: shape} of SD 1.5 (v1-5-pruned-emaonly layout), from meta-device diffusers models."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ldm_reference import ldm_state_dict
+
+    with torch.device("meta"):
+        pipe = type("Pipe", (), dict(
+            unet=UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
+            vae=AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
+            text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=768,
+                                                      intermediate_size=3072, num_hidden_layers=12,
+                                                      num_attention_heads=12, hidden_act="quick_gelu"))))
+    return {k: tuple(v.shape) for k, v in ldm_state_dict(pipe, "sd1").items() if v.is_floating_point()}
+
+
+def write_safetensors(shapes, path):
+    """A random fp32 safetensors file written one tensor at a time (never the whole model in memory)."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 4 * int(np.prod(shape))
+        header[key] = dict(dtype="F32", shape=list(shape), data_offsets=[offset, offset + size])
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little") + encoded)
+        for shape in shapes.values():
+            file.write((rng.standard_normal(shape, dtype=np.float32) * 0.02).tobytes())
+
+
+def write_ckpt(safetensors_path, path):
+    """The same tensors as a Lightning-style `.ckpt` ({"state_dict": ...}, zip pickle)."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save({"state_dict": load_file(safetensors_path), "global_step": 840000}, path)
+
+
+def measure(*args):
+    output = subprocess.run([sys.executable, "-c", MEASURE, *map(str, args)], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sd-convert-bench"),
+                        help="where the checkpoints (kept for reruns) and bundles go")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    shapes = sd15_shapes()
+    size_gb = 4 * sum(int(np.prod(s)) for s in shapes.values()) / 2**30
+    free_gb = shutil.disk_usage(args.workdir).free / 2**30
+    if free_gb < 4 * size_gb:
+        sys.exit(f"{args.workdir} has {free_gb:.1f} GiB free; the benchmark needs {4 * size_gb:.1f} GiB.")
+    files = dict(safetensors=args.workdir / "sd15.safetensors", ckpt=args.workdir / "sd15.ckpt")
+    for kind, write in (("safetensors", lambda path: write_safetensors(shapes, path)),
+                        ("ckpt", lambda path: write_ckpt(files["safetensors"], path))):
+        if not files[kind].exists():  # written under a temporary name: an existing file is complete
+            partial = files[kind].with_name(f".{files[kind].name}.partial")
+            write(partial)
+            partial.rename(files[kind])
+    print(f"{len(shapes)} tensors, {size_gb:.2f} GiB per file")
+    rows = []
+    for kind, path in files.items():
+        bundle = args.workdir / f"bundle-{kind}"
+        shutil.rmtree(bundle, ignore_errors=True)
+        converted = measure("convert", path, bundle)
+        loaded = measure("load", path)
+        rows.append((kind, path.stat().st_size / 2**30, converted, loaded))
+        print(kind, converted, loaded)
+    reload = measure("load", args.workdir / "bundle-safetensors")
+    print("bundle", reload)
+    lines = [SECTION, "",
+             f"Random-weight SD 1.5 in the v1-5-pruned-emaonly layout ({len(shapes)} fp32 tensors, "
+             f"{rows[0][1]:.2f} GiB), `python -m benchmarks.convert`, {time.strftime('%Y-%m-%d')}, 2 shared CPU "
+             "cores (other jobs running: times are indicative), TensorFlow backend, each step in a fresh process. "
+             "build: constructing the Keras models (random init); weights: reading and assigning every tensor; "
+             "save: writing the bundle. Peak RSS is ru_maxrss; anon / file: peak resident anonymous memory and "
+             "pages of memory-mapped files (the checkpoint; reclaimable), sampled every 50 ms.", "",
+             "| step | build s | weights s | save s | peak RSS GiB (x file) | peak anon GiB | peak file-backed GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, gib, converted, loaded in rows:
+        for step, m in ((f"convert .{kind}", converted), (f"load .{kind}", loaded)):
+            lines.append(f"| {step} | {m['build']:.1f} | {m['weights']:.1f} | {m['save']:.1f} | "
+                         f"{m['peak_rss_gb']:.2f} ({m['peak_rss_gb'] / gib:.2f}x) | {m['peak_anon_gb']:.2f} | "
+                         f"{m['peak_file_gb']:.2f} |")
+    m = reload
+    lines.append(f"| load bundle | {m['build']:.1f} | {m['weights']:.1f} | | {m['peak_rss_gb']:.2f} | "
+                 f"{m['peak_anon_gb']:.2f} | {m['peak_file_gb']:.2f} |")
+    lines += ["", f"Weights from the bundle: {rows[0][3]['weights'] / reload['weights']:.1f}x faster than from the "
+              f".safetensors, {rows[1][3]['weights'] / reload['weights']:.1f}x than from the .ckpt; whole "
+              f"from_checkpoint (model construction included): {rows[0][3]['seconds'] / reload['seconds']:.1f}x.", ""]
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    if SECTION in text:  # replace our section, keep the others
+        before, after = text.split(SECTION, 1)
+        rest = after.split("\n## ", 1)
+        text = before + ("## " + rest[1] if len(rest) > 1 else "")
+    results.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
