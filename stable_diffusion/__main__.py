@@ -1,8 +1,8 @@
 """Command line text-to-image: `python -m stable_diffusion "a red circle on a white background"`.
 
 Argument parsing and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
-negative prompt, seed, steps, guidance, size and model as PNG text chunks (read them with
-`PIL.Image.open(path).text`), so any image can be made again. Bad arguments end the program with one
+negative prompt, seed, steps, guidance, sampler, size and model as PNG text chunks (read them with
+`PIL.Image.open(path).text`), so any image can be made again, alone: image i of a batch has seed + i. Bad arguments end the program with one
 line on stderr and exit status 2, before any file is written.
 """
 import argparse
@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .schedulers import SCHEDULERS
 from .stable_diffusion import StableDiffusion
 
 CHECKPOINTS = "a diffusers folder, an SD 1.x / 2.x .safetensors or .ckpt file, or a saved bundle"
@@ -22,7 +23,6 @@ DEMO_NOTICE = ("Using the built-in demo model: 64x64 images of one shape on a pl
                "like 'a large red circle on a white background'. For real images pass --checkpoint PATH: "
                f"{CHECKPOINTS}.")
 PIPELINE_DEFAULTS = inspect.signature(StableDiffusion.text_to_image).parameters
-SEED_RANGE = 2**32
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,8 +62,9 @@ def build_parser():
     parser.add_argument("--guidance", type=number(float, 0),
                         default=PIPELINE_DEFAULTS["unconditional_guidance_scale"].default,
                         help="classifier-free guidance scale, 1 for none (default: %(default)s)")
-    parser.add_argument("--seed", type=number(int, 0),
-                        help="noise seed in [0, 2**32) (default: random, printed and stored)")
+    parser.add_argument("--seed", type=number(int, 0), help="noise seed; image i of a batch gets seed + i "
+                        "(default: random, printed and stored in each PNG)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's)")
     parser.add_argument("--batch-size", type=number(int, 1), default=1, help="images (default: 1)")
     parser.add_argument("--height", type=number(int, 8, 8), help="pixels (default: the model's)")
     parser.add_argument("--width", type=number(int, 8, 8), help="pixels (default: the model's)")
@@ -86,8 +87,6 @@ def check_arguments(args):
     """The error message for arguments argparse accepts but cannot work, or None."""
     if not args.prompt.strip():
         return "the prompt is empty"
-    if args.seed is not None and args.seed >= SEED_RANGE:
-        return f"--seed must be below {SEED_RANGE}, got {args.seed}"
     if args.output.suffix.lower() != ".png":
         return f"--output must be a .png file, got {str(args.output)!r}"
     if not args.output.parent.is_dir():
@@ -119,16 +118,18 @@ def main(argv=None):
         parser.error(error)
     if args.checkpoint is None:
         print(DEMO_NOTICE, file=sys.stderr)
-    seed = secrets.randbelow(SEED_RANGE) if args.seed is None else args.seed
-    print(f"Seed {seed}; {args.steps} steps, guidance {args.guidance}, {sd.img_width}x{sd.img_height}.")
-    images = sd.text_to_image(args.prompt, args.negative_prompt, args.batch_size, args.steps,
-                              args.guidance, seed)
-    settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
-                    guidance=args.guidance, height=sd.img_height, width=sd.img_width,
-                    model=str(args.checkpoint or "built-in demo"), batch_size=args.batch_size)
+    seed = secrets.randbelow(2**32) if args.seed is None else args.seed
+    scheduler = args.scheduler or sd.scheduler_name
+    print(f"Seed {seed}; {args.steps} {scheduler} steps, guidance {args.guidance}, "
+          f"{sd.img_width}x{sd.img_height}.")
+    images = sd.text_to_image(args.prompt, args.negative_prompt, args.batch_size, args.steps, args.guidance,
+                              seed, scheduler=scheduler)
+    settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                    guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
+                    model=str(args.checkpoint or "built-in demo"))
     for index, (image, path) in enumerate(zip(images, output_paths(args.output, args.batch_size))):
         info = PngInfo()
-        for key, value in {**settings, "batch_index": index}.items():
+        for key, value in {**settings, "seed": seed + index}.items():  # the pipeline seeds image i with seed + i
             info.add_text(key, str(value))
         try:
             with open(path, "wb" if args.overwrite else "xb") as file:
