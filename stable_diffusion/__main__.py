@@ -122,8 +122,9 @@ def main(argv=None):
     scheduler = args.scheduler or sd.scheduler_name
     print(f"Seed {seed}; {args.steps} {scheduler} steps, guidance {args.guidance}, "
           f"{sd.img_width}x{sd.img_height}.")
-    images = sd.text_to_image(args.prompt, args.negative_prompt, args.batch_size, args.steps, args.guidance,
-                              seed, scheduler=scheduler)
+    images = sd.text_to_image(args.prompt, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+                              num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed,
+                              scheduler=scheduler)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
                     model=str(args.checkpoint or "built-in demo"))
