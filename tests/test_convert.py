@@ -159,6 +159,15 @@ def test_defaults_follow_diffusers(bench):
     assert sd2.config["scheduler"] == dict(ldm.SCHEDULER, prediction_type="v_prediction")
 
 
+def test_use_ema_chooses_between_two_unet_sets(bench):
+    full = checkpoints.open_single_file(bench.file("sd1", ".ckpt", torch.float16, "ema"))[0].shapes
+    only = checkpoints.open_single_file(bench.file("sd1", ".safetensors"))[0].shapes
+    sources = lambda shapes, use_ema: {key.split(".")[0] for key, _ in
+                                       ldm.plan(shapes, "file", use_ema).names[("diffusion_model",)].values()}
+    assert sources(full, None) == sources(full, True) == {"model_ema"}
+    assert sources(full, False) == sources(only, None) == sources(only, True) == sources(only, False) == {"model"}
+
+
 SD15 = dict(unet=dict(cross_attention_dim=768, attention_head_dim=8),
             text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       hidden_act="quick_gelu"))
