@@ -30,7 +30,8 @@ class ImageEditing:
             Other arguments: see `text_to_image`.
         """
         images = self.load_images(image, "image")
-        context, negative = self._contexts(self.encode_text(prompt, long_prompts), negative_prompt, batch_size)
+        context, negative = self._contexts(self.encode_text(prompt, long_prompts), negative_prompt, batch_size,
+                                           long_prompts)
         draw_noise = self._noise_source(len(context), seed)
         sampler = self._sampler(scheduler, num_steps, strength)
         noise = self._initial_noise(draw_noise, diffusion_noise)
@@ -56,7 +57,8 @@ class ImageEditing:
         if masks.shape[1:3] != images.shape[1:3]:
             raise ValueError(f"mask is {masks.shape[2]}x{masks.shape[1]} pixels but image is "
                              f"{images.shape[2]}x{images.shape[1]}; they must match.")
-        context, negative = self._contexts(self.encode_text(prompt, long_prompts), negative_prompt, batch_size)
+        context, negative = self._contexts(self.encode_text(prompt, long_prompts), negative_prompt, batch_size,
+                                           long_prompts)
         batch = len(context)
         draw_noise = self._noise_source(batch, seed)
         sampler = self._sampler(scheduler, num_steps, strength)
@@ -131,5 +133,5 @@ def load_masks(mask):
 def broadcast(array, batch_size, name):
     """`array` (1 or B, ...) repeated to (B, ...)."""
     if len(array) not in (1, batch_size):
-        raise ValueError(f"Got {len(array)} {name} for {batch_size} images.")
+        raise ValueError(f"Got {len(array)} {name} for a batch of {batch_size}.")
     return np.broadcast_to(array, (batch_size, *array.shape[1:]))

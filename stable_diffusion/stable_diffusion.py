@@ -151,17 +151,17 @@ class StableDiffusion(ImageEditing):
             callback: called as `callback(step, timestep, latents)` after every step.
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
             long_prompts: encode prompts longer than 77 tokens in chunks (see `tokenize`) instead of
-                truncating them; the negative prompt gets as many chunks.
+                truncating them; the shorter of prompt and negative prompt gets empty chunks.
         """
         return self.generate_image(self.encode_text(prompt, long_prompts), negative_prompt, batch_size,
                                    num_steps, unconditional_guidance_scale, diffusion_noise, seed, verbose,
-                                   scheduler, callback, return_latents)
+                                   scheduler, callback, return_latents, long_prompts)
 
     def generate_image(self, encoded_text, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, diffusion_noise=None, seed=None, verbose=True,
-                       scheduler=None, callback=None, return_latents=False):
+                       scheduler=None, callback=None, return_latents=False, long_prompts=False):
         """Generates images from `encode_text` output (B or 1, 77 k, dim); see `text_to_image`."""
-        context, negative = self._contexts(encoded_text, negative_prompt, batch_size)
+        context, negative = self._contexts(encoded_text, negative_prompt, batch_size, long_prompts)
         draw_noise = self._noise_source(len(context), seed)
         sampler = self._sampler(scheduler, num_steps)
         latents = self._initial_noise(draw_noise, diffusion_noise) * sampler.init_noise_sigma
@@ -205,8 +205,8 @@ class StableDiffusion(ImageEditing):
         images = np.asarray(self.decoder.predict_on_batch(latents))
         return np.round(np.clip(images / 2 + 0.5, 0, 1) * 255).astype("uint8")
 
-    def _contexts(self, encoded_text, negative_prompt, batch_size):
-        """Prompt and negative prompt hidden states, one row per image (B, L, dim)."""
+    def _contexts(self, encoded_text, negative_prompt, batch_size, long_prompts=False):
+        """Prompt and negative prompt hidden states, one row per image, of one length (B, L, dim)."""
         context = np.asarray(encoded_text, dtype="float32")
         context = context[None] if context.ndim == 2 else context
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -216,12 +216,13 @@ class StableDiffusion(ImageEditing):
         batch_size = max(batch_size, context.shape[0])
         context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
         chunks = context.shape[1] // self.tokenizer.sequence_length
-        negative = self.encode_text("" if negative_prompt is None else negative_prompt, chunks > 1, chunks)
+        negative = self.encode_text("" if negative_prompt is None else negative_prompt,
+                                    long_prompts or chunks > 1, chunks)
         if negative.shape[0] not in (1, batch_size):
             raise ValueError(f"Got {negative.shape[0]} negative prompts for {batch_size} images.")
-        if negative.shape[1] != context.shape[1]:
-            raise ValueError(f"The negative prompt needs {negative.shape[1]} tokens, more than the prompt's "
-                             f"{context.shape[1]}; shorten it or encode the prompt with more chunks.")
+        if negative.shape[1] > context.shape[1]:  # pad the prompt with empty chunks
+            empty = self.encode_text("", True, (negative.shape[1] - context.shape[1]) // self.tokenizer.sequence_length)
+            context = np.concatenate([context, np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
         return context, np.broadcast_to(negative, context.shape)
 
     def _sampler(self, name, num_steps, strength=1.0):

@@ -1,9 +1,11 @@
-"""End-to-end parity with diffusers' StableDiffusionPipeline (DDIM), bundles and bad input."""
+"""End-to-end parity with diffusers' StableDiffusionPipeline (DDIM; other samplers in
+test_schedulers.py), long prompts, seeds and the step callback, bundles and bad input."""
 import json
 import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from reference import nchw
 from stable_diffusion import StableDiffusion
@@ -41,11 +43,57 @@ def test_generate_image_repeats_one_prompt_and_seeds_reproduce(ours):
     assert not np.array_equal(first[0], first[1]), "the two images of a batch got the same noise"
 
 
+def test_seeds_are_per_image_and_callback_sees_every_step(ours):
+    sd, calls = ours("sd1"), []
+    batch = sd.text_to_image("a red circle", batch_size=2, num_steps=3, seed=5, verbose=False,
+                             callback=lambda *args: calls.append(args))
+    for i in range(2):  # image i of a batch is the single image of seed + i
+        alone = sd.text_to_image("a red circle", num_steps=3, seed=5 + i, verbose=False)
+        assert np.abs(batch[i].astype(int) - alone[0]).max() <= 1  # batch sizes differ by ~1e-6 in float
+    assert [(step, t) for step, t, _ in calls] == [(0, 667), (1, 334), (2, 1)]
+    latents = sd.text_to_image("a red circle", batch_size=2, num_steps=3, seed=5, verbose=False,
+                               return_latents=True)
+    assert latents.shape == (2, 8, 8, 4)
+    np.testing.assert_allclose(latents, calls[-1][2], atol=1e-5)
+    np.testing.assert_array_equal(sd.decode(latents), batch)
+
+
+def test_long_prompts_equal_diffusers_with_chunked_embeddings(reference, ours):
+    """Chunks of 75 tokens with start and end tokens, encoded by transformers' CLIPTextModel one by
+    one and concatenated, fed to StableDiffusionPipeline as prompt_embeds (tolerance 1/255)."""
+    pipe, _ = reference("sd1")
+    sd = ours("sd1")
+    prompt, negative = "a small red circle on a white background, " * 12, "green"
+
+    def chunked_embeddings(text, chunks):
+        ids = pipe.tokenizer(text, truncation=False).input_ids[1:-1]
+        start, end, pad = pipe.tokenizer.bos_token_id, pipe.tokenizer.eos_token_id, pipe.tokenizer.pad_token_id
+        rows = [[start, *ids[i * 75:(i + 1) * 75], end] for i in range(chunks)]
+        rows = torch.tensor([row + [pad] * (77 - len(row)) for row in rows])
+        with torch.no_grad():
+            return pipe.text_encoder(rows)[0].reshape(1, -1, pipe.text_encoder.config.hidden_size)
+
+    assert 77 < len(pipe.tokenizer(prompt, truncation=False).input_ids) <= 152  # 2 chunks
+    noise = np.random.default_rng(6).standard_normal((1, 8, 8, 4), dtype=np.float32)
+    expected = pipe(prompt_embeds=chunked_embeddings(prompt, 2), negative_prompt_embeds=chunked_embeddings(negative, 2),
+                    num_inference_steps=4, latents=nchw(noise), height=64, width=64, output_type="np").images
+    got = sd.text_to_image(prompt, negative_prompt=negative, num_steps=4, diffusion_noise=noise,
+                           long_prompts=True, verbose=False)
+    diff = np.abs(got.astype(int) - np.round(expected * 255)).max()
+    assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionPipeline with chunked prompt_embeds"
+    assert sd.encode_text(prompt, long_prompts=True).shape == (1, 154, 32)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert sd.encode_text(prompt).shape == (1, 77, 32)
+    context, negative = sd._contexts(sd.encode_text("a cat", long_prompts=True), prompt, 1, long_prompts=True)
+    assert context.shape == negative.shape == (1, 154, 32)  # the shorter prompt padded with an empty chunk
+    np.testing.assert_allclose(context[:, 77:], chunked_embeddings("", 1).numpy(), atol=1e-5)
+
+
 def test_bundle_reloads_bit_exact(ours, tmp_path):
     sd = ours("sd2")
     sd.save(tmp_path / "bundle")
     assert not list(tmp_path.glob(".*partial*")), "the temporary folder was left behind"
-    again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+    again = StableDiffusion.from_checkpoint(tmp_path / "bundle")
     assert (again.img_height, again.img_width) == (64, 64)
     assert again.tokenizer.pad_token_id == 0  # SD 2.x pads with "!"
     for name in ("text_encoder", "diffusion_model", "decoder", "encoder"):
