@@ -1,4 +1,5 @@
-"""Command line text-to-image: `python -m stable_diffusion "a red circle on a white background"`.
+"""Command line text-to-image: `python -m stable_diffusion "a red circle on a white background"`;
+image-to-image with `--init-image PATH [--strength S]`, inpainting with `--init-image PATH --mask PATH`.
 
 Argument parsing and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
 negative prompt, seed, steps, guidance, sampler, size and model as PNG text chunks (read them with
@@ -65,6 +66,11 @@ def build_parser():
     parser.add_argument("--seed", type=number(int, 0), help="noise seed; image i of a batch gets seed + i "
                         "(default: random, printed and stored in each PNG)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's)")
+    parser.add_argument("--init-image", type=Path, help="start from this picture (image-to-image, "
+                        "or inpainting with --mask); the image's size must be the model's or --height/--width")
+    parser.add_argument("--mask", type=Path, help="inpaint the white part of this mask of --init-image")
+    parser.add_argument("--strength", type=float, help="in (0, 1]: how far to noise --init-image "
+                        "(default: 0.8; inpainting: 1)")
     parser.add_argument("--batch-size", type=number(int, 1), default=1, help="images (default: 1)")
     parser.add_argument("--height", type=number(int, 8, 8), help="pixels (default: the model's)")
     parser.add_argument("--width", type=number(int, 8, 8), help="pixels (default: the model's)")
@@ -93,6 +99,10 @@ def check_arguments(args):
         return f"the folder of --output {str(args.output)!r} does not exist"
     if args.checkpoint is not None and not args.checkpoint.exists():
         return f"no checkpoint at {str(args.checkpoint)!r}"
+    if (args.mask or args.strength is not None) and args.init_image is None:
+        return "--mask and --strength need --init-image"
+    if args.strength is not None and not 0 < args.strength <= 1:
+        return f"--strength must be in (0, 1], got {args.strength}"
     existing = [str(path) for path in output_paths(args.output, args.batch_size) if path.exists()]
     if existing and not args.overwrite:
         return f"{', '.join(existing)} exists; pass --overwrite to replace it"
@@ -122,12 +132,24 @@ def main(argv=None):
     scheduler = args.scheduler or sd.scheduler_name
     print(f"Seed {seed}; {args.steps} {scheduler} steps, guidance {args.guidance}, "
           f"{sd.img_width}x{sd.img_height}.")
-    images = sd.text_to_image(args.prompt, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                              num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed,
-                              scheduler=scheduler)
+    arguments = dict(negative_prompt=args.negative_prompt, batch_size=args.batch_size, num_steps=args.steps,
+                     unconditional_guidance_scale=args.guidance, seed=seed, scheduler=scheduler)
+    if args.strength is not None:
+        arguments["strength"] = args.strength
+    try:  # bad pictures (unreadable, wrong size) raise ValueError before any step runs
+        if args.init_image is None:
+            images = sd.text_to_image(args.prompt, **arguments)
+        elif args.mask is None:
+            images = sd.image_to_image(args.prompt, args.init_image, **arguments)
+        else:
+            images = sd.inpaint(args.prompt, args.init_image, args.mask, **arguments)
+    except ValueError as error:
+        parser.error(error)
+    editing = dict(init_image=args.init_image, mask=args.mask, strength=args.strength)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
-                    model=str(args.checkpoint or "built-in demo"))
+                    model=str(args.checkpoint or "built-in demo"),
+                    **{key: value for key, value in editing.items() if value is not None})
     for index, (image, path) in enumerate(zip(images, output_paths(args.output, args.batch_size))):
         info = PngInfo()
         for key, value in {**settings, "seed": seed + index}.items():  # the pipeline seeds image i with seed + i

@@ -1,6 +1,7 @@
 """The command line (`python -m stable_diffusion`) on a tiny random-weight bundle: PNGs with their
 settings as metadata, reproducible seeds, no overwriting, one-line errors that write nothing."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,38 @@ def test_bad_arguments_exit_with_one_line_and_no_file(argv, message, workdir, ca
     err = run_failing(argv, capsys)
     assert message in err
     assert list(workdir.iterdir()) == []
+
+
+def test_image_to_image_and_inpainting(bundle, workdir, capsys):
+    picture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(picture).save("in.png")
+    Image.fromarray(mask).save("mask.png")
+    common = ["a cat", "--checkpoint", str(bundle), "--steps", "2", "--seed", "3"]
+    main([*common, "--init-image", "in.png", "--strength", "0.5", "-o", "a.png"])
+    main([*common, "--init-image", "in.png", "--mask", "mask.png", "-o", "b.png"])
+    sd = StableDiffusion.from_checkpoint(bundle, jit_compile=False)
+    expected = sd.image_to_image("a cat", picture, strength=0.5, num_steps=2, seed=3, negative_prompt="", verbose=False)
+    assert np.abs(np.asarray(Image.open("a.png")).astype(int) - expected[0]).max() <= 1
+    with Image.open("b.png") as image:
+        assert (image.text["init_image"], image.text["mask"], image.size) == ("in.png", "mask.png", (32, 32))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-image", "missing.png"], "Cannot read image 'missing.png'"),
+    (["--init-image", "in.png", "--strength", "0"], r"--strength must be in \(0, 1\]"),
+    (["--init-image", "in.png", "--strength", "1.5"], r"--strength must be in \(0, 1\]"),
+    (["--mask", "in.png"], "need --init-image"),
+    (["--init-image", "in.png", "--mask", "small.png"], "mask is 16x16 pixels but image is 32x32"),
+    (["--init-image", "small.png"], "image is 16x16 pixels but this pipeline makes 32x32"),
+])
+def test_bad_pictures_exit_with_one_line_and_no_file(extra, message, bundle, workdir, capsys):
+    Image.new("RGB", (32, 32)).save("in.png")
+    Image.new("L", (16, 16)).save("small.png")
+    err = run_failing(["a cat", "--checkpoint", str(bundle), "--steps", "1", *extra], capsys)
+    assert re.search(message, err), err
+    assert not Path("out.png").exists()
 
 
 def test_incomplete_bundle(bundle, workdir, capsys):
