@@ -24,7 +24,8 @@ def demo_model_missing():
 
 
 def test_notebooks_exist_and_are_stripped():
-    assert [path.name for path in NOTEBOOKS] == ["01_quickstart.ipynb", "02_fine_tune.ipynb"]
+    assert [path.name for path in NOTEBOOKS] == ["01_quickstart.ipynb", "02_fine_tune.ipynb",
+                                                "03_img2img_inpainting.ipynb"]
     for path in NOTEBOOKS:
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type == "code":
