@@ -171,20 +171,11 @@ class StableDiffusion(ImageEditing):
 
     def denoise(self, latents, context, negative, sampler, guidance=7.5, draw_noise=None, callback=None,
                 conditioning=None, after_step=None, verbose=True):
-        """The denoising loop of every task: latents at the sampler's first timestep -> clean latents.
-
-        Args:
-            latents: (B, h, w, C) float32.
-            context, negative: prompt and negative prompt hidden states (B, L, dim).
-            sampler: a `schedulers.Scheduler` after `set_timesteps`.
-            guidance: classifier-free guidance weight.
-            draw_noise: fresh noise (B, h, w, C) for ancestral samplers.
-            callback: `callback(step, timestep, latents)` after every step.
-            conditioning: extra UNet input channels (B, h, w, C'), e.g. an inpainting UNet's mask and
-                masked-image latents.
-            after_step: `after_step(latents) -> latents` after every update (inpainting's blending).
-            verbose: show a progress bar.
-        """
+        """The denoising loop of every task: latents (B, h, w, C) at the first timestep of `sampler` (a
+        `schedulers.Scheduler` after `set_timesteps`) -> clean latents, guided by hidden states `context`
+        and `negative` (B, L, dim). `draw_noise()` gives ancestral samplers fresh noise; `conditioning`
+        holds extra UNet input channels (an inpainting UNet's mask and masked-image latents);
+        `after_step(latents)` follows each update (inpainting's blending); see `text_to_image` for the rest."""
         per_image = lambda value: np.full((len(latents),), value, dtype="float32")
         progress = keras.utils.Progbar(len(sampler.timesteps), verbose=int(verbose))
         for step, t in enumerate(sampler.timesteps):
@@ -221,7 +212,8 @@ class StableDiffusion(ImageEditing):
         if negative.shape[0] not in (1, batch_size):
             raise ValueError(f"Got {negative.shape[0]} negative prompts for {batch_size} images.")
         if negative.shape[1] > context.shape[1]:  # pad the prompt with empty chunks
-            empty = self.encode_text("", True, (negative.shape[1] - context.shape[1]) // self.tokenizer.sequence_length)
+            missing = (negative.shape[1] - context.shape[1]) // self.tokenizer.sequence_length
+            empty = self.encode_text("", True, missing)
             context = np.concatenate([context, np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
         return context, np.broadcast_to(negative, context.shape)
 
