@@ -5,6 +5,7 @@ diffusers samples the VAE posterior with its generator; we encode to the posteri
 diffusers' `retrieve_latents` is patched to return the mean (`latent_dist.mode()`), and its
 `randn_tensor` to return our noise (tolerance: uint8 +-1).
 """
+import keras
 import numpy as np
 import pytest
 import torch
@@ -110,6 +111,22 @@ def test_inputs_as_pil_images_paths_and_batches(ours, tmp_path):
     assert batch.shape == (2, 64, 64, 3)
     latents = sd.image_to_image(PROMPT, Image.fromarray(picture()), return_latents=True, **arguments)
     assert latents.shape == (1, 8, 8, 4)
+
+
+def test_inpaint_and_image_to_image_under_mixed_precision(reference, ours):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        sd = StableDiffusion.from_checkpoint(reference("sd1")[1], jit_compile=False)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert sd.diffusion_model.outputs[0].dtype == "float16"
+    arguments = dict(num_steps=4, seed=2, scheduler="dpmpp_2m", verbose=False)
+    for task, inputs in (("inpaint", (picture(), mask())), ("image_to_image", (picture(),))):
+        got, expected = (getattr(model, task)(PROMPT, *inputs, **arguments) for model in (sd, ours("sd1")))
+        mse = np.mean((got.astype("float64") - expected) ** 2)
+        psnr = 10 * np.log10(255**2 / max(mse, 1e-10))
+        assert psnr > 35, f"{task}: PSNR {psnr:.1f} dB of mixed_float16 vs float32"
 
 
 @pytest.mark.parametrize("call, message", [
