@@ -35,10 +35,11 @@ class StableDiffusion(ImageEditing):
         tokenizer: a `Tokenizer`; default: the bundled CLIP vocabulary, padding with the end token.
         scheduler: the default sampler, one of `schedulers.SCHEDULERS` ("ddim", "euler", "euler_a",
             "dpmpp_2m", "dpmpp_2m_karras", "pndm"), built from `config["scheduler"]`.
+        dtype_policy: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
     """
 
     def __init__(self, img_height=512, img_width=512, jit_compile=True, config=None, tokenizer=None,
-                 scheduler="ddim"):
+                 scheduler="ddim", dtype_policy=None):
         config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
@@ -48,10 +49,15 @@ class StableDiffusion(ImageEditing):
                                  f"for this model's VAE and UNet depth), got {size!r}.")
         self.config, self.img_height, self.img_width = config, img_height, img_width
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
-        self.text_encoder = TextEncoder(**config["text_encoder"])
-        self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"])
-        self.decoder = Decoder(**latent_size, **config["decoder"])
-        self.encoder = Encoder(img_height, img_width, **config["encoder"])
+        global_policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(dtype_policy or global_policy)  # layers take it when created
+        try:
+            self.text_encoder = TextEncoder(**config["text_encoder"])
+            self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"])
+            self.decoder = Decoder(**latent_size, **config["decoder"])
+            self.encoder = Encoder(img_height, img_width, **config["encoder"])
+        finally:
+            keras.config.set_dtype_policy(global_policy)
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
@@ -61,20 +67,20 @@ class StableDiffusion(ImageEditing):
 
     @classmethod
     def from_checkpoint(cls, path=None, img_height=None, img_width=None, jit_compile=True, vae=None,
-                        prediction_type=None, use_ema=None, config=None, scheduler="ddim"):
+                        prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype_policy=None):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save`, or an
         original SD 1.x / 2.x single file (`.safetensors`, `.ckpt`).
 
         Args:
             path: the checkpoint; default: the small demo model shipped in `weights/demo`.
             img_height, img_width: image size; default: the size the model was trained at.
-            jit_compile, scheduler: see `StableDiffusion`.
+            jit_compile, scheduler, dtype_policy: see `StableDiffusion`.
             vae, prediction_type, use_ema, config: see `checkpoints.read`.
         """
         checkpoint = checkpoints.read(path, vae, prediction_type, use_ema, config)
         sd = cls(checkpoint.img_height if img_height is None else img_height,
                  checkpoint.img_width if img_width is None else img_width, jit_compile,
-                 checkpoint.config, checkpoint.tokenizer, scheduler)
+                 checkpoint.config, checkpoint.tokenizer, scheduler, dtype_policy)
         checkpoint.load_into(sd)
         return sd
 

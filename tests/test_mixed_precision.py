@@ -1,0 +1,40 @@
+"""Mixed precision: images under mixed_bfloat16 / mixed_float16 stay close to float32 (PSNR), with
+the global Keras policy and with the pipeline's `dtype_policy` argument."""
+import keras
+import numpy as np
+import pytest
+
+from stable_diffusion import StableDiffusion
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype("float64") - b) ** 2)
+    return 10 * np.log10(255**2 / max(mse, 1e-10))
+
+
+@pytest.fixture(scope="module")
+def float32_images(reference):
+    sd = StableDiffusion.from_checkpoint(reference("sd1")[1], jit_compile=False)
+    return sd.text_to_image("a red circle", num_steps=4, seed=3, verbose=False)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_global_policy(policy, reference, float32_images):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        sd = StableDiffusion.from_checkpoint(reference("sd1")[1], jit_compile=False)
+        images = sd.text_to_image("a red circle", num_steps=4, seed=3, verbose=False)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert sd.diffusion_model.outputs[0].dtype == policy.removeprefix("mixed_")
+    assert images.dtype == np.uint8
+    assert psnr(images, float32_images) > 35, f"PSNR {psnr(images, float32_images):.1f} dB vs float32"
+
+
+def test_dtype_policy_argument_leaves_the_global_policy(reference, float32_images):
+    sd = StableDiffusion.from_checkpoint(reference("sd1")[1], jit_compile=False, dtype_policy="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32"
+    assert sd.diffusion_model.outputs[0].dtype == "bfloat16"
+    images = sd.text_to_image("a red circle", num_steps=4, seed=3, verbose=False)
+    assert psnr(images, float32_images) > 35, f"PSNR {psnr(images, float32_images):.1f} dB vs float32"
