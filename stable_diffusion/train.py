@@ -1,0 +1,313 @@
+"""Training with Keras `fit`: a small Stable Diffusion from scratch on the synthetic shapes of
+`data.py` (the demo model in `weights/demo`), or fine-tuning a checkpoint's UNet on a folder of
+captioned images.
+
+Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
+al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
+DDPM (Ho et al., 2020) over pre-encoded latents, with 10% of the captions dropped for
+classifier-free guidance (Ho & Salimans, 2022), offset noise (Guttenberg, 2023, "Diffusion with
+Offset Noise") and EMA weights; stage 3 fine-tunes the decoder alone, the latent space fixed. The
+trainers are `keras.Model`s whose `call` draws the noise with `keras.random` and whose
+`compute_loss` holds the loss, so `fit` runs them on every backend.
+
+    python -m stable_diffusion.train --output weights/demo
+    python -m stable_diffusion.train --checkpoint weights/demo --data FOLDER --output OUT
+"""
+import argparse
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+from PIL import Image
+
+from .data import make_dataset
+from .decoder import Decoder
+from .encoder import Encoder
+from .stable_diffusion import StableDiffusion
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# The demo model: 64x64 images, 16x16x4 latents, a 2-layer CLIP of width 32.
+DEMO_CONFIG = {
+    "text_encoder": dict(width=32, num_layers=2, num_heads=2, intermediate_size=128),
+    "diffusion_model": dict(channels=(32, 64, 64), layers_per_block=1, attention_levels=(False, True, True),
+                            num_heads=4, context_dim=32, norm_groups=16),
+    "decoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, scaling_factor=1.0),
+    "encoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
+    "scheduler": {},
+}
+
+
+class VAETrainer(keras.Model):
+    """Stages 1 and 3: uint8 images -> reconstruction; loss L1 + kl_weight * KL(posterior || N(0, I)).
+
+    Args:
+        encoder, decoder: the VAE halves (`Encoder`, `Decoder`).
+        scaling_factor: the decoder's `scaling_factor` (it divides its input by it).
+        kl_weight: weight of the per-element KL against the per-pixel L1 error.
+        seed: seeds the posterior samples.
+    """
+
+    def __init__(self, encoder, decoder, scaling_factor=1.0, kl_weight=1e-6, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder, self.decoder = encoder, decoder
+        self.scaling_factor, self.kl_weight = scaling_factor, kl_weight
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images):
+        mean, logvar = ops.split(self.encoder(to_unit_range(images)), 2, axis=-1)  # (B, h, w, C) each
+        logvar = ops.clip(logvar, -30.0, 20.0)
+        z = mean + ops.exp(0.5 * logvar) * keras.random.normal(ops.shape(mean), seed=self.seed_generator)
+        return self.decoder(z * self.scaling_factor), mean, logvar
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        reconstruction, mean, logvar = y_pred
+        kl = 0.5 * ops.mean(ops.square(mean) + ops.exp(logvar) - 1.0 - logvar)
+        return ops.mean(ops.abs(reconstruction - to_unit_range(x))) + self.kl_weight * kl
+
+
+class DiffusionTrainer(keras.Model):
+    """Stage 2: (latents (B, h, w, C) scaled to about unit variance, token ids (B, 77)) -> the UNet's
+    noise prediction and the noise; loss: their mean squared error.
+
+    Args:
+        text_encoder, diffusion_model: the models to train (set `trainable=False` to freeze one).
+        alphas_cumprod: the training noise schedule, alpha_bar_t per timestep.
+        empty_tokens: the token ids (77,) of "", which replace dropped captions.
+        caption_dropout: fraction of captions dropped, for classifier-free guidance.
+        offset_noise: std of a per-image, per-channel constant added to the noise.
+        seed: seeds noise, timesteps and caption dropout.
+    """
+
+    def __init__(self, text_encoder, diffusion_model, alphas_cumprod, empty_tokens, caption_dropout=0.1,
+                 offset_noise=0.1, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.text_encoder, self.diffusion_model = text_encoder, diffusion_model
+        self.alphas_cumprod = np.asarray(alphas_cumprod, dtype="float32")
+        self.empty_tokens = np.asarray(empty_tokens, dtype="int32").reshape(1, -1)
+        self.caption_dropout, self.offset_noise = caption_dropout, offset_noise
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs):
+        latents, tokens = inputs
+        batch, channels = ops.shape(latents)[0], ops.shape(latents)[-1]
+        noise = keras.random.normal(ops.shape(latents), seed=self.seed_generator)
+        noise = noise + self.offset_noise * keras.random.normal((batch, 1, 1, channels), seed=self.seed_generator)
+        timesteps = keras.random.randint((batch,), 0, len(self.alphas_cumprod), seed=self.seed_generator)
+        alpha = ops.take(ops.convert_to_tensor(self.alphas_cumprod), timesteps)[:, None, None, None]
+        noisy = ops.sqrt(alpha) * latents + ops.sqrt(1.0 - alpha) * noise  # q(x_t | x_0)
+        dropped = keras.random.uniform((batch, 1), seed=self.seed_generator) < self.caption_dropout
+        tokens = ops.where(dropped, ops.convert_to_tensor(self.empty_tokens), tokens)
+        prediction = self.diffusion_model([noisy, ops.cast(timesteps, "float32"), self.text_encoder(tokens)])
+        return prediction, noise
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        prediction, noise = y_pred
+        return ops.mean(ops.square(prediction - noise))
+
+
+def to_unit_range(images):
+    """uint8 images -> float32 in [-1, 1]."""
+    return ops.cast(images, "float32") / 127.5 - 1.0
+
+
+def optimizer(learning_rate, total_steps, ema_momentum=None):
+    """AdamW with cosine decay to a tenth of `learning_rate`, gradients clipped to norm 1, and an
+    exponential moving average of the weights unless `ema_momentum` is None."""
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1), alpha=0.1)
+    return keras.optimizers.AdamW(schedule, global_clipnorm=1.0, use_ema=ema_momentum is not None,
+                                  ema_momentum=ema_momentum or 0.99)
+
+
+def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_momentum=None, verbose="auto",
+        jit_compile=False):
+    """Compiles and fits a trainer on x (arrays, shuffled each epoch); resumes from `backup_dir`.
+
+    Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
+    the EMA weights are copied into the trained variables at the end.
+    XLA is off by default: on CPU, compiling these small models takes minutes and saves little.
+    """
+    steps = epochs * -(-len(x[0] if isinstance(x, tuple) else x) // batch_size)
+    trainer.compile(optimizer=optimizer(learning_rate, steps, ema_momentum), jit_compile=jit_compile)
+    trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, as BackupAndRestore needs
+    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir))] if backup_dir else []
+    history = trainer.fit(x, epochs=epochs, batch_size=batch_size, shuffle=True, callbacks=callbacks,
+                          verbose=verbose)
+    if ema_momentum is not None:
+        trainer.optimizer.finalize_variable_values(trainer.trainable_variables)
+    return history.history["loss"][-1] if history.history else None
+
+
+def encode_latents(encoder, images, scaling_factor=1.0, batch_size=256):
+    """Posterior means of uint8 images, times `scaling_factor`: (N, h, w, C) float32."""
+    moments = encoder.predict(to_unit_range(images), batch_size=batch_size, verbose=0)
+    return np.split(np.asarray(moments), 2, axis=-1)[0] * scaling_factor
+
+
+def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, train_text_encoder=True,
+                    backup_dir=None, seed=None, ema_momentum=0.99, verbose="auto"):
+    """Fits sd's UNet (and text encoder) on scaled latents and token ids, ending on the EMA weights
+    (momentum 0.99: an average over about the last 100 steps, for runs of a few thousand steps).
+    Returns the last epoch's loss."""
+    sd.text_encoder.trainable = train_text_encoder
+    trainer = DiffusionTrainer(sd.text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod,
+                               sd.tokenize("")[0], seed=seed)
+    loss = fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, ema_momentum, verbose)
+    sd.text_encoder.trainable = True
+    return loss
+
+
+def run_stage(work_dir, name, models, train):
+    """Runs `train()`, which returns the stage's final loss, and saves the models it trains in
+    `work_dir`; if an earlier run finished the stage, loads them instead. Returns the final loss."""
+    done = work_dir / f"{name}.json"
+    files = [work_dir / f"{name}_{model.name}.weights.h5" for model in models]
+    if done.exists():
+        for model, file in zip(models, files):
+            model.load_weights(file)
+        return json.loads(done.read_text())["loss"]
+    loss = train()
+    for model, file in zip(models, files):
+        model.save_weights(file)
+    done.write_text(json.dumps({"loss": loss}))
+    return loss
+
+
+def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_images=4000, batch_size=64,
+               vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, work_dir=None, config=None, verbose="auto"):
+    """Trains a small Stable Diffusion from scratch on `make_dataset(num_images, seed)` and saves it.
+
+    Stage 1 trains the VAE, stage 2 the UNet and text encoder on its latents, stage 3 fine-tunes the
+    decoder alone (the encoder, hence the latent space, frozen), as Stability AI did for
+    `sd-vae-ft-mse`.
+
+    Args:
+        output: the bundle folder to write (`StableDiffusion.save`).
+        num_images, seed: the synthetic dataset (64x64).
+        vae_epochs, epochs: epochs of stage 1 (VAE) and stage 2 (UNet + text encoder).
+        decoder_images: images of the one epoch of stage 3; 0 skips it.
+        batch_size, vae_batch_size: images per step of stage 2 and of stages 1 and 3.
+        vae_lr, learning_rate: peak learning rates of the VAE stages and of stage 2.
+        work_dir: where stage checkpoints go; a rerun with the same folder resumes.
+        config: model configuration (`DEMO_CONFIG` by default), as for `StableDiffusion`.
+    Returns:
+        dict with the final losses, the latent scaling factor and the number of images.
+    """
+    config = json.loads(json.dumps(config or DEMO_CONFIG))
+    work_dir = Path(work_dir or Path(output).with_name(f".{Path(output).name}.work"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    images, captions = make_dataset(num_images, seed)
+    size = images.shape[1]
+
+    levels = 2 ** (len(config["decoder"]["channels"]) - 1)
+    encoder = Encoder(size, size, **config["encoder"])
+    decoder = Decoder(size // levels, size // levels, **{**config["decoder"], "scaling_factor": 1.0})
+    losses = dict(vae_loss=run_stage(work_dir, "vae", (encoder, decoder), lambda: fit(
+        VAETrainer(encoder, decoder, seed=seed), images, vae_epochs, vae_batch_size, vae_lr,
+        work_dir / "vae_backup", verbose=verbose)))
+
+    latents = encode_latents(encoder, images)
+    config["decoder"]["scaling_factor"] = scaling_factor = float(1.0 / latents.std())
+    sd = StableDiffusion(size, size, config=config)
+    sd.encoder.set_weights(encoder.get_weights())
+    sd.decoder.set_weights(decoder.get_weights())
+    losses["diffusion_loss"] = run_stage(work_dir, "diffusion", (sd.text_encoder, sd.diffusion_model), lambda: (
+        train_diffusion(sd, latents * scaling_factor, sd.tokenize(captions), epochs, batch_size, learning_rate,
+                        backup_dir=work_dir / "diffusion_backup", seed=seed, verbose=verbose)))
+    if decoder_images:
+        sd.encoder.trainable = False
+        losses["decoder_loss"] = run_stage(work_dir, "decoder", (sd.decoder,), lambda: fit(
+            VAETrainer(sd.encoder, sd.decoder, scaling_factor, seed=seed), images[:decoder_images], 1,
+            vae_batch_size, vae_lr / 2, work_dir / "decoder_backup", verbose=verbose))
+        sd.encoder.trainable = True
+    sd.save(output, overwrite=True)
+    return dict(losses, scaling_factor=scaling_factor, num_images=num_images)
+
+
+def load_folder(folder, img_height, img_width):
+    """Images and captions of a folder: `captions.jsonl` (`{"file_name", "text"}` per line, as
+    `data.write_folder` writes) or one `.txt` caption beside each image.
+
+    Returns:
+        uint8 images (N, img_height, img_width, 3) and N captions.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Training data folder {folder} does not exist.")
+    listing = folder / "captions.jsonl"
+    if listing.exists():
+        rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
+        pairs = [(folder / row["file_name"], row["text"]) for row in rows]
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        missing = [f.name for f in files if not f.with_suffix(".txt").exists()]
+        if missing:
+            raise ValueError(f"{folder} has no captions.jsonl and no .txt caption for {missing[:5]}.")
+        pairs = [(f, f.with_suffix(".txt").read_text().strip()) for f in files]
+    if not pairs:
+        raise ValueError(f"{folder} holds no captioned images ({', '.join(IMAGE_SUFFIXES)} with "
+                         f"captions.jsonl or .txt captions).")
+    images = []
+    for path, _ in pairs:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is listed in {listing} but missing.")
+        image = np.asarray(Image.open(path).convert("RGB"))
+        if image.shape[:2] != (img_height, img_width):
+            raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels; the model takes "
+                             f"{img_width}x{img_height} images.")
+        images.append(image)
+    return np.stack(images), [caption for _, caption in pairs]
+
+
+def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=1e-4, work_dir=None,
+              seed=0, verbose="auto"):
+    """Fine-tunes a checkpoint's UNet (text encoder and VAE frozen) on a folder and saves a bundle.
+
+    Returns:
+        dict with the final loss and the number of images.
+    """
+    sd = StableDiffusion.from_checkpoint(checkpoint)
+    images, captions = load_folder(data, sd.img_height, sd.img_width)
+    keras.utils.set_random_seed(seed)
+    scaling_factor = sd.config["decoder"].get("scaling_factor", 0.18215)
+    latents = encode_latents(sd.encoder, images, scaling_factor)
+    loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs, batch_size, learning_rate,
+                           train_text_encoder=False, backup_dir=work_dir, seed=seed, verbose=verbose)
+    sd.save(output, overwrite=True)
+    return dict(diffusion_loss=loss, num_images=len(images))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="bundle folder to write")
+    parser.add_argument("--checkpoint", help="fine-tune this checkpoint's UNet (with --data)")
+    parser.add_argument("--data", help="folder of images with captions.jsonl or .txt captions")
+    parser.add_argument("--num-images", type=int, default=8000, help="synthetic images (from scratch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-epochs", type=int, default=1)
+    parser.add_argument("--decoder-images", type=int, default=4000, help="images of the decoder fine-tuning")
+    parser.add_argument("--epochs", type=int, help="diffusion epochs (default: 8, fine-tuning 10)")
+    parser.add_argument("--batch-size", type=int, help="diffusion batch (default: 64, fine-tuning 16)")
+    parser.add_argument("--learning-rate", type=float, help="default: 2e-3, fine-tuning 1e-4")
+    parser.add_argument("--work-dir", help="checkpoints for resuming (default: beside --output)")
+    parser.add_argument("--verbose", default="auto", help="Keras fit verbosity: auto, 0, 1 or 2")
+    args = parser.parse_args(argv)
+    if bool(args.checkpoint) != bool(args.data):
+        parser.error("--checkpoint and --data go together (fine-tuning); give neither to train from scratch.")
+    verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    options = {key: value for key, value in dict(epochs=args.epochs, batch_size=args.batch_size,
+                                                  learning_rate=args.learning_rate).items() if value is not None}
+    if args.checkpoint:
+        result = fine_tune(args.checkpoint, args.data, args.output, work_dir=args.work_dir, seed=args.seed,
+                           verbose=verbose, **options)
+    else:
+        result = train_demo(args.output, args.num_images, args.seed, args.vae_epochs,
+                            decoder_images=args.decoder_images, work_dir=args.work_dir, verbose=verbose, **options)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
