@@ -63,14 +63,15 @@ def time_one_image(sd, caption, seed, repeats=3, **settings):
 
 
 def machine():
-    """One line: OS, CPU model, usable cores, Keras backend and versions."""
+    """One line: OS, CPU model, usable cores and their load, Keras backend and versions."""
     cpuinfo = Path("/proc/cpuinfo")
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
               if line.startswith("model name")] if cpuinfo.exists() else []
     cpu = models[0] if models else platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f" (load average {os.getloadavg()[0]:.1f} at the start)" if hasattr(os, "getloadavg") else ""
     backend = keras.backend.backend()
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {cores} CPU cores; Python "
+    return (f"{platform.system()} {platform.machine()}, {cpu}, {cores} CPU cores{load}; Python "
             f"{platform.python_version()}, Keras {keras.__version__} "
             f"({backend} {importlib.import_module(backend).__version__})")
 
@@ -115,6 +116,7 @@ def main(argv=None):
     args.batch_size = min(args.batch_size, args.num_images)
     settings = dict(num_steps=args.steps, unconditional_guidance_scale=args.guidance, scheduler=args.scheduler)
 
+    host = machine()  # before the run, so the load average is the other jobs'
     start = time.perf_counter()
     sd = StableDiffusion.from_checkpoint(args.checkpoint, jit_compile=args.xla)
     captions = prompts(args.num_images, args.seed)
@@ -132,7 +134,7 @@ def main(argv=None):
         f"- Settings: {sd.img_width}x{sd.img_height}, {args.steps} steps, guidance {args.guidance}, "
         f"{args.scheduler or sd.scheduler_name} sampler, prompts from `data.random_caption` with seed {args.seed}, image k "
         f"seeded with {args.seed} + k, batches of {args.batch_size}; size accuracy over the prompts naming one.",
-        f"- Machine: {machine()}",
+        f"- Machine: {host}",
         f"- One image: median of 3 warm single-image calls. XLA {'on' if args.xla else 'off'} (--xla; off is "
         f"the CLI's default), so load + first image {'includes' if args.xla else 'has no'} XLA compilation.",
         "",
