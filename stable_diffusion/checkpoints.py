@@ -28,8 +28,7 @@ KEY_SUFFIX = {"kernel": "weight", "gamma": "weight", "embeddings": "weight", "bi
 # diffusers' DDIMScheduler defaults, for keys a checkpoint's scheduler config leaves out.
 DIFFUSERS_DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                                beta_schedule="linear", steps_offset=0, set_alpha_to_one=True,
-                               prediction_type="epsilon", timestep_spacing="leading",
-                               clip_sample=True, clip_sample_range=1.0)
+                               prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILES = (".safetensors", ".ckpt")
 CKPT_METADATA = ("global_step", "epoch", "pytorch-lightning_version")

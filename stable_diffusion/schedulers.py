@@ -167,7 +167,7 @@ class EulerScheduler(Scheduler):
     `ancestral=True`, Euler ancestral: a step down to sigma_down plus fresh noise of std sigma_up."""
 
     def __init__(self, ancestral=False, **config):
-        super().__init__(**config)
+        super().__init__(**{"timestep_spacing": "linspace", **config})  # diffusers' default here
         self.ancestral = ancestral
 
     def make_timesteps(self, num_steps):
@@ -201,7 +201,7 @@ class DPMSolverScheduler(Scheduler):
     sigmas as Karras et al. (rho = 7) and rounds their timesteps."""
 
     def __init__(self, karras=False, **config):
-        super().__init__(**config)
+        super().__init__(**{"timestep_spacing": "linspace", **config})  # diffusers' default here
         self.karras = karras
 
     def make_timesteps(self, num_steps):

@@ -120,3 +120,19 @@ def test_bad_steps_or_strength(arguments, message):
 def test_unknown_scheduler():
     with pytest.raises(ValueError, match="'heun'.*"):
         schedulers.create("heun", {})
+
+
+@pytest.mark.parametrize("name, reference_class", [
+    ("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"), ("pndm", "PNDMScheduler")])
+def test_config_without_timestep_spacing_takes_each_diffusers_default(name, reference_class):
+    """The SD 1.5 hub config predates `timestep_spacing`: each diffusers class then uses its own default."""
+    import diffusers
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                  set_alpha_to_one=False, skip_prk_steps=True)
+    ours = schedulers.create(name, config)
+    ours.set_timesteps(20)
+    theirs = getattr(diffusers, reference_class).from_config(config)
+    theirs.set_timesteps(20)
+    np.testing.assert_allclose(np.asarray(ours.timesteps, dtype=float), theirs.timesteps.numpy(), atol=1e-4)
