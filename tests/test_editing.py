@@ -5,6 +5,8 @@ diffusers samples the VAE posterior with its generator; we encode to the posteri
 diffusers' `retrieve_latents` is patched to return the mean (`latent_dist.mode()`), and its
 `randn_tensor` to return our noise (tolerance: uint8 +-1).
 """
+import copy
+
 import keras
 import numpy as np
 import pytest
@@ -20,6 +22,12 @@ from stable_diffusion import StableDiffusion
 PROMPT, NEGATIVE = "a red circle", "green"
 SCHEDULERS = {"ddim": (DDIMScheduler, {}), "euler": (EulerDiscreteScheduler, {}),
               "dpmpp_2m_karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True))}
+
+
+def own_components(pipe):
+    """pipe's components with a copy of its scheduler: a diffusers pipeline's __init__ rewrites the
+    scheduler config in place (clip_sample=False), which would change the shared reference pipeline."""
+    return dict(pipe.components, scheduler=copy.deepcopy(pipe.scheduler))
 
 
 def picture(height=64, width=64):
@@ -54,7 +62,7 @@ def assert_close(got, expected, reference):
                                                        ("sd1", "dpmpp_2m_karras", 0.7), ("sd1", "euler", 0.5)])
 def test_image_to_image_equals_diffusers(kind, scheduler, strength, reference, ours, monkeypatch):
     pipe, folder = reference(kind)
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    img2img = StableDiffusionImg2ImgPipeline(**own_components(pipe), requires_safety_checker=False)
     reference_scheduler, keys = SCHEDULERS[scheduler]  # set after __init__, which would force clip_sample=False
     img2img.scheduler = reference_scheduler.from_pretrained(folder, subfolder="scheduler", **keys)
     noise = np.random.default_rng(8).standard_normal((1, 8, 8, 4), dtype=np.float32)
@@ -78,13 +86,13 @@ def inpainting_checkpoint(reference, tmp_path):
         if part.name != "unet":
             (target / part.name).symlink_to(part)
     unet.save_pretrained(target / "unet")
-    return dict(pipe.components, unet=unet.to(torch.float32)), target
+    return dict(own_components(pipe), unet=unet.to(torch.float32)), target
 
 
 @pytest.mark.parametrize("unet_channels, strength", [(4, 1.0), (4, 0.7), (9, 1.0), (9, 0.75)])
 def test_inpaint_equals_diffusers(unet_channels, strength, reference, ours, monkeypatch, tmp_path):
     if unet_channels == 4:
-        sd, components = ours("sd1"), reference("sd1")[0].components
+        sd, components = ours("sd1"), own_components(reference("sd1")[0])
     else:
         components, folder = inpainting_checkpoint(reference, tmp_path)
         sd = StableDiffusion.from_checkpoint(folder)
