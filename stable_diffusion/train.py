@@ -122,13 +122,16 @@ def optimizer(learning_rate, total_steps, ema_momentum=None):
 
 
 def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_momentum=None, verbose="auto",
-        jit_compile=False):
+        jit_compile=None):
     """Compiles and fits a trainer on x (arrays, shuffled each epoch); resumes from `backup_dir`.
 
     Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
     the EMA weights are copied into the trained variables at the end.
-    XLA is off by default: on CPU, compiling these small models takes minutes and saves little.
+    `jit_compile` default: on for JAX (which otherwise runs op by op), off for TensorFlow, where XLA
+    compiling these small models on CPU takes minutes and saves little.
     """
+    if jit_compile is None:
+        jit_compile = keras.backend.backend() == "jax"
     steps = epochs * -(-len(x[0] if isinstance(x, tuple) else x) // batch_size)
     trainer.compile(optimizer=optimizer(learning_rate, steps, ema_momentum), jit_compile=jit_compile)
     trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, as BackupAndRestore needs
