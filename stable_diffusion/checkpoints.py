@@ -9,6 +9,7 @@ tensor is used (or known-unused), and nothing is assigned before everything chec
 read one at a time (plain reads at the offsets of a safetensors header; a memory-mapped `torch.load`
 for `.ckpt`, whose file pages the OS can reclaim), so loading needs about the model's size in memory.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -165,6 +166,25 @@ def load_weights(models, tensors, unused_prefixes=()):
         raise ValueError(f"{tensors.source} does not fit the {names} model:\n  {listed}")
     for variable, key in plan:
         variable.assign(to_keras_layout(variable.name, tensors[key], variable.shape).astype(variable.dtype))
+
+
+@contextlib.contextmanager
+def zero_initialized():
+    """Variables created in this context start at zero instead of running their initializers, for
+    models whose weights are loaded next: random initialization is most of the time of building a
+    model (on JAX, one XLA compilation per variable shape). Keras' deferred initialization does it:
+    variables created in a StatelessScope wait for a value, here zeros."""
+    import keras
+    from keras.src.backend.common import global_state, variables
+
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        zeros = keras.initializers.Zeros()
+        for variable in global_state.get_global_attribute("uninitialized_variables") or []:
+            variable._initializer = zeros
+        variables.initialize_all_variables()
 
 
 @dataclass
