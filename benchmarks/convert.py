@@ -35,7 +35,8 @@ threading.Thread(target=sample, daemon=True).start()
 from stable_diffusion import StableDiffusion, checkpoints
 times = [time.perf_counter()]
 checkpoint = checkpoints.read(sys.argv[2])
-sd = StableDiffusion(checkpoint.img_height, checkpoint.img_width, False, checkpoint.config, checkpoint.tokenizer)
+sd = StableDiffusion(checkpoint.img_height, checkpoint.img_width, False, checkpoint.config, checkpoint.tokenizer,
+                     random_weights=False)  # as from_checkpoint
 times.append(time.perf_counter())
 checkpoint.load_into(sd)
 times.append(time.perf_counter())
@@ -131,7 +132,7 @@ def main():
              f"Random-weight SD 1.5 in the v1-5-pruned-emaonly layout ({len(shapes)} fp32 tensors, "
              f"{rows[0][1]:.2f} GiB), `python -m benchmarks.convert`, {time.strftime('%Y-%m-%d')}, 2 shared CPU "
              "cores (other jobs running: times are indicative), TensorFlow backend, each step in a fresh process. "
-             "build: constructing the Keras models (random init); weights: reading and assigning every tensor; "
+             "build: constructing the Keras models (weights zero-initialized, as from_checkpoint does); weights: reading and assigning every tensor; "
              "save: writing the bundle. Peak RSS is ru_maxrss; anon / file: peak resident anonymous memory and "
              "pages of memory-mapped files (the checkpoint; reclaimable), sampled every 50 ms.", "",
              "| step | build s | weights s | save s | peak RSS GiB (x file) | peak anon GiB | peak file-backed GiB |",
