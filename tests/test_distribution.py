@@ -1,6 +1,6 @@
 """Generating across devices with `keras.distribution.DataParallel` (JAX; how Keras runs on TPU pods
-and multi-GPU machines), here on 2 virtual CPU devices: a checkpoint loaded under DataParallel has replicated weights and
-makes the images of the single-device run."""
+and multi-GPU machines), here on 2 virtual CPU devices: a checkpoint loaded under DataParallel has
+replicated weights and makes the images of the single-device run."""
 import os
 import subprocess
 import sys
@@ -35,7 +35,7 @@ assert np.abs(single.astype(int) - multi).max() <= 1
 def test_data_parallel_equals_single_device(tmp_path):
     pytest.importorskip("jax")
     env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "bundle")], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent, timeout=900)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "bundle")], env=env,
+                            capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max difference" in result.stdout
