@@ -3,8 +3,9 @@ image-to-image with `--init-image PATH [--strength S]`, inpainting with `--init-
 
 Argument parsing and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
 negative prompt, seed, steps, guidance, sampler, size and model as PNG text chunks (read them with
-`PIL.Image.open(path).text`), so any image can be made again, alone: image i of a batch has seed + i. Bad arguments end the program with one
-line on stderr and exit status 2, before any file is written.
+`PIL.Image.open(path).text`), so any image can be made again, alone (to within one pixel level): image i
+of a batch has seed + i. Bad arguments end the program with one line on stderr and exit status 2, before
+any file is written.
 """
 import argparse
 import inspect

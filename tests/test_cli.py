@@ -83,7 +83,8 @@ def test_writes_pngs_with_metadata_reproducibly(demo, workdir, capsys):
     main(["a red circle", "-o", "shape-0.png", "--negative-prompt", "blue", "--steps", "2", "--guidance", "3",
           "--seed", "8", "--overwrite"])
     with Image.open(workdir / "shape-0.png") as image:
-        np.testing.assert_array_equal(np.asarray(image), first[1])
+        # batch sizes round differently (~1e-6 in float), as in test_pipeline
+        assert np.abs(np.asarray(image).astype(int) - first[1]).max() <= 1
 
 
 def test_refuses_to_overwrite(bundle, workdir, capsys):
