@@ -65,6 +65,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="denoising steps of the full pipeline")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype-policy", default=None, help="e.g. mixed_bfloat16 (ours only)")
+    parser.add_argument("--no-xla", action="store_true", help="ours as TensorFlow graphs (oneDNN kernels) "
+                        "instead of XLA")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -73,7 +75,8 @@ def main():
     pipe = make_pipeline("sd1", folder) if args.config == "tiny" else make_full_size_pipeline(args.config, folder)
     if args.dtype_policy:
         keras.mixed_precision.set_global_policy(args.dtype_policy)
-    sd = StableDiffusion.from_checkpoint(folder, img_height=args.size, img_width=args.size)
+    sd = StableDiffusion.from_checkpoint(folder, img_height=args.size, img_width=args.size,
+                                         jit_compile=not args.no_xla)
     latent = args.size // 8
     rng = np.random.default_rng(0)
     context_dim = sd.diffusion_model.inputs[2].shape[-1]
@@ -110,7 +113,8 @@ def main():
 def record(args, rows, peak_rss):
     backend = keras.backend.backend()
     lines = [f"\n### {args.config}, {args.size}x{args.size}, backend {backend}"
-             f"{', ' + args.dtype_policy if args.dtype_policy else ', float32'} — {datetime.date.today()}\n",
+             f"{', ' + args.dtype_policy if args.dtype_policy else ', float32'}{', XLA off' if args.no_xla else ''}"
+             f" — {datetime.date.today()}\n",
              f"Machine: {machine()}. Medians of {args.repeats} interleaved runs; ratio = ours / diffusers "
              f"(float32, torch CPU). Peak RSS of the process with both pipelines: {peak_rss:.2f} GB.\n",
              "| part | ours (s) | diffusers (s) | ratio | first call of ours (s) |",

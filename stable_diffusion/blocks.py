@@ -6,6 +6,10 @@ Layers carry the diffusers / transformers checkpoint key prefixes as names, with
 """
 from keras import layers, ops
 
+# Attention scores per image and head computed at once. Larger self-attention is done in query
+# chunks: at 512x512 the UNet's 4096 x 4096 self-attention would otherwise hold 2 GiB of scores at batch 2.
+MAX_ATTENTION_SCORES = 2**20
+
 
 def resnet_block(x, channels, groups, epsilon, name, t_emb=None):
     """ResnetBlock2D (DDPM): two GroupNorm-SiLU-conv3x3, the timestep embedding added in between."""
@@ -21,6 +25,21 @@ def resnet_block(x, channels, groups, epsilon, name, t_emb=None):
     return x + h
 
 
+class QueryChunkedAttention(layers.Layer):
+    """Attention of (B, T, heads, head_dim) queries in equal chunks, one after the other: `ops.map`
+    compiles to a loop, so only one chunk's scores exist at a time."""
+
+    def __init__(self, chunks, **kwargs):
+        super().__init__(**kwargs)
+        self.chunks = chunks
+
+    def call(self, q, k, v):
+        _, tokens, heads, head_dim = q.shape
+        q = ops.reshape(q, (-1, self.chunks, tokens // self.chunks, heads, head_dim))
+        out = ops.map(lambda chunk: ops.dot_product_attention(chunk, k, v), ops.moveaxis(q, 1, 0))
+        return ops.reshape(ops.moveaxis(out, 0, 1), (-1, tokens, heads, head_dim))
+
+
 def attention(x, context, heads, name, qkv_bias=False, causal=False,
               names=("to_q", "to_k", "to_v", "to_out-0")):
     """Multi-head attention of tokens x (B, T, C) to context (B, S, D); self-attention if context is None."""
@@ -28,8 +47,13 @@ def attention(x, context, heads, name, qkv_bias=False, causal=False,
     context = x if context is None else context
     q, k, v = (layers.Dense(channels, use_bias=qkv_bias, name=f"{name}-{key}")(source)
                for key, source in zip(names, (x, context, context)))
-    split_heads = layers.Reshape((-1, heads, channels // heads))  # (B, T, heads, head_dim)
-    out = ops.dot_product_attention(split_heads(q), split_heads(k), split_heads(v), is_causal=causal)
+    q, k, v = map(layers.Reshape((-1, heads, channels // heads)), (q, k, v))  # (B, T, heads, head_dim)
+    keys = None if causal else k.shape[1]  # None: the text context, of any length but short
+    tokens = q.shape[1]
+    chunks = 1 if not keys else next(n for n in range(1, tokens + 1)
+                                     if tokens % n == 0 and tokens // n * keys <= MAX_ATTENTION_SCORES)
+    out = (QueryChunkedAttention(chunks)(q, k, v) if chunks > 1
+           else ops.dot_product_attention(q, k, v, is_causal=causal))
     out = layers.Reshape((-1, channels))(out)
     return layers.Dense(channels, name=f"{name}-{names[3]}")(out)
 

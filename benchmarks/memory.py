@@ -1,0 +1,91 @@
+"""Peak memory of one full-size generation (ours only), for the ≤ 6 GB target at 512x512 in float32.
+
+    python -m benchmarks.memory [--checkpoint PATH] [--size 512] [--steps 2] [--no-xla]
+
+Loads a full-size checkpoint (default: the random-weight SD 1.5 bundle that `python -m
+benchmarks.convert` leaves in /tmp/sd-convert-bench) and makes one image with guidance (UNet batch 2),
+sampling the process' resident memory every 20 ms: after loading, and the peak while generating
+(text encoder, denoising steps, VAE decode). More steps repeat the same step, so 2 are enough for the
+peak. Appends a row to benchmarks/RESULTS.md.
+"""
+import argparse
+import datetime
+import resource
+import threading
+import time
+from pathlib import Path
+
+import keras
+
+from stable_diffusion import StableDiffusion
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Peak memory of one generation (full size, float32, CPU)"
+HEADER = ["| date | checkpoint | size | steps | XLA | backend | after load GiB | peak GiB | ru_maxrss GiB | seconds |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+class ResidentMemory:
+    """Samples this process' resident memory (VmRSS) in a thread; `peak` is the largest since `reset`."""
+
+    def __init__(self, interval=0.02):
+        self.peak = 0.0
+        self.interval = interval
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def now():
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 2**20
+
+    def reset(self):
+        self.peak = self.now()
+
+    def _sample(self):
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.interval)
+
+
+def record(row):
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    text = results.read_text()
+    if SECTION not in text:
+        text = text.rstrip("\n") + "\n\n" + "\n".join([SECTION, "", *HEADER]) + "\n"
+    before, after = text.split(SECTION, 1)
+    table_end = after.find("\n\n", after.find(HEADER[1]))
+    table_end = len(after) if table_end < 0 else table_end
+    results.write_text(before + SECTION + after[:table_end].rstrip("\n") + "\n" + row + after[table_end:]
+                       + ("" if after[table_end:] else "\n"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/sd-convert-bench/bundle-safetensors"))
+    parser.add_argument("--size", type=int, default=512, help="image height and width in pixels")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--no-xla", action="store_true", help="run eagerly instead of compiling with XLA")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    if not args.checkpoint.exists():
+        parser.error(f"{args.checkpoint} does not exist: run `python -m benchmarks.convert` first, or pass "
+                     "--checkpoint PATH (any full-size checkpoint).")
+    memory = ResidentMemory()
+    sd = StableDiffusion.from_checkpoint(args.checkpoint, args.size, args.size, jit_compile=not args.no_xla)
+    after_load = ResidentMemory.now()
+    memory.reset()
+    start = time.perf_counter()
+    sd.text_to_image("a photograph of an astronaut riding a horse", num_steps=args.steps, seed=0)
+    seconds = time.perf_counter() - start
+    peak = max(memory.peak, ResidentMemory.now())
+    row = (f"| {datetime.date.today()} | {args.checkpoint.name} | {args.size}x{args.size} | {args.steps} | "
+           f"{'off' if args.no_xla else 'on'} | {keras.backend.backend()} | {after_load:.2f} | {peak:.2f} | "
+           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} | {seconds:.0f} |")
+    print("\n".join(HEADER + [row]))
+    if not args.no_record:
+        record(row)
+
+
+if __name__ == "__main__":
+    main()
