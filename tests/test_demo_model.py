@@ -1,0 +1,19 @@
+"""The shipped demo model loads offline with no path and follows its prompts, read back from the pixels
+by the same classifier that checks the training data (`stable_diffusion.adherence`)."""
+import numpy as np
+
+from stable_diffusion import StableDiffusion
+from stable_diffusion.adherence import score
+from stable_diffusion.data import random_caption
+
+# Floors for 20 prompts at the defaults, under the 100-prompt figures of benchmarks/adherence.py for
+# the shipped model (colour 99%, shape 80%, background 100%, size 95%), leaving room for sampling noise.
+FLOORS = dict(color=0.85, shape=0.6, background=0.9, size=0.75)
+
+
+def test_shipped_demo_model_follows_prompts():
+    sd = StableDiffusion.from_checkpoint(jit_compile=False)  # weights/demo
+    rng = np.random.default_rng(1)  # other prompts and seeds than the benchmark's (seed 0)
+    captions = [random_caption(rng)[0] for _ in range(20)]
+    scores = score(sd.text_to_image(captions, seed=1, verbose=False), captions)
+    assert all(scores[name] >= floor for name, floor in FLOORS.items()), f"{scores} vs floors {FLOORS}"
