@@ -89,13 +89,16 @@ def table(scores, seconds, load_seconds, is_demo):
 
 
 def append_results(path, heading, entry):
-    """Appends `entry` to the markdown file `path`, under `heading` unless its last section is that."""
-    text = path.read_text() if path.exists() else ""
-    headings = [line for line in text.splitlines() if line.startswith("## ")]
-    blocks = ([] if text.strip() else ["# Benchmarks"]) + ([] if headings[-1:] == [heading] else [heading])
-    separator = "" if not text or text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
-    with open(path, "a") as file:
-        file.write(separator + "\n\n".join([*blocks, entry]) + "\n")
+    """Adds `entry` at the end of the section `heading` of the markdown file `path`, which it starts
+    at the end of the file if there is none."""
+    lines = path.read_text().rstrip("\n").splitlines() if path.exists() else ["# Benchmarks"]
+    if heading not in lines:
+        lines += ["", heading]
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    before = "\n".join(lines[:end]).rstrip("\n")
+    after = "\n".join(lines[end:])
+    path.write_text(before + "\n\n" + entry.strip("\n") + "\n" + ("\n" + after + "\n" if after else ""))
 
 
 def main(argv=None):

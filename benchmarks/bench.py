@@ -27,6 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import keras  # noqa: E402  (after the path set-up)
 from reference import make_full_size_pipeline, make_pipeline, nchw  # noqa: E402
+from benchmarks.adherence import append_results  # noqa: E402
 from stable_diffusion import StableDiffusion  # noqa: E402
 
 
@@ -121,11 +122,8 @@ def record(args, rows, peak_rss):
              "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['ours']:.3f} | {r['theirs']:.3f} | {r['ratio']:.2f} | {r['first_call']:.1f} |"
               for r in rows]
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    if not results.exists():
-        results.write_text("# Benchmark results\n")
-    with results.open("a") as f:
-        f.write("\n".join(lines) + "\n")
+    append_results(ROOT / "benchmarks" / "RESULTS.md", "## Speed against diffusers (`benchmarks/bench.py`)",
+                   "\n".join(lines))
 
 
 if __name__ == "__main__":
