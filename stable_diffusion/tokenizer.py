@@ -48,6 +48,15 @@ def byte_characters():
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(n_others)]
 
 
+class CLIPBytePairTokenizer(keras_hub.models.CLIPTokenizer):
+    """keras-hub's CLIPTokenizer, also without TensorFlow: keras-hub 0.32 reads `self.vocabulary`,
+    which only its TensorFlow path sets, when it builds the `tokenizers` pipeline."""
+
+    def _set_vocabulary_and_merges_tokenizers(self, vocabulary, merges):
+        self.vocabulary, self.merges = dict(vocabulary), list(merges)
+        super()._set_vocabulary_and_merges_tokenizers(vocabulary, merges)
+
+
 def pad_id(vocabulary, pad_token, source):
     """Id of `pad_token`, or a ValueError naming the token and where it came from."""
     if pad_token not in vocabulary:
@@ -75,7 +84,7 @@ class Tokenizer:
         self.merges = [merge for merge in merges if merge and not merge.startswith("#version")]
         self.pad_token_id = pad_token_id
         self.sequence_length = sequence_length
-        self.bpe = keras_hub.models.CLIPTokenizer(self.vocabulary, self.merges)
+        self.bpe = CLIPBytePairTokenizer(self.vocabulary, self.merges)
         self.pad_token = self.bpe.id_to_token(pad_token_id)
         self.packer = keras_hub.layers.StartEndPacker(
             sequence_length,

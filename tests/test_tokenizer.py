@@ -258,14 +258,27 @@ def test_unknown_pad_token(tokenizer, tmp_path):
         Tokenizer(tokenizer.vocabulary, tokenizer.merges, pad_token_id=123456)
 
 
-def test_torch_backend(tokenizer):
-    """The same ids, as NumPy, when Keras runs on the torch backend."""
-    prompts = ["a cat 🐱", "wow!!"]
-    script = f"from stable_diffusion.tokenizer import Tokenizer; ids = Tokenizer.from_vendored()({prompts!r})\n"
-    script += "print(type(ids).__name__, ids.dtype, ids.tolist())"
-    env = {**os.environ, "KERAS_BACKEND": "torch"}
+BLOCK_TENSORFLOW = """import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_text"):
+            raise ImportError(name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.parametrize("backend, prelude", [("torch", ""), ("jax", BLOCK_TENSORFLOW)],
+                         ids=["torch", "jax_without_tensorflow"])
+def test_other_backends(tokenizer, backend, prelude):
+    """The same ids, as NumPy, when Keras runs on torch or JAX, also where TensorFlow is not installed
+    (keras-hub then takes its `tokenizers` path only)."""
+    prompts = ["a cat 🐱", "wow!!", "A photo of an astronaut, riding a horse on Mars"]
+    script = prelude + f"from stable_diffusion.tokenizer import Tokenizer; ids = Tokenizer.from_vendored()({prompts!r})\n"
+    script += "print(type(ids).__name__, ids.dtype, ids.tolist(), 'tensorflow' in sys.modules)"
+    env = {**os.environ, "KERAS_BACKEND": backend}
     root = Path(__file__).parent.parent
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + script], env=env, cwd=root,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     expected = tokenizer(prompts).tolist()
-    assert result.stdout.strip().splitlines()[-1] == f"ndarray int32 {expected}"
+    assert result.stdout.strip().splitlines()[-1] == f"ndarray int32 {expected} {not prelude}"
