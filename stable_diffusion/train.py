@@ -178,8 +178,9 @@ def run_stage(work_dir, name, models, train):
     return loss
 
 
-def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_images=4000, batch_size=64,
-               vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, work_dir=None, config=None, verbose="auto"):
+def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_images=4000, decoder_epochs=1,
+               batch_size=64, vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, work_dir=None, config=None,
+               verbose="auto"):
     """Trains a small Stable Diffusion from scratch on `make_dataset(num_images, seed)` and saves it.
 
     Stage 1 trains the VAE, stage 2 the UNet and text encoder on its latents, stage 3 fine-tunes the
@@ -190,7 +191,7 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_
         output: the bundle folder to write (`StableDiffusion.save`).
         num_images, seed: the synthetic dataset (64x64).
         vae_epochs, epochs: epochs of stage 1 (VAE) and stage 2 (UNet + text encoder).
-        decoder_images: images of the one epoch of stage 3; 0 skips it.
+        decoder_images, decoder_epochs: images and epochs of stage 3; 0 images skips it.
         batch_size, vae_batch_size: images per step of stage 2 and of stages 1 and 3.
         vae_lr, learning_rate: peak learning rates of the VAE stages and of stage 2.
         work_dir: where stage checkpoints go; a rerun with the same folder resumes.
@@ -223,7 +224,7 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_
     if decoder_images:
         sd.encoder.trainable = False
         losses["decoder_loss"] = run_stage(work_dir, "decoder", (sd.decoder,), lambda: fit(
-            VAETrainer(sd.encoder, sd.decoder, scaling_factor, seed=seed), images[:decoder_images], 1,
+            VAETrainer(sd.encoder, sd.decoder, scaling_factor, seed=seed), images[:decoder_images], decoder_epochs,
             vae_batch_size, vae_lr / 2, work_dir / "decoder_backup", verbose=verbose))
         sd.encoder.trainable = True
     sd.save(output, overwrite=True)
@@ -292,6 +293,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-epochs", type=int, default=1)
     parser.add_argument("--decoder-images", type=int, default=4000, help="images of the decoder fine-tuning")
+    parser.add_argument("--decoder-epochs", type=int, default=1, help="epochs of the decoder fine-tuning")
     parser.add_argument("--epochs", type=int, help="diffusion epochs (default: 8, fine-tuning 10)")
     parser.add_argument("--batch-size", type=int, help="diffusion batch (default: 64, fine-tuning 16)")
     parser.add_argument("--learning-rate", type=float, help="default: 2e-3, fine-tuning 1e-4")
@@ -308,7 +310,8 @@ def main(argv=None):
                            verbose=verbose, **options)
     else:
         result = train_demo(args.output, args.num_images, args.seed, args.vae_epochs,
-                            decoder_images=args.decoder_images, work_dir=args.work_dir, verbose=verbose, **options)
+                            decoder_images=args.decoder_images, decoder_epochs=args.decoder_epochs,
+                            work_dir=args.work_dir, verbose=verbose, **options)
     print(json.dumps(result))
 
 
