@@ -21,12 +21,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from benchmarks.results import RESULTS, append_entry
 from stable_diffusion import StableDiffusion
 from stable_diffusion.adherence import score
 from stable_diffusion.data import random_caption
 from stable_diffusion.schedulers import SCHEDULERS
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 # The issue's targets for the shipped demo model at its default settings.
 TARGETS = dict(color=0.95, shape=0.85, background=0.95, size=0.85)
 COLUMNS = ("color", "shape", "background", "size", "all")
@@ -88,19 +88,6 @@ def table(scores, seconds, load_seconds, is_demo):
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def append_results(path, heading, entry):
-    """Adds `entry` at the end of the section `heading` of the markdown file `path`, which it starts
-    at the end of the file if there is none."""
-    lines = path.read_text().rstrip("\n").splitlines() if path.exists() else ["# Benchmarks"]
-    if heading not in lines:
-        lines += ["", heading]
-    start = lines.index(heading)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    before = "\n".join(lines[:end]).rstrip("\n")
-    after = "\n".join(lines[end:])
-    path.write_text(before + "\n\n" + entry.strip("\n") + "\n" + ("\n" + after + "\n" if after else ""))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,8 +131,8 @@ def main(argv=None):
         table(scores, seconds, load_seconds, args.checkpoint is None),
     ])
     print(entry)
-    append_results(args.results, f"## Prompt adherence ({'demo model' if args.checkpoint is None else model})",
-                   entry)
+    append_entry(f"## Prompt adherence ({'demo model' if args.checkpoint is None else model})", entry,
+                 args.results)
     print(f"Appended to {args.results}")
 
 

@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import keras  # noqa: E402  (after the path set-up)
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from reference import make_full_size_pipeline, make_pipeline, nchw  # noqa: E402
-from benchmarks.adherence import append_results  # noqa: E402
+from benchmarks.results import append_entry  # noqa: E402
 from stable_diffusion import StableDiffusion  # noqa: E402
 
 
@@ -180,8 +180,7 @@ def record(args, rows, memory):
              "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['ours']:.3f} | {r['theirs']:.3f} | {r['ratio']:.2f} | {r['first_call']:.1f} |"
               for r in rows]
-    append_results(ROOT / "benchmarks" / "RESULTS.md", "## Speed against diffusers (`benchmarks/bench.py`)",
-                   "\n".join(lines))
+    append_entry("## Speed against diffusers (`benchmarks/bench.py`)", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Checkpoint conversion (full-size SD 1.5, original layout)"
 MEASURE = """
@@ -148,13 +150,7 @@ def main():
     lines += ["", f"Weights from the bundle: {rows[0][3]['weights'] / reload['weights']:.1f}x faster than from the "
               f".safetensors, {rows[1][3]['weights'] / reload['weights']:.1f}x than from the .ckpt; whole "
               f"from_checkpoint (model construction included): {rows[0][3]['seconds'] / reload['seconds']:.1f}x.", ""]
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    if SECTION in text:  # replace our section, keep the others
-        before, after = text.split(SECTION, 1)
-        rest = after.split("\n## ", 1)
-        text = before + ("## " + rest[1] if len(rest) > 1 else "")
-    results.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
+    replace_section(SECTION, "\n".join(lines[1:]))
     print("\n".join(lines))
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import keras
 
+from benchmarks.results import append_table_row
 from stable_diffusion import StableDiffusion
 
-ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Peak memory of one generation (full size, float32, CPU)"
 HEADER = ["| date | checkpoint | size | steps | XLA | backend | after load GiB | peak GiB | ru_maxrss GiB | seconds |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -48,18 +48,6 @@ class ResidentMemory:
             time.sleep(self.interval)
 
 
-def record(row):
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    text = results.read_text()
-    if SECTION not in text:
-        text = text.rstrip("\n") + "\n\n" + "\n".join([SECTION, "", *HEADER]) + "\n"
-    before, after = text.split(SECTION, 1)
-    table_end = after.find("\n\n", after.find(HEADER[1]))
-    table_end = len(after) if table_end < 0 else table_end
-    results.write_text(before + SECTION + after[:table_end].rstrip("\n") + "\n" + row + after[table_end:]
-                       + ("" if after[table_end:] else "\n"))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/sd-convert-bench/bundle-safetensors"))
@@ -84,7 +72,7 @@ def main():
            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} | {seconds:.0f} |")
     print("\n".join(HEADER + [row]))
     if not args.no_record:
-        record(row)
+        append_table_row(SECTION, HEADER, row)
 
 
 if __name__ == "__main__":
