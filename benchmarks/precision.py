@@ -1,0 +1,70 @@
+"""Mixed precision against float32: PSNR of the same images (same prompts, seeds and noise).
+
+    python -m benchmarks.precision                                   # the demo model, 64x64
+    python -m benchmarks.precision --checkpoint /tmp/sd-convert-bench/bundle-safetensors --size 256
+
+Generates `--num-images` images in float32, then under each mixed policy, and appends the PSNR of
+each policy's images against the float32 ones (mean over images, and the worst) to
+benchmarks/RESULTS.md. The default full-size checkpoint is the random-weight SD 1.5 bundle that
+`python -m benchmarks.convert` writes.
+"""
+import argparse
+import datetime
+import time
+
+import keras
+import numpy as np
+
+from benchmarks.results import append_table_row
+from stable_diffusion import StableDiffusion
+
+SECTION = "## Mixed precision against float32 (`benchmarks/precision.py`)"
+HEADER = ["| date | checkpoint | size | steps | images | policy | backend | PSNR mean dB | PSNR worst dB | s/image |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+PROMPTS = ["a large red circle on a white background", "a small blue square on a black background",
+           "a green triangle on a gray background", "a photograph of an astronaut riding a horse"]
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype("float64") - b) ** 2)
+    return 10 * np.log10(255**2 / max(mse, 1e-10))
+
+
+def generate(checkpoint, size, steps, num_images, policy):
+    """Images (N, H, W, 3) uint8 and seconds per image (after a warm-up image) under `policy`."""
+    sd = StableDiffusion.from_checkpoint(checkpoint, size, size, dtype_policy=policy)
+    settings = dict(num_steps=steps, verbose=False)
+    sd.text_to_image(PROMPTS[0], seed=0, **settings)  # compiles
+    start = time.perf_counter()
+    images = np.concatenate([sd.text_to_image(PROMPTS[i % len(PROMPTS)], seed=i, **settings)
+                             for i in range(num_images)])
+    return images, (time.perf_counter() - start) / num_images
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="default: the built-in demo model")
+    parser.add_argument("--size", type=int, help="image height and width (default: the model's)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--num-images", type=int, default=8)
+    parser.add_argument("--policies", nargs="+", default=["mixed_bfloat16", "mixed_float16"])
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    reference, seconds = generate(args.checkpoint, args.size, args.steps, args.num_images, None)
+    size = f"{reference.shape[2]}x{reference.shape[1]}"
+    name = args.checkpoint.rstrip("/").split("/")[-1] if args.checkpoint else "demo model"
+    rows = [("float32", "reference", "reference", seconds)]
+    for policy in args.policies:
+        images, seconds = generate(args.checkpoint, args.size, args.steps, args.num_images, policy)
+        scores = [psnr(image, expected) for image, expected in zip(images, reference)]
+        rows.append((policy, f"{np.mean(scores):.1f}", f"{min(scores):.1f}", seconds))
+    for policy, mean, worst, seconds in rows:
+        row = (f"| {datetime.date.today()} | {name} | {size} | {args.steps} | {args.num_images} | "
+               f"{policy} | {keras.backend.backend()} | {mean} | {worst} | {seconds:.2f} |")
+        print(row, flush=True)
+        if not args.no_record:
+            append_table_row(SECTION, HEADER, row)
+
+
+if __name__ == "__main__":
+    main()
