@@ -4,8 +4,10 @@
     python -m benchmarks.precision --checkpoint /tmp/sd-convert-bench/bundle-safetensors --size 256
 
 Generates `--num-images` images in float32, then under each mixed policy, and appends the PSNR of
-each policy's images against the float32 ones (mean over images, and the worst) to
-benchmarks/RESULTS.md. The default full-size checkpoint is the random-weight SD 1.5 bundle that
+each policy's images against the float32 ones (mean over images, and the worst) and the relative
+error of the final latents (|z - z32| / |z32|, mean over images) to benchmarks/RESULTS.md. The
+latents matter where images do not tell: random full-size weights decode to a nearly flat gray.
+The default full-size checkpoint is the random-weight SD 1.5 bundle that
 `python -m benchmarks.convert` writes.
 """
 import argparse
@@ -19,8 +21,8 @@ from benchmarks.results import append_table_row
 from stable_diffusion import StableDiffusion
 
 SECTION = "## Mixed precision against float32 (`benchmarks/precision.py`)"
-HEADER = ["| date | checkpoint | size | steps | images | policy | backend | PSNR mean dB | PSNR worst dB | s/image |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+HEADER = ["| date | checkpoint | size | steps | images | policy | backend | PSNR mean dB | PSNR worst dB "
+          "| latents rel. error | image std | s/image |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 PROMPTS = ["a large red circle on a white background", "a small blue square on a black background",
            "a green triangle on a gray background", "a photograph of an astronaut riding a horse"]
 
@@ -31,14 +33,16 @@ def psnr(a, b):
 
 
 def generate(checkpoint, size, steps, num_images, policy):
-    """Images (N, H, W, 3) uint8 and seconds per image (after a warm-up image) under `policy`."""
+    """Images (N, H, W, 3) uint8, their final latents and seconds per image (after a warm-up image)
+    under `policy`."""
     sd = StableDiffusion.from_checkpoint(checkpoint, size, size, dtype_policy=policy)
-    settings = dict(num_steps=steps, verbose=False)
-    sd.text_to_image(PROMPTS[0], seed=0, **settings)  # compiles
+    settings = dict(num_steps=steps, verbose=False, return_latents=True)
+    sd.decode(sd.text_to_image(PROMPTS[0], seed=0, **settings))  # compiles
     start = time.perf_counter()
-    images = np.concatenate([sd.text_to_image(PROMPTS[i % len(PROMPTS)], seed=i, **settings)
-                             for i in range(num_images)])
-    return images, (time.perf_counter() - start) / num_images
+    latents = np.concatenate([sd.text_to_image(PROMPTS[i % len(PROMPTS)], seed=i, **settings)
+                              for i in range(num_images)]).astype("float32")
+    images = sd.decode(latents)
+    return images, latents, (time.perf_counter() - start) / num_images
 
 
 def main():
@@ -50,17 +54,20 @@ def main():
     parser.add_argument("--policies", nargs="+", default=["mixed_bfloat16", "mixed_float16"])
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
-    reference, seconds = generate(args.checkpoint, args.size, args.steps, args.num_images, None)
+    reference, reference_latents, seconds = generate(args.checkpoint, args.size, args.steps, args.num_images, None)
     size = f"{reference.shape[2]}x{reference.shape[1]}"
     name = args.checkpoint.rstrip("/").split("/")[-1] if args.checkpoint else "demo model"
-    rows = [("float32", "reference", "reference", seconds)]
+    rows = [("float32", "reference", "reference", "reference", reference.std(), seconds)]
     for policy in args.policies:
-        images, seconds = generate(args.checkpoint, args.size, args.steps, args.num_images, policy)
+        images, latents, seconds = generate(args.checkpoint, args.size, args.steps, args.num_images, policy)
         scores = [psnr(image, expected) for image, expected in zip(images, reference)]
-        rows.append((policy, f"{np.mean(scores):.1f}", f"{min(scores):.1f}", seconds))
-    for policy, mean, worst, seconds in rows:
+        errors = [np.linalg.norm(z - z32) / np.linalg.norm(z32) for z, z32 in zip(latents, reference_latents)]
+        rows.append((policy, f"{np.mean(scores):.1f}", f"{min(scores):.1f}", f"{np.mean(errors):.1e}", images.std(),
+                     seconds))
+    for policy, mean, worst, error, image_std, seconds in rows:
         row = (f"| {datetime.date.today()} | {name} | {size} | {args.steps} | {args.num_images} | "
-               f"{policy} | {keras.backend.backend()} | {mean} | {worst} | {seconds:.2f} |")
+               f"{policy} | {keras.backend.backend()} | {mean} | {worst} | {error} | {image_std:.1f} | "
+               f"{seconds:.2f} |")
         print(row, flush=True)
         if not args.no_record:
             append_table_row(SECTION, HEADER, row)
