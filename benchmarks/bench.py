@@ -125,7 +125,7 @@ def main():
                                          jit_compile=not args.no_xla, dtype_policy=args.dtype_policy)
 
     def to_torch(array, dtype=None):
-        return torch.from_numpy(array).to(args.device, dtype or getattr(torch, args.reference_dtype))
+        return torch.as_tensor(array).to(args.device, dtype or getattr(torch, args.reference_dtype))
 
     def synchronized(fn):
         return (lambda: (fn(), torch.cuda.synchronize())) if args.device == "cuda" else fn
@@ -138,7 +138,7 @@ def main():
         latents = rng.standard_normal((batch, latent, latent, 4), dtype=np.float32)
         context = rng.standard_normal((batch, 77, context_dim), dtype=np.float32)
         steps = np.full((batch,), 500.0, dtype=np.float32)
-        torch_args = (to_torch(nchw(latents).numpy()), to_torch(steps), to_torch(context))
+        torch_args = (to_torch(nchw(latents)), to_torch(steps), to_torch(context))
         with torch.no_grad():
             rows.append(compare(f"UNet step, batch {batch}",
                                 lambda: sd.diffusion_model.predict_on_batch([latents, steps, context]),
@@ -149,14 +149,14 @@ def main():
         rows.append(compare("text encoder, batch 2", lambda: sd.text_encoder.predict_on_batch(ids),
                             synchronized(lambda: pipe.text_encoder(to_torch(ids, torch.long))), args.repeats))
         rows.append(compare("VAE decode, batch 1", lambda: sd.decoder.predict_on_batch(latents),
-                            synchronized(lambda: pipe.vae.decode(to_torch(nchw(latents).numpy()) / 0.18215)),
+                            synchronized(lambda: pipe.vae.decode(to_torch(nchw(latents)) / 0.18215)),
                             args.repeats))
     pipe.set_progress_bar_config(disable=True)
     rows.append(compare(
         f"text_to_image, {args.steps} steps",
         lambda: sd.text_to_image("an astronaut", num_steps=args.steps, diffusion_noise=latents, verbose=False),
         lambda: pipe("an astronaut", num_inference_steps=args.steps, height=args.size, width=args.size,
-                     latents=to_torch(nchw(latents).numpy()), output_type="np"),
+                     latents=to_torch(nchw(latents)), output_type="np"),
         max(1, args.repeats - 1)))
     print(f"images per second, text_to_image batch 1: ours {1 / rows[-1]['ours']:.2f}, "
           f"diffusers {1 / rows[-1]['theirs']:.2f}")
