@@ -143,17 +143,23 @@ class Tensors(Mapping):
         return len(self._readers)
 
 
-def load_weights(models, tensors, unused_prefixes=()):
-    """Assigns every variable of `models` from `tensors`, strictly; raises ValueError listing problems."""
+def variable_key(layer, variable):
+    """The checkpoint key of a Keras variable, e.g. `down_blocks.0.resnets.0.conv1.weight`."""
+    return f"{layer.name.replace('-', '.')}.{KEY_SUFFIX[variable.name]}"
+
+
+def load_weights(models, tensors, unused_prefixes=(), layout=to_keras_layout):
+    """Sets every variable of `models` from `tensors`, strictly; raises ValueError listing problems.
+    `layout(variable name, tensor, variable shape)` brings a tensor into the variable's layout."""
     plan, problems, used = [], [], set()
     for layer in (layer for model in models for layer in model.layers):
         for variable in layer.weights:
-            key = f"{layer.name.replace('-', '.')}.{KEY_SUFFIX[variable.name]}"
+            key = variable_key(layer, variable)
             if key not in tensors:
                 problems.append(f"missing tensor {key} for {variable.path} {tuple(variable.shape)}")
                 continue
             zeros = np.broadcast_to(np.float32(0), tensors.shapes[key])  # shape check without reading
-            shape = to_keras_layout(variable.name, zeros, variable.shape).shape
+            shape = layout(variable.name, zeros, variable.shape).shape
             if shape != tuple(variable.shape):
                 problems.append(f"{key} has shape {tensors.shapes[key]}, {variable.path} needs {tuple(variable.shape)}")
             plan.append((variable, key))
@@ -165,26 +171,34 @@ def load_weights(models, tensors, unused_prefixes=()):
         names = " + ".join(model.name for model in models)
         raise ValueError(f"{tensors.source} does not fit the {names} model:\n  {listed}")
     for variable, key in plan:
-        variable.assign(to_keras_layout(variable.name, tensors[key], variable.shape).astype(variable.dtype))
+        set_variable(variable, layout(variable.name, tensors[key], variable.shape))
+
+
+def set_variable(variable, value):
+    """Assigns `value`; a variable still waiting for its first value (see `created_from`) is created
+    from it instead, without initializing it first."""
+    if variable._value is None:
+        variable._initialize(variable._convert_to_tensor(value, dtype=variable.dtype))
+    else:
+        variable.assign(value)
 
 
 @contextlib.contextmanager
-def zero_initialized():
-    """Variables created in this context start at zero instead of running their initializers, for
-    models whose weights are loaded next: random initialization is most of the time of building a
-    model (on JAX, one XLA compilation per variable shape). Keras' deferred initialization does it:
-    variables created in a StatelessScope wait for a value, here zeros."""
+def created_from(checkpoint, sd):
+    """For `StableDiffusion.__init__`: the models built in this block take their weights from
+    `checkpoint` when it ends. Inside, Keras' deferred initialization (a StatelessScope) leaves each
+    variable without a value; loading then creates it from its tensor. Random initialization would
+    be most of the time of building a full-size model, and zeros then an assignment a second copy."""
     import keras
-    from keras.src.backend.common import global_state, variables
+    from keras.src.backend.common import global_state
 
+    waiting = list(global_state.get_global_attribute("uninitialized_variables") or [])
     try:
         with keras.StatelessScope(initialize_variables=False):
             yield
-    finally:
-        zeros = keras.initializers.Zeros()
-        for variable in global_state.get_global_attribute("uninitialized_variables") or []:
-            variable._initializer = zeros
-        variables.initialize_all_variables()
+        checkpoint.load_into(sd)
+    finally:  # Keras would initialize the variables it lists as waiting when a later scope closes
+        global_state.set_global_attribute("uninitialized_variables", waiting)
 
 
 @dataclass
@@ -375,11 +389,42 @@ def read_bundle(folder):
             raise FileNotFoundError(f"Missing {file}: the bundle is incomplete.")
 
     def loader(names):
-        return lambda models: [model.load_weights(files[name]) for model, name in zip(models, names)]
+        return lambda models: load_keras_weights(models, [files[name] for name in names])
 
     parts = {names: loader(names) for names in (("text_encoder",), ("diffusion_model",), ("encoder", "decoder"))}
     return Checkpoint(config, Tokenizer.from_folder(folder / "tokenizer"), config.pop("img_height"),
                       config.pop("img_width"), parts)
+
+
+def load_keras_weights(models, paths):
+    """Sets `models` from their Keras `.weights.h5` files, as `model.load_weights` would but strictly and
+    creating variables that wait for a value. Keras files a functional model's layers under their class
+    names, numbered in `model.layers` order (`layers/conv2d_3/vars/0`); datasets left over keep their path
+    as key and are reported as unexpected, but for the state of a compiled model's optimizer."""
+    import h5py
+    from keras.src.utils.naming import to_snake_case
+
+    datasets = {}
+    with contextlib.ExitStack() as stack:
+        for model, path in zip(models, paths):
+            try:
+                file = stack.enter_context(h5py.File(path, "r"))
+            except OSError as error:
+                raise ValueError(f"{path} is not a readable Keras weights file: {error}") from error
+            in_file = {}
+            file.visititems(lambda name, item: in_file.update({name: item}) if isinstance(item, h5py.Dataset) else None)
+            numbered = {}
+            for layer in model.layers:
+                name = to_snake_case(type(layer).__name__)
+                numbered[name] = numbered.get(name, -1) + 1
+                group = f"layers/{name}_{numbered[name]}" if numbered[name] else f"layers/{name}"
+                for index, variable in enumerate(layer.weights):
+                    if f"{group}/vars/{index}" in in_file:
+                        datasets[variable_key(layer, variable)] = in_file.pop(f"{group}/vars/{index}")
+            datasets.update(in_file)
+        tensors = Tensors({key: (lambda dataset=dataset: dataset[()]) for key, dataset in datasets.items()},
+                          {key: dataset.shape for key, dataset in datasets.items()}, ", ".join(map(str, paths)))
+        load_weights(models, tensors, ("optimizer/",), layout=lambda name, tensor, shape: tensor)
 
 
 def text_encoder_config(c):

@@ -38,12 +38,12 @@ class StableDiffusion(ImageEditing):
         scheduler: the default sampler, one of `schedulers.SCHEDULERS` ("ddim", "euler", "euler_a",
             "dpmpp_2m", "dpmpp_2m_karras", "pndm"), built from `config["scheduler"]`.
         dtype_policy: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
-        random_weights: False starts every weight at zero, which builds faster, for loading weights
-            into (as `from_checkpoint` does).
+        weights: a `checkpoints.Checkpoint` (from `checkpoints.read`) to create the weights from, as
+            `from_checkpoint` does; default: random initialization.
     """
 
     def __init__(self, img_height=512, img_width=512, jit_compile=True, config=None, tokenizer=None,
-                 scheduler="ddim", dtype_policy=None, random_weights=True):
+                 scheduler="ddim", dtype_policy=None, weights=None):
         config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
@@ -56,7 +56,7 @@ class StableDiffusion(ImageEditing):
         global_policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(dtype_policy or global_policy)  # layers take it when created
         try:
-            with contextlib.nullcontext() if random_weights else checkpoints.zero_initialized():
+            with checkpoints.created_from(weights, self) if weights else contextlib.nullcontext():
                 self.text_encoder = TextEncoder(**config["text_encoder"])
                 self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"])
                 self.decoder = Decoder(**latent_size, **config["decoder"])
@@ -83,11 +83,9 @@ class StableDiffusion(ImageEditing):
             vae, prediction_type, use_ema, config: see `checkpoints.read`.
         """
         checkpoint = checkpoints.read(path, vae, prediction_type, use_ema, config)
-        sd = cls(checkpoint.img_height if img_height is None else img_height,
-                 checkpoint.img_width if img_width is None else img_width, jit_compile,
-                 checkpoint.config, checkpoint.tokenizer, scheduler, dtype_policy, random_weights=False)
-        checkpoint.load_into(sd)
-        return sd
+        return cls(checkpoint.img_height if img_height is None else img_height,
+                   checkpoint.img_width if img_width is None else img_width, jit_compile,
+                   checkpoint.config, checkpoint.tokenizer, scheduler, dtype_policy, weights=checkpoint)
 
     @classmethod
     def from_preset(cls, name, img_height=None, img_width=None, jit_compile=True):

@@ -228,6 +228,34 @@ def test_bundle_reloads_bit_exact(bench, tmp_path):
                                   original.text_to_image("a cat", num_steps=2, seed=1, verbose=False))
 
 
+def test_bundle_puts_every_variable_in_its_place(bench, tmp_path):
+    """Bundles are read by layer order and class, as Keras files them: with every variable random,
+    same-shape neighbours (a norm's scale and offset) included, each comes back in its place, and
+    the files still load with Keras' own `load_weights`."""
+    sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    rng = np.random.default_rng(0)
+    for name in MODELS:
+        for variable in getattr(sd, name).weights:
+            variable.assign(rng.standard_normal(variable.shape).astype("float32"))
+    sd.save(tmp_path / "bundle")
+    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
+    again = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    for name in MODELS:
+        getattr(again, name).load_weights(tmp_path / "bundle" / f"{name}.weights.h5")
+    assert_same_weights(again, sd)
+
+
+def test_bundle_with_a_foreign_weights_file_is_refused(bench, tmp_path):
+    bench.load("sd1", bench.file("sd1", ".safetensors")).save(tmp_path / "bundle")
+    weights = tmp_path / "bundle" / "decoder.weights.h5"
+    weights.write_bytes((tmp_path / "bundle" / "encoder.weights.h5").read_bytes())
+    with pytest.raises(ValueError, match="does not fit the encoder \\+ decoder model"):
+        StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+    weights.write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="not a readable Keras weights file"):
+        StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+
+
 def test_convert_cli_writes_a_bundle(bench, tmp_path):
     settings = json.dumps(ldm_reference.overrides(bench.pipe("sd1")))
     convert([str(bench.file("sd1", ".safetensors")), str(tmp_path / "out"), "--config", settings])
