@@ -10,6 +10,7 @@ peak. Appends a row to benchmarks/RESULTS.md.
 """
 import argparse
 import datetime
+import os
 import resource
 import threading
 import time
@@ -67,8 +68,11 @@ def main():
     sd.text_to_image("a photograph of an astronaut riding a horse", num_steps=args.steps, seed=0)
     seconds = time.perf_counter() - start
     peak = max(memory.peak, ResidentMemory.now())
+    xla = "off" if args.no_xla else "on"
+    if not args.no_xla and os.environ.get("XLA_FLAGS"):
+        xla += f" (XLA_FLAGS={os.environ['XLA_FLAGS']})"
     row = (f"| {datetime.date.today()} | {args.checkpoint.name} | {args.size}x{args.size} | {args.steps} | "
-           f"{'off' if args.no_xla else 'on'} | {keras.backend.backend()} | {after_load:.2f} | {peak:.2f} | "
+           f"{xla} | {keras.backend.backend()} | {after_load:.2f} | {peak:.2f} | "
            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} | {seconds:.0f} |")
     print("\n".join(HEADER + [row]))
     if not args.no_record:
