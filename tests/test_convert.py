@@ -347,3 +347,13 @@ def test_preset_offline_error(tmp_path, monkeypatch):
     assert not checkpoints.preset_bundle("sd-2.1").exists()
     with pytest.raises(ValueError, match="Unknown preset"):
         StableDiffusion.from_preset("sd-3")
+
+
+def test_every_preset_download_is_checked_against_a_pinned_sha256(tmp_path, monkeypatch):
+    requested = []
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras.utils, "get_file", lambda **kwargs: requested.append(kwargs) or str(tmp_path / "x"))
+    for name, preset in checkpoints.PRESETS.items():
+        checkpoints.download_preset(name)
+        assert requested[-1]["hash_algorithm"] == "sha256" and requested[-1]["origin"] == preset["url"]
+        assert len(requested[-1]["file_hash"]) == 64 and int(requested[-1]["file_hash"], 16) >= 0, name
