@@ -86,8 +86,9 @@ def safetensors_reader(path):
 class Tensors(Mapping):
     """Checkpoint tensors by key, read lazily one at a time, with their shapes known up front."""
 
-    def __init__(self, readers, shapes, source):
-        self._readers, self.shapes, self.source = readers, shapes, source
+    def __init__(self, readers, shapes, source, owned=False):
+        """`owned`: the readers return new arrays, 64-byte aligned, that loading may make variables of."""
+        self._readers, self.shapes, self.source, self.owned = readers, shapes, source, owned
 
     @classmethod
     def from_arrays(cls, arrays, source="arrays"):
@@ -137,6 +138,9 @@ class Tensors(Mapping):
     def __getitem__(self, key):
         return self._readers[key]()
 
+    def __contains__(self, key):  # Mapping's would read the tensor
+        return key in self._readers
+
     def __iter__(self):
         return iter(self._readers)
 
@@ -172,16 +176,45 @@ def load_weights(models, tensors, unused_prefixes=(), layout=to_keras_layout):
         names = " + ".join(model.name for model in models)
         raise ValueError(f"{tensors.source} does not fit the {names} model:\n  {listed}")
     for variable, key in plan:
-        set_variable(variable, layout(variable.name, tensors[key], variable.shape))
+        value = layout(variable.name, tensors[key], variable.shape)
+        set_variable(variable, value if tensors.owned else aligned_copy(value, variable.dtype))
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialized array starting on a 64-byte boundary, the alignment TensorFlow gives tensors."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def aligned_copy(array, dtype):
+    """`array` as `dtype` in a new `aligned_empty` array (as is, for dtypes numpy lacks, e.g. bfloat16)."""
+    try:
+        copy = aligned_empty(array.shape, dtype)
+    except TypeError:
+        return array
+    np.copyto(copy, array)
+    return copy
 
 
 def set_variable(variable, value):
-    """Assigns `value`; a variable still waiting for its first value (see `created_from`) is created
-    from it instead, without initializing it first."""
-    if variable._value is None:
-        variable._initialize(variable._convert_to_tensor(value, dtype=variable.dtype))
-    else:
+    """Assigns the numpy array `value`; a variable still waiting for its first value (see `created_from`)
+    is created from it instead. On TensorFlow, an aligned array of the variable's dtype becomes the
+    variable's memory (DLPack) rather than being copied (`convert_to_tensor` copies a numpy array twice):
+    the caller hands it over."""
+    import keras
+
+    if variable._value is not None:
         variable.assign(value)
+    elif (keras.backend.backend() == "tensorflow" and value.dtype == variable.dtype
+          and value.flags.c_contiguous and value.ctypes.data % 64 == 0):
+        import tensorflow as tf
+
+        variable._initialize(tf.experimental.dlpack.from_dlpack(value.__dlpack__()))
+    else:
+        variable._initialize(variable._convert_to_tensor(value, dtype=variable.dtype))
 
 
 @contextlib.contextmanager
@@ -423,9 +456,18 @@ def load_keras_weights(models, paths):
                     if f"{group}/vars/{index}" in in_file:
                         datasets[variable_key(layer, variable)] = in_file.pop(f"{group}/vars/{index}")
             datasets.update(in_file)
-        tensors = Tensors({key: (lambda dataset=dataset: dataset[()]) for key, dataset in datasets.items()},
-                          {key: dataset.shape for key, dataset in datasets.items()}, ", ".join(map(str, paths)))
+        tensors = Tensors({key: (lambda dataset=dataset: read_aligned(dataset)) for key, dataset in datasets.items()},
+                          {key: dataset.shape for key, dataset in datasets.items()}, ", ".join(map(str, paths)),
+                          owned=True)
         load_weights(models, tensors, ("optimizer/",), layout=lambda name, tensor, shape: tensor)
+
+
+def read_aligned(dataset):
+    """An h5py dataset read straight into an `aligned_empty` array."""
+    array = aligned_empty(dataset.shape, dataset.dtype)
+    if array.size:
+        dataset.read_direct(array)
+    return array
 
 
 def text_encoder_config(c):

@@ -1,6 +1,7 @@
 """Original single-file checkpoints (SD 1.x / 2.x, `.safetensors` / `.ckpt`): the test writer proven
 against diffusers' own single-file converters, our models loaded from such files vs the reference
 pipelines, training-only and EMA tensors, standalone VAEs, bundles, bad input, and presets."""
+import collections
 import copy
 import functools
 import json
@@ -242,6 +243,29 @@ def test_bundle_puts_every_variable_in_its_place(bench, tmp_path):
     again = bench.load("sd1", bench.file("sd1", ".safetensors"))
     for name in MODELS:
         getattr(again, name).load_weights(tmp_path / "bundle" / f"{name}.weights.h5")
+    assert_same_weights(again, sd)
+
+
+def test_loading_reads_each_tensor_once_into_memory_of_its_own(bench):
+    """A strict load reads every tensor once (checking that a key exists must not read it), and the
+    variables it creates keep their own copy: changing the checkpoint's arrays afterwards changes nothing."""
+    sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    arrays = {checkpoints.variable_key(layer, variable): variable.numpy()
+              for name in MODELS for layer in getattr(sd, name).layers for variable in layer.weights}
+    reads = collections.Counter()
+
+    def read(key):
+        reads[key] += 1
+        return arrays[key]
+
+    tensors = checkpoints.Tensors({key: functools.partial(read, key) for key in arrays},
+                                  {key: array.shape for key, array in arrays.items()}, "arrays")
+    load = lambda models: checkpoints.load_weights(models, tensors, layout=lambda name, tensor, shape: tensor)
+    weights = checkpoints.Checkpoint(sd.config, sd.tokenizer, 64, 64, {MODELS: load})
+    again = StableDiffusion(64, 64, jit_compile=False, config=sd.config, tokenizer=sd.tokenizer, weights=weights)
+    assert set(reads.values()) == {1} and reads.keys() == arrays.keys()
+    for array in arrays.values():
+        array[...] = 0
     assert_same_weights(again, sd)
 
 
