@@ -25,19 +25,30 @@ def resnet_block(x, channels, groups, epsilon, name, t_emb=None):
     return x + h
 
 
-class QueryChunkedAttention(layers.Layer):
-    """Attention of (B, T, heads, head_dim) queries in equal chunks, one after the other: `ops.map`
-    compiles to a loop, so only one chunk's scores exist at a time."""
+def query_chunks(tokens, keys):
+    """How many equal query chunks keep each chunk within MAX_ATTENTION_SCORES scores per image and
+    head; 1 where a size is unknown until run time."""
+    if tokens is None or keys is None:
+        return 1
+    return next(n for n in range(1, tokens + 1) if tokens % n == 0 and tokens // n * keys <= MAX_ATTENTION_SCORES)
 
-    def __init__(self, chunks, **kwargs):
-        super().__init__(**kwargs)
-        self.chunks = chunks
+
+class QueryChunkedAttention(layers.Layer):
+    """Attention of (B, T, heads, head_dim) queries to (B, S, heads, head_dim) keys and values, in
+    `query_chunks` equal query chunks one after the other: `ops.map` compiles to a loop, so only one
+    chunk's scores exist at a time. Sized when called, for models of any image size (the VAE decoder)."""
 
     def call(self, q, k, v):
         _, tokens, heads, head_dim = q.shape
-        q = ops.reshape(q, (-1, self.chunks, tokens // self.chunks, heads, head_dim))
+        chunks = query_chunks(tokens, k.shape[1])
+        if chunks == 1:
+            return ops.dot_product_attention(q, k, v)
+        q = ops.reshape(q, (-1, chunks, tokens // chunks, heads, head_dim))
         out = ops.map(lambda chunk: ops.dot_product_attention(chunk, k, v), ops.moveaxis(q, 1, 0))
         return ops.reshape(ops.moveaxis(out, 0, 1), (-1, tokens, heads, head_dim))
+
+    def compute_output_shape(self, q_shape, k_shape, v_shape):
+        return q_shape
 
 
 def attention(x, context, heads, name, qkv_bias=False, causal=False,
@@ -48,22 +59,25 @@ def attention(x, context, heads, name, qkv_bias=False, causal=False,
     q, k, v = (layers.Dense(channels, use_bias=qkv_bias, name=f"{name}-{key}")(source)
                for key, source in zip(names, (x, context, context)))
     q, k, v = map(layers.Reshape((-1, heads, channels // heads)), (q, k, v))  # (B, T, heads, head_dim)
-    keys = None if causal else k.shape[1]  # None: the text context, of any length but short
-    tokens = q.shape[1]
-    chunks = 1 if not keys else next(n for n in range(1, tokens + 1)
-                                     if tokens % n == 0 and tokens // n * keys <= MAX_ATTENTION_SCORES)
-    out = (QueryChunkedAttention(chunks)(q, k, v) if chunks > 1
-           else ops.dot_product_attention(q, k, v, is_causal=causal))
+    out = ops.dot_product_attention(q, k, v, is_causal=True) if causal else QueryChunkedAttention()(q, k, v)
     out = layers.Reshape((-1, channels))(out)
     return layers.Dense(channels, name=f"{name}-{names[3]}")(out)
 
 
 def to_tokens(x):
     """(B, H, W, C) feature map -> (B, H*W, C) tokens."""
-    _, height, width, channels = x.shape
-    return ops.reshape(x, (-1, height * width, channels))
+    return layers.Reshape((-1, x.shape[-1]))(x)
+
+
+class ToImage(layers.Layer):
+    """(B, H*W, C) tokens -> a feature map shaped like `like`, whose size is read when called."""
+
+    def call(self, tokens, like):
+        return ops.reshape(tokens, ops.shape(like))
+
+    def compute_output_shape(self, tokens_shape, like_shape):
+        return like_shape
 
 
 def to_image(tokens, like):
-    """(B, H*W, C) tokens -> a feature map shaped like `like`."""
-    return ops.reshape(tokens, (-1, *like.shape[1:]))
+    return ToImage()(tokens, like)

@@ -18,7 +18,7 @@ class Decoder(keras.Model):
     """VAE decoder: latents as the UNet produces them (B, h, w, 4) -> RGB (B, 8h, 8w, 3), about [-1, 1].
 
     Args:
-        latent_height, latent_width: latent size.
+        latent_height, latent_width: latent size; None: any (the pipeline's decoder also decodes tiles).
         latent_channels: channels of the latents.
         out_channels: image channels.
         channels: channels of the encoder's levels; the decoder walks them in reverse.
