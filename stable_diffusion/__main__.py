@@ -79,6 +79,8 @@ def build_parser():
                         help=f"{CHECKPOINTS} (default: the built-in demo model)")
     parser.add_argument("--xla", action="store_true", help="compile with XLA: a slower start, for faster "
                         "steps on large models and many images")
+    parser.add_argument("--vae-tiling", type=int, metavar="PIXELS", help="decode images larger than this "
+                        "in overlapping tiles of this size, to bound memory (e.g. 512; see enable_vae_tiling)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
@@ -120,6 +122,8 @@ def main(argv=None):
     try:
         sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.height, img_width=args.width,
                                              jit_compile=args.xla)
+        if args.vae_tiling is not None:
+            sd.enable_vae_tiling(args.vae_tiling)
     except FileNotFoundError as error:
         if args.checkpoint is None:
             parser.error(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "

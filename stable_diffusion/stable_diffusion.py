@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import checkpoints, schedulers
+from . import checkpoints, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -59,10 +59,12 @@ class StableDiffusion(ImageEditing):
             with checkpoints.created_from(weights, self) if weights else contextlib.nullcontext():
                 self.text_encoder = TextEncoder(**config["text_encoder"])
                 self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"])
-                self.decoder = Decoder(**latent_size, **config["decoder"])
+                self.decoder = Decoder(None, None, **config["decoder"])
                 self.encoder = Encoder(img_height, img_width, **config["encoder"])
         finally:
             keras.config.set_dtype_policy(global_policy)
+        self.vae_factor, self.vae_tile_size = vae_factor, None
+        self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
@@ -200,9 +202,23 @@ class StableDiffusion(ImageEditing):
             progress.update(step + 1)
         return latents
 
+    def enable_vae_tiling(self, tile_size=512):
+        """Decodes images larger than `tile_size` pixels (height or width) in overlapping tiles of that
+        size, as diffusers' `enable_vae_tiling`: the decoder then needs the memory of one tile. Tiles
+        are blended where they overlap; not exact (see `tiling.py`). `tile_size=None` turns it off."""
+        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 4 * self.vae_factor
+                                      or tile_size % self.vae_factor):
+            raise ValueError(f"tile_size must be a multiple of {self.vae_factor} pixels, at least "
+                             f"{4 * self.vae_factor}, or None; got {tile_size!r}.")
+        self.vae_tile_size = tile_size
+
     def decode(self, latents):
-        """VAE-decodes latents (B, h, w, C) to uint8 images (B, H, W, 3)."""
-        images = np.asarray(self.decoder.predict_on_batch(latents))
+        """VAE-decodes latents (B, h, w, C) to uint8 images (B, H, W, 3), in tiles after `enable_vae_tiling`."""
+        tile = (self.vae_tile_size or 0) // self.vae_factor
+        if tile and max(np.shape(latents)[1:3]) > tile:
+            images = tiling.decode_in_tiles(self.decoder.predict_on_batch, np.asarray(latents), tile, self.vae_factor)
+        else:
+            images = np.asarray(self.decoder.predict_on_batch(latents))
         return np.round(np.clip(images / 2 + 0.5, 0, 1) * 255).astype("uint8")
 
     def _contexts(self, encoded_text, negative_prompt, batch_size, long_prompts=False):
@@ -236,8 +252,7 @@ class StableDiffusion(ImageEditing):
         """draw() -> standard normal latents (B, h, w, C), image i from `default_rng(seed + i)`."""
         seed = np.random.SeedSequence().entropy % 2**32 if seed is None else seed
         generators = [np.random.default_rng(seed + i) for i in range(batch_size)]
-        shape = self.decoder.inputs[0].shape[1:]
-        return lambda: np.stack([g.standard_normal(shape, dtype=np.float32) for g in generators])
+        return lambda: np.stack([g.standard_normal(self.latent_shape, dtype=np.float32) for g in generators])
 
     def _initial_noise(self, draw_noise, diffusion_noise):
         noise = draw_noise()  # drawn either way, so that later draws do not depend on diffusion_noise

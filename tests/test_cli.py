@@ -150,6 +150,14 @@ def test_bad_pictures_exit_with_one_line_and_no_file(extra, message, bundle, wor
     assert not Path("out.png").exists()
 
 
+def test_vae_tiling(bundle, workdir, capsys):
+    main(["a cat", "--checkpoint", str(bundle), "--steps", "1", "--height", "64", "--width", "48", "--vae-tiling", "32"])
+    with Image.open(workdir / "out.png") as image:
+        assert image.size == (48, 64)
+    err = run_failing(["a cat", "--checkpoint", str(bundle), "--vae-tiling", "12", "--overwrite"], capsys)
+    assert "tile_size must be a multiple of 8 pixels, at least 32" in err
+
+
 def test_incomplete_bundle(bundle, workdir, capsys):
     broken = workdir.parent / "broken"
     shutil.copytree(bundle, broken)

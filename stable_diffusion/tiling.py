@@ -1,0 +1,39 @@
+"""Tiled VAE decoding, as diffusers' `AutoencoderKL.tiled_decode` (`enable_tiling`) does it.
+
+The latents are cut into `tile` x `tile` tiles that overlap by a quarter; each is decoded alone, so
+the decoder's memory is that of one tile whatever the image size. Each decoded tile fades in from
+its upper, then its left neighbour (already blended) over a quarter of a tile and is cropped to
+three quarters. Not exact: group norm statistics are taken per tile.
+"""
+import numpy as np
+
+OVERLAP = 0.25  # diffusers' tile_overlap_factor
+
+
+def decode_in_tiles(decode, latents, tile, factor):
+    """Images (B, H, W, 3) from latents (B, h, w, C), `decode` (a model call) applied tile by tile;
+    `factor`: image pixels per latent."""
+    stride, blend = int(tile * (1 - OVERLAP)), int(tile * factor * OVERLAP)
+    keep = tile * factor - blend
+    height, width = latents.shape[1:3]
+    rows = [[np.array(decode(latents[:, i:i + tile, j:j + tile])) for j in range(0, width, stride)]
+            for i in range(0, height, stride)]
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            if i:
+                fade_in(rows[i - 1][j], image, blend, axis=1)
+            if j:
+                fade_in(row[j - 1], image, blend, axis=2)
+    return np.concatenate([np.concatenate([image[:, :keep, :keep] for image in row], axis=2) for row in rows], axis=1)
+
+
+def fade_in(previous, image, extent, axis):
+    """Blends, in place, the first `extent` rows (axis 1) or columns (axis 2) of `image` linearly from
+    the last ones of `previous`, the tile before it."""
+    extent = min(previous.shape[axis], image.shape[axis], extent)
+    weight = (np.arange(extent, dtype=np.float32) / extent).reshape([-1 if a == axis else 1 for a in range(4)])
+    head = np.take(image, range(extent), axis=axis)
+    tail = np.take(previous, range(previous.shape[axis] - extent, previous.shape[axis]), axis=axis)
+    index = [slice(None)] * 4
+    index[axis] = slice(0, extent)
+    image[tuple(index)] = tail * (1 - weight) + head * weight
