@@ -1,6 +1,6 @@
 """Peak memory of one full-size generation (ours only), for the ≤ 6 GB target at 512x512 in float32.
 
-    python -m benchmarks.memory [--checkpoint PATH] [--size 512] [--steps 2] [--no-xla]
+    python -m benchmarks.memory [--checkpoint PATH] [--size 512] [--steps 2] [--no-xla] [--vae-tiling 512]
 
 Loads a full-size checkpoint (default: the random-weight SD 1.5 bundle that `python -m
 benchmarks.convert` leaves in /tmp/sd-convert-bench) and makes one image with guidance (UNet batch 2),
@@ -55,6 +55,8 @@ def main():
     parser.add_argument("--size", type=int, default=512, help="image height and width in pixels")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-xla", action="store_true", help="run eagerly instead of compiling with XLA")
+    parser.add_argument("--vae-tiling", type=int, metavar="PIXELS",
+                        help="decode in tiles of this size (`StableDiffusion.enable_vae_tiling`)")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     if not args.checkpoint.exists():
@@ -62,6 +64,8 @@ def main():
                      "--checkpoint PATH (any full-size checkpoint).")
     memory = ResidentMemory()
     sd = StableDiffusion.from_checkpoint(args.checkpoint, args.size, args.size, jit_compile=not args.no_xla)
+    if args.vae_tiling:
+        sd.enable_vae_tiling(args.vae_tiling)
     after_load = ResidentMemory.now()
     memory.reset()
     start = time.perf_counter()
@@ -71,7 +75,8 @@ def main():
     xla = "off" if args.no_xla else "on"
     if not args.no_xla and os.environ.get("XLA_FLAGS"):
         xla += f" (XLA_FLAGS={os.environ['XLA_FLAGS']})"
-    row = (f"| {datetime.date.today()} | {args.checkpoint.name} | {args.size}x{args.size} | {args.steps} | "
+    size = f"{args.size}x{args.size}" + (f", VAE tiles of {args.vae_tiling}" if args.vae_tiling else "")
+    row = (f"| {datetime.date.today()} | {args.checkpoint.name} | {size} | {args.steps} | "
            f"{xla} | {keras.backend.backend()} | {after_load:.2f} | {peak:.2f} | "
            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} | {seconds:.0f} |")
     print("\n".join(HEADER + [row]))
