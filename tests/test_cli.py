@@ -154,8 +154,8 @@ def test_vae_tiling(bundle, workdir, capsys):
     main(["a cat", "--checkpoint", str(bundle), "--steps", "1", "--height", "64", "--width", "48", "--vae-tiling", "32"])
     with Image.open(workdir / "out.png") as image:
         assert image.size == (48, 64)
-    err = run_failing(["a cat", "--checkpoint", str(bundle), "--vae-tiling", "12", "--overwrite"], capsys)
-    assert "tile_size must be a multiple of 8 pixels, at least 32" in err
+    err = run_failing(["a cat", "--checkpoint", str(bundle), "--vae-tiling", "0", "--overwrite"], capsys)
+    assert "tile_size must be a multiple of" in err
 
 
 def test_incomplete_bundle(bundle, workdir, capsys):
