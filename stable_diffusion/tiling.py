@@ -30,10 +30,7 @@ def decode_in_tiles(decode, latents, tile, factor):
 def fade_in(previous, image, extent, axis):
     """Blends, in place, the first `extent` rows (axis 1) or columns (axis 2) of `image` linearly from
     the last ones of `previous`, the tile before it."""
-    extent = min(previous.shape[axis], image.shape[axis], extent)
-    weight = (np.arange(extent, dtype=np.float32) / extent).reshape([-1 if a == axis else 1 for a in range(4)])
-    head = np.take(image, range(extent), axis=axis)
-    tail = np.take(previous, range(previous.shape[axis] - extent, previous.shape[axis]), axis=axis)
-    index = [slice(None)] * 4
-    index[axis] = slice(0, extent)
-    image[tuple(index)] = tail * (1 - weight) + head * weight
+    image, previous = np.moveaxis(image, axis, 0), np.moveaxis(previous, axis, 0)  # views along `axis`
+    extent = min(len(previous), len(image), extent)
+    weight = (np.arange(extent, dtype=np.float32) / extent)[:, None, None, None]
+    image[:extent] = previous[-extent:] * (1 - weight) + image[:extent] * weight
