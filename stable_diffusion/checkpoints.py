@@ -8,9 +8,13 @@ transposes it. Loading is strict: every variable gets exactly one tensor of the 
 tensor is used (or known-unused), and nothing is assigned before everything checks out. Tensors are
 read one at a time (plain reads at the offsets of a safetensors header; a memory-mapped `torch.load`
 for `.ckpt`, whose file pages the OS can reclaim), so loading needs about the model's size in memory.
+A bundle stores each array aligned, as it lies in memory; loading maps its files copy-on-write, so
+on TensorFlow the variables are views of the files' pages, read from disk when first used.
 """
 import contextlib
+import functools
 import json
+import mmap
 import os
 import shutil
 from collections.abc import Mapping
@@ -87,7 +91,8 @@ class Tensors(Mapping):
     """Checkpoint tensors by key, read lazily one at a time, with their shapes known up front."""
 
     def __init__(self, readers, shapes, source, owned=False):
-        """`owned`: the readers return new arrays, 64-byte aligned, that loading may make variables of."""
+        """`owned`: the readers return 64-byte aligned arrays no one else holds (new, or views of a private
+        file mapping), that loading may make variables of."""
         self._readers, self.shapes, self.source, self.owned = readers, shapes, source, owned
 
     @classmethod
@@ -402,7 +407,10 @@ def save_bundle(sd, path, overwrite=False):
         config = dict(format=BUNDLE_FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
         (partial / BUNDLE_CONFIG).write_text(json.dumps(config, indent=2))
         for name in BUNDLE_MODELS:
-            getattr(sd, name).save_weights(partial / f"{name}.weights.h5")
+            unaligned = partial / f"{name}.unaligned.weights.h5"
+            getattr(sd, name).save_weights(unaligned)
+            copy_aligned(unaligned, partial / f"{name}.weights.h5")
+            unaligned.unlink()
         sd.tokenizer.save(partial / "tokenizer")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -410,6 +418,17 @@ def save_bundle(sd, path, overwrite=False):
     if path.exists():
         shutil.rmtree(path)
     partial.rename(path)
+
+
+def copy_aligned(source, target):
+    """Copies a Keras weights file, starting each dataset on a 64-byte boundary so that loading can map
+    the file's arrays into memory as they are (see `read_aligned`)."""
+    import h5py
+
+    with h5py.File(source, "r") as read, h5py.File(target, "w", alignment_threshold=1, alignment_interval=64) as write:
+        write.attrs.update(read.attrs)
+        for name in read:
+            read.copy(read[name], write, name=name)
 
 
 def read_bundle(folder):
@@ -445,8 +464,9 @@ def load_keras_weights(models, paths):
                 file = stack.enter_context(h5py.File(path, "r"))
             except OSError as error:
                 raise ValueError(f"{path} is not a readable Keras weights file: {error}") from error
-            in_file = {}
-            file.visititems(lambda name, item: in_file.update({name: item}) if isinstance(item, h5py.Dataset) else None)
+            mapped, in_file = mapped_file(path), {}
+            file.visititems(lambda name, item: in_file.update({name: (item, mapped)})
+                            if isinstance(item, h5py.Dataset) else None)
             numbered = {}
             for layer in model.layers:
                 name = to_snake_case(type(layer).__name__)
@@ -456,14 +476,28 @@ def load_keras_weights(models, paths):
                     if f"{group}/vars/{index}" in in_file:
                         datasets[variable_key(layer, variable)] = in_file.pop(f"{group}/vars/{index}")
             datasets.update(in_file)
-        tensors = Tensors({key: (lambda dataset=dataset: read_aligned(dataset)) for key, dataset in datasets.items()},
-                          {key: dataset.shape for key, dataset in datasets.items()}, ", ".join(map(str, paths)),
+        tensors = Tensors({key: functools.partial(read_aligned, *stored) for key, stored in datasets.items()},
+                          {key: dataset.shape for key, (dataset, _) in datasets.items()}, ", ".join(map(str, paths)),
                           owned=True)
         load_weights(models, tensors, ("optimizer/",), layout=lambda name, tensor, shape: tensor)
 
 
-def read_aligned(dataset):
-    """An h5py dataset read straight into an `aligned_empty` array."""
+def mapped_file(path):
+    """The file mapped copy-on-write: its pages are read when first used, and writes stay private."""
+    with open(path, "rb") as file:
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def read_aligned(dataset, mapped):
+    """An h5py dataset as an `aligned_empty`-like array: a view of the `mapped` file where the dataset is
+    stored there as it is in memory (contiguous, native byte order, 64-byte aligned: `copy_aligned`),
+    else read into a new array."""
+    import h5py
+
+    offset = dataset.id.get_offset()
+    if (offset is not None and offset % 64 == 0 and dataset.dtype.isnative
+            and dataset.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS):
+        return np.frombuffer(mapped, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
     array = aligned_empty(dataset.shape, dataset.dtype)
     if array.size:
         dataset.read_direct(array)

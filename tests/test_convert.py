@@ -246,6 +246,34 @@ def test_bundle_puts_every_variable_in_its_place(bench, tmp_path):
     assert_same_weights(again, sd)
 
 
+def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
+    """A bundle stores each array 64-byte aligned, as it lies in memory, and on TensorFlow loading makes
+    each variable a view of its privately mapped file (nothing is copied up front); writing a variable
+    never reaches the file."""
+    import h5py
+
+    sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    sd.save(tmp_path / "bundle")
+    for name in MODELS:
+        with h5py.File(tmp_path / "bundle" / f"{name}.weights.h5", "r") as file:
+            offsets = []
+            file.visititems(lambda _, item: offsets.append(item.id.get_offset()) if isinstance(item, h5py.Dataset) else None)
+        assert offsets and all(offset % 64 == 0 for offset in offsets), name
+    again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+    if keras.backend.backend() == "tensorflow":
+        mapped = []
+        for line in open("/proc/self/maps"):
+            addresses, *_, path = line.split()
+            if path.startswith(str(tmp_path / "bundle")):
+                mapped.append([int(address, 16) for address in addresses.split("-")])
+        for variable in (v for name in MODELS for v in getattr(again, name).weights):
+            address = np.from_dlpack(variable.value.value()).ctypes.data  # the tf.Variable's buffer
+            assert any(start <= address < end for start, end in mapped), variable.path
+    for variable in again.decoder.weights:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
+
+
 def test_loading_reads_each_tensor_once_into_memory_of_its_own(bench):
     """A strict load reads every tensor once (checking that a key exists must not read it), and the
     variables it creates keep their own copy: changing the checkpoint's arrays afterwards changes nothing."""
