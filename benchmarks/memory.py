@@ -1,25 +1,29 @@
 """Peak memory of one full-size generation (ours only), for the ≤ 6 GB target at 512x512 in float32.
 
     python -m benchmarks.memory [--checkpoint PATH] [--size 512] [--steps 2] [--no-xla] [--vae-tiling 512]
+                                [--memory-limit GB]
 
 Loads a full-size checkpoint (default: the random-weight SD 1.5 bundle that `python -m
 benchmarks.convert` leaves in /tmp/sd-convert-bench) and makes one image with guidance (UNet batch 2),
 sampling the process' resident memory every 20 ms: after loading, and the peak while generating
 (text encoder, denoising steps, VAE decode). More steps repeat the same step, so 2 are enough for the
 peak. Appends a row to benchmarks/RESULTS.md.
+
+`--memory-limit GB` runs it in a new memory cgroup of that size (root; cgroup v1 or v2), with the page
+cache dropped first so that every page the run reads is charged to it: the test of fitting in a machine
+of that size, where the kernel must evict pages of mapped files (a bundle's weights) to stay under it.
 """
 import argparse
 import datetime
 import os
 import resource
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-import keras
-
 from benchmarks.results import append_table_row
-from stable_diffusion import StableDiffusion
 
 SECTION = "## Peak memory of one generation (full size, float32, CPU)"
 HEADER = ["| date | checkpoint | size | steps | XLA | backend | after load GiB | peak GiB | ru_maxrss GiB | seconds |",
@@ -49,6 +53,51 @@ class ResidentMemory:
             time.sleep(self.interval)
 
 
+def cgroup_with_limit(limit_bytes, name="sd-memory-benchmark"):
+    """A new memory cgroup limited to `limit_bytes`: (its folder, file of its peak usage)."""
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        group, limit, peak = Path("/sys/fs/cgroup", name), "memory.max", "memory.peak"
+    else:
+        group, limit, peak = Path("/sys/fs/cgroup/memory", name), "memory.limit_in_bytes", "memory.max_usage_in_bytes"
+    if group.exists():
+        group.rmdir()
+    group.mkdir()
+    (group / limit).write_text(str(limit_bytes))
+    return group, group / peak
+
+
+def run_limited(args, argv):
+    """Reruns this benchmark in a memory cgroup of `args.memory_limit` GB, the page cache dropped first;
+    records a row for a run the limit killed (the run records its own otherwise)."""
+    try:
+        group, peak_file = cgroup_with_limit(int(args.memory_limit * 1e9))
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError as error:
+        sys.exit(f"--memory-limit needs root and a cgroup memory controller: {error}")
+    enter = lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
+    run = subprocess.run([sys.executable, "-m", "benchmarks.memory", *argv, "--inside-cgroup"], preexec_fn=enter)
+    print(f"cgroup peak usage {int(peak_file.read_text()) / 1e9:.2f} GB (limit {args.memory_limit} GB)")
+    if run.returncode:
+        row = row_cells(args, "killed", "killed", "killed", "")
+        print(f"the run ended with {run.returncode} (-9, 137: killed at the limit)\n{row}")
+        if run.returncode in (-9, 137) and not args.no_record:
+            append_table_row(SECTION, HEADER, row)
+    group.rmdir()
+
+
+def row_cells(args, after_load, peak, maxrss, seconds):
+    import keras
+
+    xla = "off" if args.no_xla else "on"
+    if not args.no_xla and os.environ.get("XLA_FLAGS"):
+        xla += f" (XLA_FLAGS={os.environ['XLA_FLAGS']})"
+    size = f"{args.size}x{args.size}" + (f", VAE tiles of {args.vae_tiling}" if args.vae_tiling else "")
+    checkpoint = args.checkpoint.name + (f" (in a {args.memory_limit} GB cgroup)" if args.memory_limit else "")
+    return (f"| {datetime.date.today()} | {checkpoint} | {size} | {args.steps} | {xla} | "
+            f"{keras.backend.backend()} | {after_load} | {peak} | {maxrss} | {seconds} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/sd-convert-bench/bundle-safetensors"))
@@ -57,11 +106,18 @@ def main():
     parser.add_argument("--no-xla", action="store_true", help="run eagerly instead of compiling with XLA")
     parser.add_argument("--vae-tiling", type=int, metavar="PIXELS",
                         help="decode in tiles of this size (`StableDiffusion.enable_vae_tiling`)")
+    parser.add_argument("--memory-limit", type=float, metavar="GB",
+                        help="run in a memory cgroup of this many GB (10^9 bytes), page cache dropped first")
+    parser.add_argument("--inside-cgroup", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     if not args.checkpoint.exists():
         parser.error(f"{args.checkpoint} does not exist: run `python -m benchmarks.convert` first, or pass "
                      "--checkpoint PATH (any full-size checkpoint).")
+    if args.memory_limit and not args.inside_cgroup:
+        return run_limited(args, sys.argv[1:])
+    from stable_diffusion import StableDiffusion  # here: a run in a cgroup loads TensorFlow inside it
+
     memory = ResidentMemory()
     sd = StableDiffusion.from_checkpoint(args.checkpoint, args.size, args.size, jit_compile=not args.no_xla)
     if args.vae_tiling:
@@ -72,13 +128,8 @@ def main():
     sd.text_to_image("a photograph of an astronaut riding a horse", num_steps=args.steps, seed=0)
     seconds = time.perf_counter() - start
     peak = max(memory.peak, ResidentMemory.now())
-    xla = "off" if args.no_xla else "on"
-    if not args.no_xla and os.environ.get("XLA_FLAGS"):
-        xla += f" (XLA_FLAGS={os.environ['XLA_FLAGS']})"
-    size = f"{args.size}x{args.size}" + (f", VAE tiles of {args.vae_tiling}" if args.vae_tiling else "")
-    row = (f"| {datetime.date.today()} | {args.checkpoint.name} | {size} | {args.steps} | "
-           f"{xla} | {keras.backend.backend()} | {after_load:.2f} | {peak:.2f} | "
-           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} | {seconds:.0f} |")
+    row = row_cells(args, f"{after_load:.2f}", f"{peak:.2f}",
+                    f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}", f"{seconds:.0f}")
     print("\n".join(HEADER + [row]))
     if not args.no_record:
         append_table_row(SECTION, HEADER, row)
