@@ -249,7 +249,7 @@ def test_bundle_puts_every_variable_in_its_place(bench, tmp_path):
 def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
     """A bundle stores each array 64-byte aligned, as it lies in memory, and on TensorFlow loading makes
     each variable a view of its privately mapped file (nothing is copied up front); writing a variable
-    never reaches the file."""
+    never reaches the file, and saving over the bundle a pipeline was loaded from is safe."""
     import h5py
 
     sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
@@ -272,6 +272,9 @@ def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
     for variable in again.decoder.weights:
         variable.assign(np.zeros(variable.shape, variable.dtype))
     assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
+    again.save(tmp_path / "bundle", overwrite=True)  # replaces the files `again` maps
+    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), again)
+    assert_same_weights(again, sd, models=("text_encoder", "diffusion_model", "encoder"))
 
 
 def test_loading_reads_each_tensor_once_into_memory_of_its_own(bench):
