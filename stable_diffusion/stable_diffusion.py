@@ -75,8 +75,8 @@ class StableDiffusion(ImageEditing):
     @classmethod
     def from_checkpoint(cls, path=None, img_height=None, img_width=None, jit_compile=True, vae=None,
                         prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype_policy=None):
-        """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save`, or an
-        original SD 1.x / 2.x single file (`.safetensors`, `.ckpt`).
+        """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save` (memory-mapped:
+        replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
 
         Args:
             path: the checkpoint; default: the small demo model shipped in `weights/demo`.
