@@ -49,12 +49,20 @@ def byte_characters():
 
 
 class CLIPBytePairTokenizer(keras_hub.models.CLIPTokenizer):
-    """keras-hub's CLIPTokenizer, also without TensorFlow: keras-hub 0.32 reads `self.vocabulary`,
-    which only its TensorFlow path sets, when it builds the `tokenizers` pipeline."""
+    """keras-hub's CLIPTokenizer, its TensorFlow lookup tables built on first use of its TensorFlow
+    path (a `tf.data` or `tf.function` trace) rather than up front: prompts take the Python path, and
+    the tables were 0.3 s of every load. keras-hub 0.32 builds them in `set_vocabulary_and_merges`,
+    where they also set the `self.vocabulary` its Python path reads (absent without TensorFlow)."""
 
-    def _set_vocabulary_and_merges_tokenizers(self, vocabulary, merges):
-        self.vocabulary, self.merges = dict(vocabulary), list(merges)
-        super()._set_vocabulary_and_merges_tokenizers(vocabulary, merges)
+    def _set_vocabulary_and_merges_tf(self, vocabulary, merges):
+        self.vocabulary, self.merges, self.cache = dict(vocabulary), list(merges), None
+
+    def _maybe_initialized_tf(self):
+        if self.cache is None:
+            import tensorflow as tf
+
+            with tf.init_scope():  # eager tables, outliving the graph being traced
+                super()._set_vocabulary_and_merges_tf(self.vocabulary, self.merges)
 
 
 def pad_id(vocabulary, pad_token, source):

@@ -258,6 +258,27 @@ def test_unknown_pad_token(tokenizer, tmp_path):
         Tokenizer(tokenizer.vocabulary, tokenizer.merges, pad_token_id=123456)
 
 
+def test_tensorflow_path_built_on_first_use():
+    """keras-hub's TensorFlow path (tf.data, tf.function) gives the Python path's ids (for lowercase
+    prompts: that path does not lowercase). Its tables are not built with the tokenizer but when first
+    traced, and outlive that trace: a second pipeline reuses them."""
+    import keras
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("keras-hub's TensorFlow path is for the TensorFlow backend")
+    fresh = Tokenizer.from_vendored()
+    assert fresh.bpe.cache is None
+    prompts = ["a cat 🐱", "wow!!", "a photo of an astronaut, riding a horse on mars"]
+    expected = [list(ids) for ids in fresh.bpe(prompts)]
+    for _ in range(2):
+        mapped = tf.data.Dataset.from_tensor_slices(prompts).map(fresh.bpe)
+        assert [ids.numpy().tolist() for ids in mapped] == expected
+    assert fresh.bpe.cache is not None
+    traced = tf.function(fresh.bpe)(tf.constant(prompts))
+    assert traced.to_list() == expected
+
+
 BLOCK_TENSORFLOW = """import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
