@@ -422,7 +422,7 @@ def save_bundle(sd, path, overwrite=False):
 
 def copy_aligned(source, target):
     """Copies a Keras weights file, starting each dataset on a 64-byte boundary so that loading can map
-    the file's arrays into memory as they are (see `read_aligned`)."""
+    the file's arrays into memory as they are (see `stored_arrays`)."""
     import h5py
 
     with h5py.File(source, "r") as read, h5py.File(target, "w", alignment_threshold=1, alignment_interval=64) as write:
@@ -457,16 +457,14 @@ def load_keras_weights(models, paths):
     import h5py
     from keras.src.utils.naming import to_snake_case
 
-    datasets = {}
+    stored = {}
     with contextlib.ExitStack() as stack:
         for model, path in zip(models, paths):
             try:
                 file = stack.enter_context(h5py.File(path, "r"))
             except OSError as error:
                 raise ValueError(f"{path} is not a readable Keras weights file: {error}") from error
-            mapped, in_file = mapped_file(path), {}
-            file.visititems(lambda name, item: in_file.update({name: (item, mapped)})
-                            if isinstance(item, h5py.Dataset) else None)
+            in_file = stored_arrays(file, mapped_file(path))
             numbered = {}
             for layer in model.layers:
                 name = to_snake_case(type(layer).__name__)
@@ -474,11 +472,10 @@ def load_keras_weights(models, paths):
                 group = f"layers/{name}_{numbered[name]}" if numbered[name] else f"layers/{name}"
                 for index, variable in enumerate(layer.weights):
                     if f"{group}/vars/{index}" in in_file:
-                        datasets[variable_key(layer, variable)] = in_file.pop(f"{group}/vars/{index}")
-            datasets.update(in_file)
-        tensors = Tensors({key: functools.partial(read_aligned, *stored) for key, stored in datasets.items()},
-                          {key: dataset.shape for key, (dataset, _) in datasets.items()}, ", ".join(map(str, paths)),
-                          owned=True)
+                        stored[variable_key(layer, variable)] = in_file.pop(f"{group}/vars/{index}")
+            stored.update(in_file)
+        tensors = Tensors({key: read for key, (_, read) in stored.items()},
+                          {key: shape for key, (shape, _) in stored.items()}, ", ".join(map(str, paths)), owned=True)
         load_weights(models, tensors, ("optimizer/",), layout=lambda name, tensor, shape: tensor)
 
 
@@ -488,20 +485,28 @@ def mapped_file(path):
         return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
-def read_aligned(dataset, mapped):
-    """An h5py dataset as an `aligned_empty`-like array: a view of the `mapped` file where the dataset is
-    stored there as it is in memory (contiguous, native byte order, 64-byte aligned: `copy_aligned`),
-    else read into a new array."""
+def stored_arrays(file, mapped):
+    """{dataset path: (shape, read)} of an open h5py file; `read()` returns the dataset as an
+    `aligned_empty`-like array: a view of the `mapped` file where the dataset is stored there as it is
+    in memory (contiguous, native byte order, 64-byte aligned: `copy_aligned`), else a new array read
+    from the file. h5py's low-level calls: its Group and Dataset objects cost more than the mapping."""
     import h5py
 
-    offset = dataset.id.get_offset()
-    if (offset is not None and offset % 64 == 0 and dataset.dtype.isnative
-            and dataset.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS):
-        return np.frombuffer(mapped, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
-    array = aligned_empty(dataset.shape, dataset.dtype)
-    if array.size:
-        dataset.read_direct(array)
-    return array
+    def read(dataset):
+        offset = dataset.get_offset()
+        if (offset is not None and offset % 64 == 0 and dataset.dtype.isnative
+                and dataset.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS):
+            return np.frombuffer(mapped, dataset.dtype, int(np.prod(dataset.shape)), offset).reshape(dataset.shape)
+        array = aligned_empty(dataset.shape, dataset.dtype)
+        if array.size:
+            h5py.Dataset(dataset).read_direct(array)
+        return array
+
+    names = []
+    h5py.h5o.visit(file.id, lambda name, info: names.append(name) if info.type == h5py.h5o.TYPE_DATASET else None,
+                   info=True)
+    datasets = {name.decode(): h5py.h5d.open(file.id, name) for name in names}
+    return {name: (dataset.shape, functools.partial(read, dataset)) for name, dataset in datasets.items()}
 
 
 def text_encoder_config(c):

@@ -277,6 +277,24 @@ def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
     assert_same_weights(again, sd, models=("text_encoder", "diffusion_model", "encoder"))
 
 
+def test_bundle_of_keras_written_files_loads_by_reading(bench, tmp_path):
+    """Weights files Keras writes itself (`model.save_weights`, bundles older than the aligned format)
+    store arrays where they fall; those that cannot be mapped as they are get read."""
+    import h5py
+
+    sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    sd.save(tmp_path / "bundle")
+    offsets = []
+    for name in MODELS:
+        path = tmp_path / "bundle" / f"{name}.weights.h5"
+        path.unlink()
+        getattr(sd, name).save_weights(path)
+        with h5py.File(path, "r") as file:
+            file.visititems(lambda _, item: offsets.append(item.id.get_offset()) if isinstance(item, h5py.Dataset) else None)
+    assert any(offset % 64 for offset in offsets)
+    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
+
+
 def test_loading_reads_each_tensor_once_into_memory_of_its_own(bench):
     """A strict load reads every tensor once (checking that a key exists must not read it), and the
     variables it creates keep their own copy: changing the checkpoint's arrays afterwards changes nothing."""
