@@ -1,12 +1,12 @@
 """Converting a full-size SD 1.5 checkpoint: time and peak memory, `.safetensors` and `.ckpt`.
 
-    python -m benchmarks.convert [--workdir /tmp/sd-convert-bench]
+    python -m benchmarks.convert [--workdir /tmp/sd-convert-bench] [--repeats 3]
 
 Writes a random-weight SD 1.5 checkpoint in the original (LDM) layout, fp32, tensor by tensor (the
 shapes come from diffusers' models on the meta device) and the same as a `.ckpt`, converts each
-into a bundle, and loads each original and a bundle, every step in a fresh process, timing model
-construction with its weights and saving, and recording peak memory. Writes its section of
-benchmarks/RESULTS.md.
+into a bundle, and loads each original and a bundle (`--repeats` times, interleaved), every step in
+a fresh process, timing model construction with its weights and saving, and recording peak memory.
+Writes its section of benchmarks/RESULTS.md.
 """
 import argparse
 import json
@@ -117,6 +117,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sd-convert-bench"),
                         help="where the checkpoints (kept for reruns) and bundles go")
+    parser.add_argument("--repeats", type=int, default=3, help="loads of each format, interleaved; medians reported")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     shapes = sd15_shapes()
@@ -132,38 +133,49 @@ def main():
             write(partial)
             partial.rename(files[kind])
     print(f"{len(shapes)} tensors, {size_gb:.2f} GiB per file")
-    rows = []
+    converted = {}
     for kind, path in files.items():
-        bundle = args.workdir / f"bundle-{kind}"
-        shutil.rmtree(bundle, ignore_errors=True)
-        converted = measure("convert", path, bundle)
-        loaded = measure("load", path)
-        rows.append((kind, path.stat().st_size / 2**30, converted, loaded))
-        print(kind, converted, loaded)
-    reload = measure("load", args.workdir / "bundle-safetensors")
-    print("bundle", reload)
+        shutil.rmtree(args.workdir / f"bundle-{kind}", ignore_errors=True)
+        converted[kind] = measure("convert", path, args.workdir / f"bundle-{kind}")
+        print("convert", kind, converted[kind])
+    sources = {**files, "bundle": args.workdir / "bundle-safetensors"}
+    loads = {kind: [] for kind in sources}
+    for _ in range(args.repeats):  # interleaved: this machine's speed drifts between runs
+        for kind, path in sources.items():
+            loads[kind].append(measure("load", path))
+            print("load", kind, loads[kind][-1])
+    loaded = {kind: {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
+              for kind, runs in loads.items()}
     lines = [SECTION, "",
              f"Random-weight SD 1.5 in the v1-5-pruned-emaonly layout ({len(shapes)} fp32 tensors, "
-             f"{rows[0][1]:.2f} GiB), `python -m benchmarks.convert`, {time.strftime('%Y-%m-%d')}, 2 CPU "
+             f"{size_gb:.2f} GiB), `python -m benchmarks.convert`, {time.strftime('%Y-%m-%d')}, 2 CPU "
              "cores, TensorFlow backend, each step in a fresh process. "
              "load: `StableDiffusion.from_checkpoint` (reading the file, building the Keras models and creating "
              "every variable from its tensor); first read: then summing every variable once (a bundle's variables "
              "are views of its memory-mapped files, whose pages are read on first use); save: writing the bundle. "
              "Peak RSS is VmHWM; anon / file: peak resident anonymous memory and pages of memory-mapped files "
              "(the checkpoint or bundle; reclaimable), sampled every 50 ms. Each file is read once before its "
-             "step: every step starts with it in the page cache.", "",
+             f"step: every step starts with it in the page cache. Loads: medians of {args.repeats} runs, "
+             "interleaved.", "",
              "| step | load s | first read s | save s | peak RSS GiB (x file) | peak anon GiB | peak file-backed GiB |",
              "|---|---|---|---|---|---|---|"]
-    for step, m in [(f"{step} .{kind}", m) for kind, _, converted, loaded in rows
-                    for step, m in (("convert", converted), ("load", loaded))] + [("load bundle", reload)]:
+    steps = [(f"{step} .{kind}", m) for kind in files for step, m in (("convert", converted[kind]), ("load", loaded[kind]))]
+    for step, m in steps + [("load bundle", loaded["bundle"])]:
         lines.append(f"| {step} | {m['load']:.1f} | {m['first_read']:.1f} | {m['save']:.1f} | "
-                     f"{m['peak_rss_gb']:.2f} ({m['peak_rss_gb'] / rows[0][1]:.2f}x) | {m['peak_anon_gb']:.2f} | "
+                     f"{m['peak_rss_gb']:.2f} ({m['peak_rss_gb'] / size_gb:.2f}x) | {m['peak_anon_gb']:.2f} | "
                      f"{m['peak_file_gb']:.2f} |")
-    ratio = lambda original, key: original[key] / reload[key]
     both = lambda m: m["load"] + m["first_read"]
-    lines += ["", f"Loading the bundle: {ratio(rows[0][3], 'load'):.1f}x faster than the .safetensors, "
-              f"{ratio(rows[1][3], 'load'):.1f}x than the .ckpt; with the first read of every weight, "
-              f"{both(rows[0][3]) / both(reload):.1f}x and {both(rows[1][3]) / both(reload):.1f}x.", ""]
+
+    def speedup(kind, seconds):
+        """Bundle vs `kind`: ratio of the medians, and the range of the per-run ratios."""
+        per_run = [seconds(original) / seconds(bundle) for original, bundle in zip(loads[kind], loads["bundle"])]
+        median = seconds(loaded[kind]) / seconds(loaded["bundle"])
+        return f"{median:.1f}x ({min(per_run):.1f}-{max(per_run):.1f}x per run)"
+
+    load = lambda m: m["load"]
+    lines += ["", f"Loading the bundle: {speedup('safetensors', load)} faster than the .safetensors, "
+              f"{speedup('ckpt', load)} than the .ckpt; with the first read of every weight, "
+              f"{speedup('safetensors', both)} and {speedup('ckpt', both)}.", ""]
     replace_section(SECTION, "\n".join(lines[1:]))
     print("\n".join(lines))
 
