@@ -1,15 +1,18 @@
 """Converting a full-size SD 1.5 checkpoint: time and peak memory, `.safetensors` and `.ckpt`.
 
-    python -m benchmarks.convert [--workdir /tmp/sd-convert-bench] [--repeats 3]
+    python -m benchmarks.convert [--workdir /tmp/sd-convert-bench] [--repeats 3] [--memory-limit-factor F]
 
 Writes a random-weight SD 1.5 checkpoint in the original (LDM) layout, fp32, tensor by tensor (the
 shapes come from diffusers' models on the meta device) and the same as a `.ckpt`, converts each
 into a bundle, and loads each original and a bundle (`--repeats` times, interleaved), every step in
 a fresh process, timing model construction with its weights and saving, and recording peak memory.
-Writes its section of benchmarks/RESULTS.md.
+`--memory-limit-factor F` also converts each file in a memory cgroup of F times its size (root), to
+show what a conversion needs, as peak RSS counts file pages the kernel can reclaim. Writes its
+section of benchmarks/RESULTS.md.
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -113,11 +116,31 @@ def measure(*args):
     return json.loads(output.strip().splitlines()[-1])
 
 
+def converts_within(path, factor, workdir):
+    """Converts `path` in a memory cgroup of `factor` times the file's size, the page cache dropped
+    first (and then charged to the group): (completed, seconds)."""
+    from benchmarks.memory import cgroup_with_limit
+
+    group, _ = cgroup_with_limit(int(factor * path.stat().st_size), name="sd-convert-benchmark")
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    bundle, start = workdir / "bundle-limited", time.perf_counter()
+    enter = lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
+    run = subprocess.run([sys.executable, "-m", "stable_diffusion.convert", str(path), str(bundle)], cwd=ROOT,
+                         capture_output=True, preexec_fn=enter)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(bundle, ignore_errors=True)
+    group.rmdir()
+    return run.returncode == 0, seconds
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sd-convert-bench"),
                         help="where the checkpoints (kept for reruns) and bundles go")
     parser.add_argument("--repeats", type=int, default=3, help="loads of each format, interleaved; medians reported")
+    parser.add_argument("--memory-limit-factor", type=float, metavar="F",
+                        help="also convert each file in a memory cgroup of F times its size (needs root)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     shapes = sd15_shapes()
@@ -175,7 +198,17 @@ def main():
     load = lambda m: m["load"]
     lines += ["", f"Loading the bundle: {speedup('safetensors', load)} faster than the .safetensors, "
               f"{speedup('ckpt', load)} than the .ckpt; with the first read of every weight, "
-              f"{speedup('safetensors', both)} and {speedup('ckpt', both)}.", ""]
+              f"{speedup('safetensors', both)} and {speedup('ckpt', both)}.", "",
+              "Load per run, in order: " + "; ".join(
+                  f"{kind} " + ", ".join(f"{run['load']:.1f}" for run in runs) + " s" for kind, runs in loads.items()) + ".",
+              ""]
+    if args.memory_limit_factor:
+        within = {kind: converts_within(path, args.memory_limit_factor, args.workdir) for kind, path in files.items()}
+        print("within limit", within)
+        lines += [f"Converting in a memory cgroup of {args.memory_limit_factor}x the file's size (page cache dropped "
+                  "first, then charged to the group): " + ", ".join(
+                      f".{kind} {f'completes in {seconds:.0f} s' if ok else 'is killed'}"
+                      for kind, (ok, seconds) in within.items()) + ".", ""]
     replace_section(SECTION, "\n".join(lines[1:]))
     print("\n".join(lines))
 
