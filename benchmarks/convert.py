@@ -12,7 +12,6 @@ section of benchmarks/RESULTS.md.
 """
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -117,15 +116,11 @@ def measure(*args):
 
 
 def converts_within(path, factor, workdir):
-    """Converts `path` in a memory cgroup of `factor` times the file's size, the page cache dropped
-    first (and then charged to the group): (completed, seconds)."""
+    """Converts `path` in a memory cgroup of `factor` times the file's size: (completed, seconds)."""
     from benchmarks.memory import cgroup_with_limit
 
-    group, _ = cgroup_with_limit(int(factor * path.stat().st_size), name="sd-convert-benchmark")
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
+    group, _, enter = cgroup_with_limit(int(factor * path.stat().st_size), name="sd-convert-benchmark")
     bundle, start = workdir / "bundle-limited", time.perf_counter()
-    enter = lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
     run = subprocess.run([sys.executable, "-m", "stable_diffusion.convert", str(path), str(bundle)], cwd=ROOT,
                          capture_output=True, preexec_fn=enter)
     seconds = time.perf_counter() - start

@@ -54,7 +54,9 @@ class ResidentMemory:
 
 
 def cgroup_with_limit(limit_bytes, name="sd-memory-benchmark"):
-    """A new memory cgroup limited to `limit_bytes`: (its folder, file of its peak usage)."""
+    """A new memory cgroup limited to `limit_bytes`, with the page cache dropped so that what a run
+    reads is charged to it: (its folder, the file of its peak usage, a `preexec_fn` moving a child
+    process into it). Needs root and a cgroup memory controller (v1 or v2); OSError otherwise."""
     if Path("/sys/fs/cgroup/cgroup.controllers").exists():
         group, limit, peak = Path("/sys/fs/cgroup", name), "memory.max", "memory.peak"
     else:
@@ -63,19 +65,18 @@ def cgroup_with_limit(limit_bytes, name="sd-memory-benchmark"):
         group.rmdir()
     group.mkdir()
     (group / limit).write_text(str(limit_bytes))
-    return group, group / peak
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    return group, group / peak, lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def run_limited(args, argv):
     """Reruns this benchmark in a memory cgroup of `args.memory_limit` GB, the page cache dropped first;
     records a row for a run the limit killed (the run records its own otherwise)."""
     try:
-        group, peak_file = cgroup_with_limit(int(args.memory_limit * 1e9))
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3")
+        group, peak_file, enter = cgroup_with_limit(int(args.memory_limit * 1e9))
     except OSError as error:
         sys.exit(f"--memory-limit needs root and a cgroup memory controller: {error}")
-    enter = lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
     run = subprocess.run([sys.executable, "-m", "benchmarks.memory", *argv, "--inside-cgroup"], preexec_fn=enter)
     print(f"cgroup peak usage {int(peak_file.read_text()) / 1e9:.2f} GB (limit {args.memory_limit} GB)")
     if run.returncode:
