@@ -246,18 +246,24 @@ def test_bundle_puts_every_variable_in_its_place(bench, tmp_path):
     assert_same_weights(again, sd)
 
 
+def dataset_offsets(path):
+    """Where each dataset of an HDF5 file starts in the file."""
+    import h5py
+
+    offsets = []
+    with h5py.File(path, "r") as file:
+        file.visititems(lambda _, item: offsets.append(item.id.get_offset()) if isinstance(item, h5py.Dataset) else None)
+    return offsets
+
+
 def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
     """A bundle stores each array 64-byte aligned, as it lies in memory, and on TensorFlow loading makes
     each variable a view of its privately mapped file (nothing is copied up front); writing a variable
     never reaches the file, and saving over the bundle a pipeline was loaded from is safe."""
-    import h5py
-
     sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
     sd.save(tmp_path / "bundle")
     for name in MODELS:
-        with h5py.File(tmp_path / "bundle" / f"{name}.weights.h5", "r") as file:
-            offsets = []
-            file.visititems(lambda _, item: offsets.append(item.id.get_offset()) if isinstance(item, h5py.Dataset) else None)
+        offsets = dataset_offsets(tmp_path / "bundle" / f"{name}.weights.h5")
         assert offsets and all(offset % 64 == 0 for offset in offsets), name
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
     if keras.backend.backend() == "tensorflow":
@@ -280,8 +286,6 @@ def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
 def test_bundle_of_keras_written_files_loads_by_reading(bench, tmp_path):
     """Weights files Keras writes itself (`model.save_weights`, bundles older than the aligned format)
     store arrays where they fall; those that cannot be mapped as they are get read."""
-    import h5py
-
     sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
     sd.save(tmp_path / "bundle")
     offsets = []
@@ -289,8 +293,7 @@ def test_bundle_of_keras_written_files_loads_by_reading(bench, tmp_path):
         path = tmp_path / "bundle" / f"{name}.weights.h5"
         path.unlink()
         getattr(sd, name).save_weights(path)
-        with h5py.File(path, "r") as file:
-            file.visititems(lambda _, item: offsets.append(item.id.get_offset()) if isinstance(item, h5py.Dataset) else None)
+        offsets += dataset_offsets(path)
     assert any(offset % 64 for offset in offsets)
     assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
 
