@@ -115,7 +115,7 @@ def main(argv=None):
     seconds = time_one_image(sd, captions[0], args.seed, **settings)
     scores = score(generate(sd, captions, args.batch_size, args.seed, **settings), captions)
 
-    model = "weights/demo" if args.checkpoint is None else args.checkpoint
+    model = "assets/demo" if args.checkpoint is None else args.checkpoint
     command = shlex.join(["python", "-m", "benchmarks.adherence", *(sys.argv[1:] if argv is None else argv)])
     entry = "\n".join([
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {model}, {args.num_images} prompts",

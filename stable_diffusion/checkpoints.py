@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from . import ldm
-from .tokenizer import Tokenizer, shipped_path
+from .presets import asset
+from .tokenizer import Tokenizer
 
 BUNDLE_FORMAT, BUNDLE_CONFIG = "keras-stable-diffusion/1", "config.json"
 BUNDLE_MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
@@ -266,7 +267,7 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
     Args:
         path: a diffusers folder, a bundle written by `save_bundle`, or an original single-file
             SD 1.x / 2.x checkpoint (`.safetensors`, or `.ckpt` read with PyTorch's weights-only
-            unpickler); None: the demo model bundle shipped in `weights/demo`.
+            unpickler); None: the demo model bundle shipped in the package's `assets/demo`.
         vae: a VAE file (`.safetensors` / `.ckpt` in the original layout, e.g. vae-ft-mse-840000)
             replacing the checkpoint's VAE.
         prediction_type: "epsilon" or "v_prediction" instead of the checkpoint's. Single files default
@@ -276,7 +277,7 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
         config: per-model settings the tensors do not determine, overriding the inferred ones, e.g.
             `{"diffusion_model": {"num_heads": 4}, "decoder": {"norm_groups": 8}}`.
     """
-    path = shipped_path("demo") if path is None else Path(path)
+    path = asset("demo") if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     if prediction_type not in (None, *PREDICTION_TYPES):

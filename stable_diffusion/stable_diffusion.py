@@ -79,7 +79,7 @@ class StableDiffusion(ImageEditing):
         replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
 
         Args:
-            path: the checkpoint; default: the small demo model shipped in `weights/demo`.
+            path: the checkpoint; default: the small demo model shipped with the package.
             img_height, img_width: image size; default: the size the model was trained at.
             jit_compile, scheduler, dtype_policy: see `StableDiffusion`.
             vae, prediction_type, use_ema, config: see `checkpoints.read`.

@@ -13,7 +13,7 @@ diffusers issue #4153.
 
 References:
 - OpenAI CLIP `clip/simple_tokenizer.py` and open_clip `tokenizer.py`: vocabulary built from the BPE
-  merges file (vendored as `weights/bpe_simple_vocab_16e6.txt.gz`, MIT licence beside it).
+  merges file (shipped as `assets/bpe_simple_vocab_16e6.txt.gz`, MIT licence beside it).
 - transformers `models/clip/tokenization_clip.py`: the ids we match.
 - diffusers `StableDiffusionPipeline.encode_prompt`: the warning on truncated prompts.
 """
@@ -26,19 +26,9 @@ from pathlib import Path
 import keras
 import keras_hub
 
-WEIGHTS_FOLDERS = [
-    Path(__file__).parent.parent / "weights",  # repository checkout (pip install -e .)
-    Path(__file__).parent / "weights",  # installed package data
-]
+from .presets import asset
+
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
-
-
-def shipped_path(name):
-    """Path of a file or folder shipped in `weights/`; FileNotFoundError naming where it was looked for."""
-    path = next((folder / name for folder in WEIGHTS_FOLDERS if (folder / name).exists()), None)
-    if path is None:
-        raise FileNotFoundError(f"{name} not found in {[str(folder) for folder in WEIGHTS_FOLDERS]}.")
-    return path
 
 
 def byte_characters():
@@ -176,7 +166,7 @@ class Tokenizer:
         Args:
             pad_token: `"<|endoftext|>"` for SD 1.x, `"!"` for SD 2.x.
         """
-        path = shipped_path("bpe_simple_vocab_16e6.txt.gz")
+        path = asset("bpe_simple_vocab_16e6.txt.gz")
         with gzip.open(path, "rt", encoding="utf-8") as f:
             merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
         characters = byte_characters()

@@ -1,5 +1,5 @@
 """Training with Keras `fit`: a small Stable Diffusion from scratch on the synthetic shapes of
-`data.py` (the demo model in `weights/demo`), or fine-tuning a checkpoint's UNet on a folder of
+`data.py` (the demo model in `assets/demo`), or fine-tuning a checkpoint's UNet on a folder of
 captioned images.
 
 Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
@@ -10,8 +10,8 @@ Offset Noise") and EMA weights; stage 3 fine-tunes the decoder alone, the latent
 trainers are `keras.Model`s whose `call` draws the noise with `keras.random` and whose
 `compute_loss` holds the loss, so `fit` runs them on every backend.
 
-    python -m stable_diffusion.train --output weights/demo
-    python -m stable_diffusion.train --checkpoint weights/demo --data FOLDER --output OUT
+    python -m stable_diffusion.train --output demo
+    python -m stable_diffusion.train --checkpoint demo --data FOLDER --output OUT
 """
 import argparse
 import json

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 import stable_diffusion
-from stable_diffusion import StableDiffusion, tokenizer
+from stable_diffusion import StableDiffusion, presets
 from stable_diffusion.__main__ import DEMO_NOTICE, main
 
 PROG = "python -m stable_diffusion"
+VOCABULARY = "bpe_simple_vocab_16e6.txt.gz"
 # The smallest model of the family: 32x32 images, 16x16 latents, a 1-layer CLIP of width 32.
 TINY_CONFIG = dict(
     text_encoder=dict(width=32, num_layers=1, num_heads=2, intermediate_size=64),
@@ -36,10 +37,11 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture
 def demo(bundle, tmp_path, monkeypatch):
-    """Makes the tiny bundle the built-in demo model (`weights/demo`)."""
-    weights = tmp_path / "weights"
-    shutil.copytree(bundle, weights / "demo")
-    monkeypatch.setattr(tokenizer, "WEIGHTS_FOLDERS", [weights, *tokenizer.WEIGHTS_FOLDERS])
+    """Makes the tiny bundle the built-in demo model (`assets/demo`), the vocabulary still shipped."""
+    assets = tmp_path / "assets"
+    shutil.copytree(bundle, assets / "demo")
+    (assets / VOCABULARY).symlink_to(presets.asset(VOCABULARY))
+    monkeypatch.setattr(presets, "ASSETS", assets)
 
 
 @pytest.fixture
@@ -168,7 +170,7 @@ def test_incomplete_bundle(bundle, workdir, capsys):
 
 
 def test_missing_demo_model(workdir, monkeypatch, capsys):
-    monkeypatch.setattr(tokenizer, "WEIGHTS_FOLDERS", [workdir.parent / "no-weights"])
+    monkeypatch.setattr(presets, "ASSETS", workdir.parent / "no-assets")
     err = run_failing(["a red circle"], capsys)
     assert "the built-in demo model is not installed" in err and "--checkpoint PATH" in err
     assert list(workdir.iterdir()) == []

@@ -13,7 +13,7 @@ FLOORS = dict(color=0.9, shape=0.65, background=0.9, size=0.75)
 
 
 def test_shipped_demo_model_follows_prompts():
-    sd = StableDiffusion.from_checkpoint(jit_compile=False)  # weights/demo
+    sd = StableDiffusion.from_checkpoint(jit_compile=False)  # the shipped demo model
     rng = np.random.default_rng(1)  # other prompts and seeds than the benchmark's (seed 0)
     captions = [random_caption(rng)[0] for _ in range(20)]
     scores = score(sd.text_to_image(captions, seed=1, verbose=False), captions)

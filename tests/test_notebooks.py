@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import stable_diffusion
-from stable_diffusion.tokenizer import shipped_path
+from stable_diffusion.presets import asset
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -17,7 +17,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 def demo_model_missing():
     """Why the notebooks cannot run, or None."""
     try:
-        shipped_path("demo")
+        asset("demo")
     except FileNotFoundError as error:
         return f"the demo model the notebooks use is not shipped yet: {error}"
     return None
