@@ -1,6 +1,7 @@
 """The shipped demo model loads offline with no path and follows its prompts, read back from the pixels
 by the same classifier that checks the training data (`stable_diffusion.adherence`)."""
 import numpy as np
+import pytest
 
 from stable_diffusion import StableDiffusion
 from stable_diffusion.adherence import score
@@ -12,6 +13,7 @@ from stable_diffusion.data import random_caption
 FLOORS = dict(color=0.9, shape=0.65, background=0.9, size=0.75)
 
 
+@pytest.mark.demo
 def test_shipped_demo_model_follows_prompts():
     sd = StableDiffusion.from_checkpoint(jit_compile=False)  # the shipped demo model
     rng = np.random.default_rng(1)  # other prompts and seeds than the benchmark's (seed 0)

@@ -32,6 +32,7 @@ def test_notebooks_exist_and_are_stripped():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
 
 
+@pytest.mark.notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     reason = demo_model_missing()

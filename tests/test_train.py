@@ -52,6 +52,7 @@ def test_diffusion_stage_fits_and_resumes(tmp_path):
     assert not (tmp_path / "backup").exists()  # removed once training completes
 
 
+@pytest.mark.training
 def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
     config = dict(TINY, decoder=dict(TINY["decoder"], scaling_factor=1.0))
     options = dict(num_images=8, epochs=1, decoder_images=8, decoder_epochs=2, batch_size=4, vae_batch_size=4,
@@ -68,6 +69,7 @@ def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
         1, 64, 64, 3)
 
 
+@pytest.mark.training
 def test_fine_tune_changes_only_the_unet(tmp_path):
     StableDiffusion(SIZE, SIZE, config=TINY).save(tmp_path / "base")
     images, captions = make_dataset(6, seed=1, image_size=SIZE)
