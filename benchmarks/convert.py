@@ -12,6 +12,7 @@ section of benchmarks/RESULTS.md.
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,12 +37,12 @@ def sample():  # resident anonymous memory vs pages of mapped files (a memory-ma
         time.sleep(0.05)
 
 threading.Thread(target=sample, daemon=True).start()
-from stable_diffusion import StableDiffusion, checkpoints
+from stable_diffusion import StableDiffusion, bundle
 import keras
 times = [time.perf_counter()]
 sd = StableDiffusion.from_checkpoint(sys.argv[2], jit_compile=False)
 times.append(time.perf_counter())
-for name in checkpoints.BUNDLE_MODELS:  # a mapped bundle reads its pages here, on first use
+for name in bundle.MODELS:  # a mapped bundle reads its pages here, on first use
     for variable in getattr(sd, name).weights:
         keras.ops.sum(variable)
 times.append(time.perf_counter())
@@ -97,6 +98,16 @@ def write_ckpt(safetensors_path, path):
     from safetensors.torch import load_file
 
     torch.save({"state_dict": load_file(safetensors_path), "global_step": 840000}, path)
+
+
+def cpu():
+    """The CPU model and its vector-instruction flags, as /proc/cpuinfo gives them."""
+    fields = {}
+    for line in open("/proc/cpuinfo"):
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = [flag for flag in fields.get("flags", "").split() if flag.startswith(("avx", "fma", "f16c", "amx"))]
+    return f"{fields.get('model name', 'unknown CPU')} (flags {' '.join(flags)})"
 
 
 def warm_page_cache(path):
@@ -166,8 +177,9 @@ def main():
               for kind, runs in loads.items()}
     lines = [SECTION, "",
              f"Random-weight SD 1.5 in the v1-5-pruned-emaonly layout ({len(shapes)} fp32 tensors, "
-             f"{size_gb:.2f} GiB), `python -m benchmarks.convert`, {time.strftime('%Y-%m-%d')}, 2 CPU "
-             "cores, TensorFlow backend, each step in a fresh process. "
+             f"{size_gb:.2f} GiB), `{' '.join(['python -m benchmarks.convert', *sys.argv[1:]])}`, "
+             f"{time.strftime('%Y-%m-%d')}, {len(os.sched_getaffinity(0))} cores of an {cpu()}, TensorFlow "
+             "backend, each step in a fresh process. "
              "load: `StableDiffusion.from_checkpoint` (reading the file, building the Keras models and creating "
              "every variable from its tensor); first read: then summing every variable once (a bundle's variables "
              "are views of its memory-mapped files, whose pages are read on first use); save: writing the bundle. "

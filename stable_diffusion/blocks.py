@@ -2,7 +2,7 @@
 
 Layers carry the diffusers / transformers checkpoint key prefixes as names, with "-" for "."
 (PyTorch forbids dots in parameter names): `mid_block-resnets-0-conv1` holds
-`mid_block.resnets.0.conv1.weight`, so `checkpoints.py` maps weights by name.
+`mid_block.resnets.0.conv1.weight`, so `weights.py` maps weights by name.
 """
 from keras import layers, ops
 

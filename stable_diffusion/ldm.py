@@ -1,6 +1,7 @@
 """Original single-file Stable Diffusion 1.x / 2.x checkpoints (the latent-diffusion layout of the
 CompVis, RunwayML and Stability `.ckpt` / `.safetensors` releases and their fine-tunes): the key table
-to the diffusers names our layers carry, and the architecture read off the tensor shapes.
+to the diffusers names our layers carry, the architecture read off the tensor shapes, and the files
+read (`read`, `read_vae`).
 
 `plan(shapes)` splits a checkpoint's keys by component, infers each component's configuration from
 the shapes, and names every tensor: `{diffusers key: (original key, part)}`, where `part` picks a
@@ -19,6 +20,9 @@ Stability-AI/stablediffusion `configs/stable-diffusion/v2-inference(-v).yaml` an
 """
 from dataclasses import dataclass
 
+from .tokenizer import Tokenizer
+from .weights import Tensors, strict_loader
+
 UNET, VAE, CLIP, OPEN_CLIP, EMA = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.",
                                    "cond_stage_model.model.", "model_ema.")
 HEAD_WIDTH, SD1_UNET_HEADS = 64, 8
@@ -34,6 +38,8 @@ UNSUPPORTED = {"conditioner.embedders.": "SDXL", "control_model.": "ControlNet",
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
 PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!"}
+SINGLE_FILES = (".safetensors", ".ckpt")
+CKPT_METADATA = ("global_step", "epoch", "pytorch-lightning_version")  # non-tensor entries of a .ckpt
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers: an SD 2.x file at this step is 512-base (epsilon), others 768-v
 
 UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -266,3 +272,55 @@ def standalone_vae_plan(shapes, source):
         raise ValueError(f"{source} is not a VAE checkpoint: no {prefix}decoder.* tensors.")
     config, names = vae_plan(s, source)
     return config, prefixed(names, prefix)
+
+
+def open_single_file(path):
+    """(Tensors, global_step or None) of a `.safetensors` or `.ckpt` file, any `state_dict` nesting removed.
+    Tensors are read one at a time: plain reads at the offsets of a safetensors header, or a
+    memory-mapped `torch.load` for `.ckpt`, whose file pages the OS can reclaim."""
+    if path.suffix == ".safetensors":
+        return Tensors.from_safetensors([path]), None
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"Reading {path} needs PyTorch (a .ckpt is a pickle): pip install torch, or use "
+                          f"the .safetensors release of the checkpoint.") from None
+    try:  # the weights-only unpickler refuses (without running) anything but tensors and plain containers
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable .ckpt of tensors: {reason}. Pickles holding other "
+                         f"objects are refused unexecuted; use the .safetensors release.") from error
+    global_step = data.get("global_step") if isinstance(data, dict) else None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
+    others = [key for key, value in data.items() if not isinstance(value, torch.Tensor) and key not in CKPT_METADATA]
+    if others:
+        raise ValueError(f"{path} holds entries that are not tensors: {others[:5]}.")
+    return Tensors.from_torch({k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, str(path)), global_step
+
+
+def read(path, with_vae=True, prediction_type=None, use_ema=None):
+    """The fields of a `checkpoints.Checkpoint` of an original SD 1.x / 2.x checkpoint file: UNet, text
+    encoder and (unless replaced) VAE."""
+    tensors, global_step = open_single_file(path)
+    found = plan(tensors.shapes, path, use_ema, with_vae)
+    if prediction_type is None:
+        base = found.family == "sd1" or global_step == SD2_BASE_GLOBAL_STEP
+        prediction_type = "epsilon" if base else "v_prediction"
+    size = 768 if prediction_type == "v_prediction" else 512
+    config = dict(found.config, scheduler=dict(SCHEDULER, prediction_type=prediction_type))
+    parts = {models: strict_loader(tensors.subset(names)) for models, names in found.names.items()}
+    return dict(config=config, tokenizer=Tokenizer.from_vendored(PAD_TOKENS[found.family]), img_height=size,
+                img_width=size, parts=parts)
+
+
+def read_vae(path):
+    """(Decoder / Encoder configs, loader) of a VAE file in the original layout."""
+    if not (path.is_file() and path.suffix in SINGLE_FILES):
+        raise ValueError(f"vae must be a {' / '.join(SINGLE_FILES)} file, got {path}.")
+    tensors, _ = open_single_file(path)
+    config, names = standalone_vae_plan(tensors.shapes, path)
+    return config, strict_loader(tensors.subset(names))

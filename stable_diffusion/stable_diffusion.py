@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import checkpoints, schedulers, tiling
+from . import bundle, checkpoints, keras_internals, presets, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -56,7 +56,7 @@ class StableDiffusion(ImageEditing):
         global_policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(dtype_policy or global_policy)  # layers take it when created
         try:
-            with checkpoints.created_from(weights, self) if weights else contextlib.nullcontext():
+            with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
                 self.text_encoder = TextEncoder(**config["text_encoder"])
                 self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"])
                 self.decoder = Decoder(None, None, **config["decoder"])
@@ -93,18 +93,18 @@ class StableDiffusion(ImageEditing):
     def from_preset(cls, name, img_height=None, img_width=None, jit_compile=True):
         """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into
         the Keras cache and converted once into a bundle there, which later calls load."""
-        bundle = checkpoints.preset_bundle(name)
-        if not bundle.exists():
-            path, options = checkpoints.download_preset(name)
-            cls.from_checkpoint(path, jit_compile=False, **options).save(bundle)
-        return cls.from_checkpoint(bundle, img_height, img_width, jit_compile)
+        converted = presets.preset_bundle(name)
+        if not converted.exists():
+            path, options = presets.download_preset(name)
+            cls.from_checkpoint(path, jit_compile=False, **options).save(converted)
+        return cls.from_checkpoint(converted, img_height, img_width, jit_compile)
 
     def save(self, path, overwrite=False):
-        """Saves a bundle folder: `config.json`, one `.weights.h5` per model and the tokenizer.
+        """Saves a bundle folder (`bundle.py`): `config.json`, one `.safetensors` per model and the tokenizer.
 
         The folder appears only once complete. Load it with `StableDiffusion.from_checkpoint(path)`.
         """
-        checkpoints.save_bundle(self, path, overwrite)
+        bundle.save(self, path, overwrite)
 
     def _build_denoise_step(self):
         """The compiled model call of a step: the UNet runs once on [unconditional, conditional] inputs

@@ -26,6 +26,7 @@ from pathlib import Path
 import keras
 import keras_hub
 
+from .keras_internals import clip_tokenizer
 from .presets import asset
 
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -36,23 +37,6 @@ def byte_characters():
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     n_others = 256 - len(printable)
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(n_others)]
-
-
-class CLIPBytePairTokenizer(keras_hub.models.CLIPTokenizer):
-    """keras-hub's CLIPTokenizer, its TensorFlow lookup tables built on first use of its TensorFlow
-    path (a `tf.data` or `tf.function` trace) rather than up front: prompts take the Python path, and
-    the tables were 0.3 s of every load. keras-hub 0.32 builds them in `set_vocabulary_and_merges`,
-    where they also set the `self.vocabulary` its Python path reads (absent without TensorFlow)."""
-
-    def _set_vocabulary_and_merges_tf(self, vocabulary, merges):
-        self.vocabulary, self.merges, self.cache = dict(vocabulary), list(merges), None
-
-    def _maybe_initialized_tf(self):
-        if self.cache is None:
-            import tensorflow as tf
-
-            with tf.init_scope():  # eager tables, outliving the graph being traced
-                super()._set_vocabulary_and_merges_tf(self.vocabulary, self.merges)
 
 
 def pad_id(vocabulary, pad_token, source):
@@ -82,7 +66,7 @@ class Tokenizer:
         self.merges = [merge for merge in merges if merge and not merge.startswith("#version")]
         self.pad_token_id = pad_token_id
         self.sequence_length = sequence_length
-        self.bpe = CLIPBytePairTokenizer(self.vocabulary, self.merges)
+        self.bpe = clip_tokenizer(self.vocabulary, self.merges)
         self.pad_token = self.bpe.id_to_token(pad_token_id)
         self.packer = keras_hub.layers.StartEndPacker(
             sequence_length,

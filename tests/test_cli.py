@@ -163,9 +163,9 @@ def test_vae_tiling(bundle, workdir, capsys):
 def test_incomplete_bundle(bundle, workdir, capsys):
     broken = workdir.parent / "broken"
     shutil.copytree(bundle, broken)
-    (broken / "diffusion_model.weights.h5").unlink()
+    (broken / "diffusion_model.safetensors").unlink()
     err = run_failing(["a", "--checkpoint", str(broken)], capsys)
-    assert "diffusion_model.weights.h5" in err and "incomplete" in err
+    assert "diffusion_model.safetensors" in err and "incomplete" in err
     assert list(workdir.iterdir()) == []
 
 

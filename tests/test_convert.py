@@ -5,19 +5,22 @@ import collections
 import copy
 import functools
 import json
+import re
+import shutil
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import ldm_reference
 from reference import CONFIGS, make_pipeline, nchw, nhwc, to_numpy
-from stable_diffusion import StableDiffusion, checkpoints, ldm
+from stable_diffusion import (StableDiffusion, bundle, checkpoints, diffusers_folder, keras_internals, ldm, presets,
+                              weights)
 from stable_diffusion.convert import main as convert
 
 MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
@@ -63,12 +66,12 @@ def rounded(pipe, dtype):
     return pipe
 
 
-def weights(sd, models=MODELS):
+def variable_values(sd, models=MODELS):
     return {f"{name}/{v.path}": v.numpy() for name in models for v in getattr(sd, name).weights}
 
 
 def assert_same_weights(a, b, models=MODELS):
-    wa, wb = weights(a, models), weights(b, models)
+    wa, wb = variable_values(a, models), variable_values(b, models)
     assert wa.keys() == wb.keys()
     for key in wa:
         np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
@@ -161,8 +164,8 @@ def test_defaults_follow_diffusers(bench):
 
 
 def test_use_ema_chooses_between_two_unet_sets(bench):
-    full = checkpoints.open_single_file(bench.file("sd1", ".ckpt", torch.float16, "ema"))[0].shapes
-    only = checkpoints.open_single_file(bench.file("sd1", ".safetensors"))[0].shapes
+    full = ldm.open_single_file(bench.file("sd1", ".ckpt", torch.float16, "ema"))[0].shapes
+    only = ldm.open_single_file(bench.file("sd1", ".safetensors"))[0].shapes
     sources = lambda shapes, use_ema: {key.split(".")[0] for key, _ in
                                        ldm.plan(shapes, "file", use_ema).names[("diffusion_model",)].values()}
     assert sources(full, None) == sources(full, True) == {"model_ema"}
@@ -189,9 +192,9 @@ def test_full_size_architecture_inferred(family, spec):
             text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **spec["text"]))))
     state = ldm_reference.ldm_state_dict(pipe, family)
     plan = ldm.plan({k: tuple(v.shape) for k, v in state.items()}, family)
-    expected = dict(diffusion_model=checkpoints.unet_config(dict(pipe.unet.config)),
-                    text_encoder=checkpoints.text_encoder_config(pipe.text_encoder.config.to_dict()),
-                    **checkpoints.vae_configs(dict(pipe.vae.config)))
+    expected = dict(diffusion_model=diffusers_folder.unet_config(dict(pipe.unet.config)),
+                    text_encoder=diffusers_folder.text_encoder_config(pipe.text_encoder.config.to_dict()),
+                    **diffusers_folder.vae_configs(dict(pipe.vae.config)))
     for name, config in plan.config.items():
         assert config == {k: expected[name][k] for k in config}, name
     assert plan.family == family
@@ -217,54 +220,79 @@ def test_bundle_reloads_bit_exact(bench, tmp_path):
     assert (again.img_height, again.tokenizer.pad_token_id) == (64, 0)
     assert again.config["scheduler"]["prediction_type"] == "v_prediction"
     assert_same_weights(again, original)
-    timings = {}
-    for name, checkpoint in (("original", checkpoints.read(source, config=ldm_reference.overrides(bench.pipe("sd2")))),
-                             ("bundle", checkpoints.read(tmp_path / "bundle"))):
-        start = time.perf_counter()
+    for checkpoint in (checkpoints.read(source, config=ldm_reference.overrides(bench.pipe("sd2"))),
+                       checkpoints.read(tmp_path / "bundle")):  # into variables that have values
         checkpoint.load_into(again)
-        timings[name] = round(time.perf_counter() - start, 3)
-    print(f"\nweights loaded in {timings} s (tiny model; full-size figures: benchmarks/RESULTS.md)")
-    assert_same_weights(again, original)
+        assert_same_weights(again, original)
     np.testing.assert_array_equal(again.text_to_image("a cat", num_steps=2, seed=1, verbose=False),
                                   original.text_to_image("a cat", num_steps=2, seed=1, verbose=False))
 
 
-def test_bundle_puts_every_variable_in_its_place(bench, tmp_path):
-    """Bundles are read by layer order and class, as Keras files them: with every variable random,
-    same-shape neighbours (a norm's scale and offset) included, each comes back in its place, and
-    the files still load with Keras' own `load_weights`."""
+def safetensors_header(path):
+    """(header, where the data starts) of a safetensors file, read as the format's specification says."""
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        return json.loads(file.read(length)), 8 + length
+
+
+def stored_tensors(path):
+    """{key: torch tensor} of a bundle weights file read with safetensors' own reader, padding left out."""
+    with safe_open(str(path), framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys() if not key.startswith(bundle.PADDING)}
+
+
+def test_bundle_files_are_aligned_safetensors_in_the_keras_layout(bench, tmp_path):
+    """Each bundle weights file is a safetensors file safetensors' own reader opens, holding every
+    variable under its checkpoint key, as it is in memory (with every variable random: each comes back
+    in its place), each tensor starting on a 64-byte boundary of the file."""
     sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
     rng = np.random.default_rng(0)
     for name in MODELS:
         for variable in getattr(sd, name).weights:
             variable.assign(rng.standard_normal(variable.shape).astype("float32"))
     sd.save(tmp_path / "bundle")
-    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
-    again = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    paddings = 0
     for name in MODELS:
-        getattr(again, name).load_weights(tmp_path / "bundle" / f"{name}.weights.h5")
+        path = tmp_path / "bundle" / f"{name}.safetensors"
+        header, data_start = safetensors_header(path)
+        assert header.pop("__metadata__") == {"format": "keras-stable-diffusion/2", "layout": "keras"}
+        paddings += sum(key.startswith("__padding__.") for key in header)
+        assert all((data_start + entry["data_offsets"][0]) % 64 == 0 for key, entry in header.items()
+                   if not key.startswith("__padding__.")), name
+        model = getattr(sd, name)
+        expected = {weights.variable_key(layer, v): v.numpy() for layer in model.layers for v in layer.weights}
+        stored = stored_tensors(path)
+        assert stored.keys() == expected.keys(), name
+        for key, value in expected.items():
+            np.testing.assert_array_equal(stored[key].numpy(), value, err_msg=key)
+    assert paddings, "no tensor needed padding: the test would not see padding skipped"
+    conv_in = safetensors_header(tmp_path / "bundle" / "diffusion_model.safetensors")[0]["conv_in.weight"]
+    assert conv_in["shape"] == [3, 3, 4, 32]  # Keras' (kh, kw, in, out); PyTorch's is (out, in, kh, kw)
+    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
+
+
+@pytest.mark.parametrize("policy, stored", [("float16", "F16"), ("bfloat16", "BF16")])
+def test_bundle_keeps_the_dtype_of_the_variables(policy, stored, bench, tmp_path):
+    bench.load("sd1", bench.file("sd1", ".safetensors")).save(tmp_path / "float32")
+    sd = StableDiffusion.from_checkpoint(tmp_path / "float32", jit_compile=False, dtype_policy=policy)
+    sd.save(tmp_path / policy)
+    path = tmp_path / policy / "decoder.safetensors"
+    header, _ = safetensors_header(path)
+    assert {entry["dtype"] for key, entry in header.items() if key.startswith("decoder.")} == {stored}
+    expected = {weights.variable_key(layer, v): v.numpy() for layer in sd.decoder.layers for v in layer.weights}
+    for key, tensor in stored_tensors(path).items():
+        np.testing.assert_array_equal(tensor.float().numpy(), expected[key].astype("float32"), err_msg=key)
+    again = StableDiffusion.from_checkpoint(tmp_path / policy, jit_compile=False, dtype_policy=policy)
+    assert {v.dtype for v in again.decoder.weights} == {policy}
     assert_same_weights(again, sd)
 
 
-def dataset_offsets(path):
-    """Where each dataset of an HDF5 file starts in the file."""
-    import h5py
-
-    offsets = []
-    with h5py.File(path, "r") as file:
-        file.visititems(lambda _, item: offsets.append(item.id.get_offset()) if isinstance(item, h5py.Dataset) else None)
-    return offsets
-
-
 def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
-    """A bundle stores each array 64-byte aligned, as it lies in memory, and on TensorFlow loading makes
-    each variable a view of its privately mapped file (nothing is copied up front); writing a variable
-    never reaches the file, and saving over the bundle a pipeline was loaded from is safe."""
+    """On TensorFlow loading makes each variable a view of its privately mapped bundle file (nothing is
+    copied up front); writing a variable never reaches the file, and saving over the bundle a pipeline
+    was loaded from is safe."""
     sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
     sd.save(tmp_path / "bundle")
-    for name in MODELS:
-        offsets = dataset_offsets(tmp_path / "bundle" / f"{name}.weights.h5")
-        assert offsets and all(offset % 64 == 0 for offset in offsets), name
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
     if keras.backend.backend() == "tensorflow":
         mapped = []
@@ -283,26 +311,11 @@ def test_bundle_weights_are_mapped_copy_on_write(bench, tmp_path):
     assert_same_weights(again, sd, models=("text_encoder", "diffusion_model", "encoder"))
 
 
-def test_bundle_of_keras_written_files_loads_by_reading(bench, tmp_path):
-    """Weights files Keras writes itself (`model.save_weights`, bundles older than the aligned format)
-    store arrays where they fall; those that cannot be mapped as they are get read."""
-    sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
-    sd.save(tmp_path / "bundle")
-    offsets = []
-    for name in MODELS:
-        path = tmp_path / "bundle" / f"{name}.weights.h5"
-        path.unlink()
-        getattr(sd, name).save_weights(path)
-        offsets += dataset_offsets(path)
-    assert any(offset % 64 for offset in offsets)
-    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
-
-
 def test_loading_reads_each_tensor_once_into_memory_of_its_own(bench):
     """A strict load reads every tensor once (checking that a key exists must not read it), and the
     variables it creates keep their own copy: changing the checkpoint's arrays afterwards changes nothing."""
     sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
-    arrays = {checkpoints.variable_key(layer, variable): variable.numpy()
+    arrays = {weights.variable_key(layer, variable): variable.numpy()
               for name in MODELS for layer in getattr(sd, name).layers for variable in layer.weights}
     reads = collections.Counter()
 
@@ -310,33 +323,97 @@ def test_loading_reads_each_tensor_once_into_memory_of_its_own(bench):
         reads[key] += 1
         return arrays[key]
 
-    tensors = checkpoints.Tensors({key: functools.partial(read, key) for key in arrays},
-                                  {key: array.shape for key, array in arrays.items()}, "arrays")
-    load = lambda models: checkpoints.load_weights(models, tensors, layout=lambda name, tensor, shape: tensor)
-    weights = checkpoints.Checkpoint(sd.config, sd.tokenizer, 64, 64, {MODELS: load})
-    again = StableDiffusion(64, 64, jit_compile=False, config=sd.config, tokenizer=sd.tokenizer, weights=weights)
+    tensors = weights.Tensors({key: functools.partial(read, key) for key in arrays},
+                              {key: array.shape for key, array in arrays.items()}, "arrays")
+    load = lambda models: weights.load_weights(models, tensors, layout=weights.keras_layout)
+    checkpoint = checkpoints.Checkpoint(sd.config, sd.tokenizer, 64, 64, {MODELS: load})
+    again = StableDiffusion(64, 64, jit_compile=False, config=sd.config, tokenizer=sd.tokenizer, weights=checkpoint)
     assert set(reads.values()) == {1} and reads.keys() == arrays.keys()
     for array in arrays.values():
         array[...] = 0
     assert_same_weights(again, sd)
 
 
+@pytest.mark.parametrize("private", ["registry", "variable methods"])
+def test_without_private_keras_models_are_built_then_assigned(private, bench, tmp_path, monkeypatch):
+    """Where Keras lacks the private registry of variables waiting for a value, or the private Variable
+    methods that create them from arrays, the models are built with random values and every variable
+    is assigned from the checkpoint instead."""
+    sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    sd.save(tmp_path / "bundle")
+    if private == "registry":
+        monkeypatch.setattr(keras_internals, "global_state", None)
+    else:
+        monkeypatch.setattr(keras, "Variable", type("Variable", (), {}))
+    monkeypatch.setattr(keras, "StatelessScope", lambda **kwargs: pytest.fail("deferred initialization used"))
+    assert not keras_internals.defers_initialization()
+    assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda arrays: arrays.pop("conv_in.weight"), "missing tensor conv_in.weight"),
+    (lambda arrays: arrays.update(extra=np.zeros(3, "float32")), "unexpected tensor extra"),
+    (lambda arrays: arrays.update({"conv_in.bias": np.zeros(5, "float32")}), r"conv_in.bias has shape \(5,\)"),
+])
+def test_bundle_file_that_does_not_fit_is_named(change, message, bench, tmp_path):
+    bench.load("sd1", bench.file("sd1", ".safetensors")).save(tmp_path / "bundle")
+    path = tmp_path / "bundle" / "diffusion_model.safetensors"
+    arrays = {key: tensor.numpy().copy() for key, tensor in stored_tensors(path).items()}  # not views of the file
+    change(arrays)
+    bundle.write_safetensors(path, arrays)
+    fits = f"(?s){re.escape(str(path))} does not fit the diffusion_model model:.*{message}"
+    with pytest.raises(ValueError, match=fits):
+        StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+
+
 def test_bundle_with_a_foreign_weights_file_is_refused(bench, tmp_path):
     bench.load("sd1", bench.file("sd1", ".safetensors")).save(tmp_path / "bundle")
-    weights = tmp_path / "bundle" / "decoder.weights.h5"
-    weights.write_bytes((tmp_path / "bundle" / "encoder.weights.h5").read_bytes())
-    with pytest.raises(ValueError, match="does not fit the encoder \\+ decoder model"):
+    decoder = tmp_path / "bundle" / "decoder.safetensors"
+    shutil.copy(tmp_path / "bundle" / "encoder.safetensors", decoder)
+    with pytest.raises(ValueError, match=f"{re.escape(str(decoder))} does not fit the decoder model"):
         StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
-    weights.write_bytes(b"not hdf5")
-    with pytest.raises(ValueError, match="not a readable Keras weights file"):
+    shutil.copy(bench.root / "sd1" / "vae" / "diffusion_pytorch_model.safetensors", decoder)  # PyTorch layout
+    with pytest.raises(ValueError, match=f"{re.escape(str(decoder))} is not a keras-stable-diffusion/2 weights file"):
         StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:len(data) // 2], r"its tensors end at byte \d+, the file has \d+ \(truncated\?\)"),
+    (lambda data: data[:5], r"its header size says \d+ bytes, the file has 5"),
+    (lambda data: data[:8] + b"[" + data[9:], r"its header is not JSON \(.+\)"),
+])
+def test_damaged_bundle_file_gives_one_clear_error_naming_it(damage, message, bench, tmp_path, capsys):
+    bench.load("sd1", bench.file("sd1", ".safetensors")).save(tmp_path / "bundle")
+    path = tmp_path / "bundle" / "diffusion_model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SystemExit) as exit_info:
+        convert([str(tmp_path / "bundle"), str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error.count("\n") == 1, error
+    assert re.fullmatch(f"error: {re.escape(str(path))} is not a readable safetensors file: {message}.\n", error), error
+    assert not (tmp_path / "out").exists()
+
+
+def test_old_bundle_format_says_how_to_convert_again(bench, tmp_path):
+    sd = bench.load("sd1", bench.file("sd1", ".safetensors"))
+    old = tmp_path / "bundle"
+    sd.save(old)
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps(dict(config, format="keras-stable-diffusion/1")))
+    for name in MODELS:
+        (old / f"{name}.safetensors").unlink()
+        getattr(sd, name).save_weights(old / f"{name}.weights.h5")
+    with pytest.raises(ValueError, match=f"{re.escape(str(old))} is a keras-stable-diffusion/1 bundle .*Convert its "
+                                         "original checkpoint again: python -m stable_diffusion.convert "
+                                         "ORIGINAL_CHECKPOINT NEW_BUNDLE"):
+        StableDiffusion.from_checkpoint(old, jit_compile=False)
 
 
 def test_convert_cli_writes_a_bundle(bench, tmp_path):
     settings = json.dumps(ldm_reference.overrides(bench.pipe("sd1")))
     convert([str(bench.file("sd1", ".safetensors")), str(tmp_path / "out"), "--config", settings])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [checkpoints.BUNDLE_CONFIG, "tokenizer", *(f"{m}.weights.h5" for m in checkpoints.BUNDLE_MODELS)])
+        [bundle.CONFIG, "tokenizer", *(f"{m}.safetensors" for m in bundle.MODELS)])
     with pytest.raises(SystemExit):
         convert([str(bench.file("sd1", ".safetensors")), str(tmp_path / "out")])  # exists, no --overwrite
 
@@ -406,7 +483,7 @@ def test_unexpected_tensor_is_named(bench, tmp_path):
 def test_preset_reuses_the_cached_bundle(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("tried to download"))
-    bench.load("sd1", bench.file("sd1", ".safetensors")).save(checkpoints.preset_bundle("sd-1.5"))
+    bench.load("sd1", bench.file("sd1", ".safetensors")).save(presets.preset_bundle("sd-1.5"))
     sd = StableDiffusion.from_preset("sd-1.5", 64, 64, jit_compile=False)
     assert_same_weights(sd, bench.load("sd1", bench.file("sd1", ".safetensors")))
 
@@ -420,7 +497,7 @@ def test_preset_offline_error(tmp_path, monkeypatch):
     with pytest.raises(ConnectionError, match=r"sd-2\.1.*Name or service not known.*from_checkpoint\(path, "
                                               r"prediction_type='v_prediction'\)"):
         StableDiffusion.from_preset("sd-2.1")
-    assert not checkpoints.preset_bundle("sd-2.1").exists()
+    assert not presets.preset_bundle("sd-2.1").exists()
     with pytest.raises(ValueError, match="Unknown preset"):
         StableDiffusion.from_preset("sd-3")
 
@@ -429,7 +506,7 @@ def test_every_preset_download_is_checked_against_a_pinned_sha256(tmp_path, monk
     requested = []
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(keras.utils, "get_file", lambda **kwargs: requested.append(kwargs) or str(tmp_path / "x"))
-    for name, preset in checkpoints.PRESETS.items():
-        checkpoints.download_preset(name)
+    for name, preset in presets.PRESETS.items():
+        presets.download_preset(name)
         assert requested[-1]["hash_algorithm"] == "sha256" and requested[-1]["origin"] == preset["url"]
-        assert len(requested[-1]["file_hash"]) == 64 and int(requested[-1]["file_hash"], 16) >= 0, name
+        assert requested[-1]["file_hash"] == preset["sha256"] and re.fullmatch("[0-9a-f]{64}", preset["sha256"]), name

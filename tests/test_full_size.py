@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from reference import FULL_SIZE_VAE as VAE, HUB_CONFIGS
-from stable_diffusion import checkpoints
+from stable_diffusion import diffusers_folder
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.diffusion_model import DiffusionModel
 from stable_diffusion.text_encoder import TextEncoder
@@ -25,11 +25,11 @@ def test_parameter_counts_and_one_step(version):
         unet = UNet2DConditionModel(**config["unet"])
         vae = AutoencoderKL(**VAE)
         text = CLIPTextModel(CLIPTextConfig(**config["text"]))
-    ours = TextEncoder(**checkpoints.text_encoder_config(config["text"]))
+    ours = TextEncoder(**diffusers_folder.text_encoder_config(config["text"]))
     assert ours.count_params() == count(text)
-    ours = Decoder(**checkpoints.vae_configs(VAE)["decoder"])
+    ours = Decoder(**diffusers_folder.vae_configs(VAE)["decoder"])
     assert ours.count_params() == count(vae.decoder) + count(vae.post_quant_conv)
-    ours = DiffusionModel(latent_height=32, latent_width=32, **checkpoints.unet_config(config["unet"]))
+    ours = DiffusionModel(latent_height=32, latent_width=32, **diffusers_folder.unet_config(config["unet"]))
     assert ours.count_params() == count(unet)
     if version == "sd-1.5":  # the published SD 1.5 figures
         assert (count(unet), count(vae.decoder) + count(vae.post_quant_conv), count(text)) == (

@@ -93,6 +93,9 @@ def test_bundle_reloads_bit_exact(ours, tmp_path):
     sd = ours("sd2")
     sd.save(tmp_path / "bundle")
     assert not list(tmp_path.glob(".*partial*")), "the temporary folder was left behind"
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
+        "config.json", "decoder.safetensors", "diffusion_model.safetensors", "encoder.safetensors",
+        "text_encoder.safetensors", "tokenizer"]
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle")
     assert (again.img_height, again.img_width) == (64, 64)
     assert again.tokenizer.pad_token_id == 0  # SD 2.x pads with "!"

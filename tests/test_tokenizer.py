@@ -14,6 +14,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import keras_hub
 import numpy as np
 import pytest
 from transformers import CLIPTokenizer
@@ -299,3 +300,14 @@ def test_other_backends(tokenizer, backend, prelude):
     assert result.returncode == 0, result.stderr
     expected = tokenizer(prompts).tolist()
     assert result.stdout.strip().splitlines()[-1] == f"ndarray int32 {expected} {not prelude}"
+
+
+def test_keras_hub_without_the_private_methods_serves_as_it_is(tokenizer, monkeypatch):
+    """Where keras-hub lacks a private method `CLIPBytePairTokenizer` overrides, its own CLIPTokenizer
+    is used, with the same ids."""
+    owner = next(c for c in keras_hub.models.CLIPTokenizer.__mro__ if "_maybe_initialized_tf" in vars(c))
+    monkeypatch.delattr(owner, "_maybe_initialized_tf")
+    plain = Tokenizer.from_vendored()
+    assert type(plain.bpe) is keras_hub.models.CLIPTokenizer
+    prompts = ["a cat 🐱", "wow!!", "a photo of an astronaut, riding a horse on mars"]
+    np.testing.assert_array_equal(plain(prompts), tokenizer(prompts))

@@ -1,0 +1,131 @@
+"""Our bundle format, written by `StableDiffusion.save`, a folder of:
+
+    config.json                    {"format": "keras-stable-diffusion/2", "img_height", "img_width",
+                                    and the arguments of each model and of the scheduler}
+    text_encoder.safetensors       one weights file per model, keyed by the diffusers / transformers
+    diffusion_model.safetensors    names (`weights.variable_key`, e.g.
+    decoder.safetensors            `down_blocks.0.resnets.0.conv1.weight`)
+    encoder.safetensors
+    tokenizer/                     vocab.json, merges.txt, tokenizer_config.json
+
+The weights files are safetensors files any safetensors reader opens. Unlike diffusers', their tensors
+are in the Keras layout of their variables (conv kernels (kh, kw, in, out), dense kernels (in, out);
+`weights.to_keras_layout` turns PyTorch tensors into it), as each file's `__metadata__` says:
+{"format": "keras-stable-diffusion/2", "layout": "keras"}. Tensors keep their variables' dtype
+(float32, float16 or bfloat16). Every tensor starts on a 64-byte boundary of the file, after a U8
+tensor `__padding__.N` where one is needed (safetensors wants the data contiguous), so loading maps
+each file copy-on-write and hands `weights.load_weights` numpy views of it: on TensorFlow the variables
+are the file's pages, read from disk when first used, and writes to them stay private.
+"""
+import json
+import mmap
+import shutil
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import Tokenizer
+from .weights import (SAFETENSORS_DTYPES, Tensors, keras_layout, load_weights, read_json, safetensors_header,
+                      variable_key)
+
+FORMAT, OLD_FORMAT, CONFIG = "keras-stable-diffusion/2", "keras-stable-diffusion/1", "config.json"
+METADATA = {"format": FORMAT, "layout": "keras"}
+MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
+ALIGNMENT, PADDING = 64, "__padding__."
+DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items()}
+RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
+
+
+def save(sd, path, overwrite=False):
+    """Writes `sd` as a bundle folder, under a temporary name renamed at the end."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    staging = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
+        (staging / CONFIG).write_text(json.dumps(config, indent=2))
+        for name in MODELS:
+            model = getattr(sd, name)
+            write_safetensors(staging / f"{name}.safetensors",
+                              {variable_key(layer, v): v for layer in model.layers for v in layer.weights})
+        sd.tokenizer.save(staging / "tokenizer")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+
+
+def write_safetensors(path, tensors, metadata=METADATA):
+    """Writes `tensors` ({key: Keras variable or numpy array}, each read when written, a variable with
+    `variable.numpy()`) as a safetensors file in which every tensor starts on a 64-byte boundary."""
+    header, values, end = {"__metadata__": metadata}, [], 0
+    for key, tensor in tensors.items():
+        dtype, shape = np.dtype(tensor.dtype), tuple(tensor.shape)
+        if end % ALIGNMENT:
+            gap = -end % ALIGNMENT
+            header[f"{PADDING}{len(values)}"] = dict(dtype="U8", shape=[gap], data_offsets=[end, end + gap])
+            values.append((np.zeros(gap, np.uint8), np.uint8))
+            end += gap
+        size = dtype.itemsize * int(np.prod(shape))
+        header[key] = dict(dtype=DTYPE_NAMES[dtype], shape=list(shape), data_offsets=[end, end + size])
+        values.append((tensor, dtype))
+        end += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-(8 + len(encoded)) % ALIGNMENT)  # the data starts on a boundary too
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little") + encoded)
+        for tensor, dtype in values:
+            array = np.ascontiguousarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor, dtype)
+            file.write(array.reshape(-1).view(np.uint8).data)
+
+
+def read(folder):
+    """The fields of a `checkpoints.Checkpoint` of the bundle `folder`; each weights file's header is
+    checked here, its tensors mapped (`open_weights`)."""
+    config = read_json(folder / CONFIG)
+    found = config.pop("format", None)
+    if found == OLD_FORMAT:
+        raise ValueError(f"{folder} is a {OLD_FORMAT} bundle (Keras .weights.h5 files), a format this version "
+                         f"no longer reads. Convert its original checkpoint again: {RECONVERT}")
+    if found != FORMAT:
+        raise ValueError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
+    files = {name: folder / f"{name}.safetensors" for name in MODELS}
+    for file in files.values():
+        if not file.exists():
+            raise FileNotFoundError(f"Missing {file}: the bundle is incomplete.")
+    tensors = {name: open_weights(file) for name, file in files.items()}
+
+    def load(models, names):
+        for model, name in zip(models, names):
+            load_weights([model], tensors[name], layout=keras_layout)
+
+    parts = {names: partial(load, names=names)  # the VAE one part, as `checkpoints.read(vae=...)` replaces it
+             for names in (("text_encoder",), ("diffusion_model",), ("encoder", "decoder"))}
+    height, width = config.pop("img_height"), config.pop("img_width")
+    return dict(config=config, tokenizer=Tokenizer.from_folder(folder / "tokenizer"), img_height=height,
+                img_width=width, parts=parts)
+
+
+def open_weights(path):
+    """The tensors of a bundle weights file, as views of the file mapped copy-on-write: its pages are
+    read when first used, and writes stay private."""
+    entries, metadata = safetensors_header(path)
+    if {key: metadata.get(key) for key in METADATA} != METADATA:
+        raise ValueError(f"{path} is not a {FORMAT} weights file: its __metadata__ is {metadata}, "
+                         f"not {METADATA}.")
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def view(entry):
+        count = int(np.prod(entry["shape"]))
+        return np.frombuffer(mapped, entry["dtype"], count, entry["offset"]).reshape(entry["shape"])
+
+    entries = {key: entry for key, entry in entries.items() if not key.startswith(PADDING)}
+    return Tensors({key: partial(view, entry) for key, entry in entries.items()},
+                   {key: entry["shape"] for key, entry in entries.items()}, str(path), owned=True)

@@ -1,0 +1,85 @@
+"""diffusers pipeline folders, as `save_pretrained` writes them (unet/, vae/, text_encoder/, tokenizer/,
+scheduler/): the configs translated into our models' arguments, the weights read by their diffusers
+and transformers names (`weights.py` maps them).
+
+References: diffusers `UNet2DConditionModel`, `AutoencoderKL` and `DDIMScheduler` configs,
+transformers `CLIPTextConfig`.
+"""
+from .tokenizer import Tokenizer
+from .weights import Tensors, read_json, strict_loader
+
+# diffusers' DDIMScheduler defaults, for keys a checkpoint's scheduler config leaves out.
+DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     steps_offset=0, set_alpha_to_one=True, prediction_type="epsilon", clip_sample=True,
+                     clip_sample_range=1.0)
+
+
+def read(folder):
+    """The fields of a `checkpoints.Checkpoint` of the diffusers folder `folder`."""
+    unet = read_json(folder / "unet" / "config.json")
+    vae = read_json(folder / "vae" / "config.json")
+    text = read_json(folder / "text_encoder" / "config.json")
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    config = dict(text_encoder=text_encoder_config(text), diffusion_model=unet_config(unet), **vae_configs(vae),
+                  scheduler={**DDIM_DEFAULTS, **{k: v for k, v in scheduler.items() if not k.startswith("_")}})
+    tokenizer_folder = folder / "tokenizer"
+    tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder.exists() else Tokenizer.from_vendored()
+    parts = {("text_encoder",): strict_loader(find_weights(folder / "text_encoder",
+                                                          lambda k: k.removeprefix("text_model.")),
+                                             ("embeddings.position_ids",)),
+             ("diffusion_model",): strict_loader(find_weights(folder / "unet")),
+             ("encoder", "decoder"): strict_loader(find_weights(folder / "vae"))}
+    size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return dict(config=config, tokenizer=tokenizer, img_height=size, img_width=size, parts=parts)
+
+
+def find_weights(folder, rename=lambda key: key):
+    """The tensors of a diffusers/transformers component folder (safetensors, maybe sharded)."""
+    for name in ("diffusion_pytorch_model", "model"):
+        for variant in ("", ".fp16"):
+            single, index = folder / f"{name}{variant}.safetensors", folder / f"{name}{variant}.safetensors.index.json"
+            if single.exists():
+                return Tensors.from_safetensors([single], rename)
+            if index.exists():
+                shards = sorted(set(read_json(index)["weight_map"].values()))
+                return Tensors.from_safetensors([folder / shard for shard in shards], rename)
+    raise FileNotFoundError(f"No .safetensors weights in {folder}.")
+
+
+def text_encoder_config(c):
+    """TextEncoder arguments from a transformers CLIPTextConfig."""
+    return dict(vocab_size=c["vocab_size"], max_length=c["max_position_embeddings"], width=c["hidden_size"],
+                num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+                intermediate_size=c["intermediate_size"], activation=c["hidden_act"])
+
+
+def unet_config(c):
+    """DiffusionModel arguments from a diffusers UNet2DConditionModel config."""
+    attention_levels = tuple(kind == "CrossAttnDownBlock2D" for kind in c["down_block_types"])
+    mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)]
+    unsupported = [key for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim",
+                                   "encoder_hid_dim", "dual_cross_attention", "only_cross_attention")
+                   if c.get(key)]
+    if (not set(c["down_block_types"]) <= {"CrossAttnDownBlock2D", "DownBlock2D"}
+            or list(c["up_block_types"]) != mirrored or unsupported
+            or c.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn"
+            or not isinstance(c.get("transformer_layers_per_block", 1), int)):
+        raise ValueError(f"Unsupported UNet configuration (not the SD 1.x/2.x family): "
+                         f"{c['down_block_types']} / {c['up_block_types']} {unsupported or ''}")
+    heads = c.get("num_attention_heads") or c["attention_head_dim"]  # diffusers' legacy naming
+    return dict(in_channels=c["in_channels"], out_channels=c["out_channels"],
+                channels=tuple(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
+                attention_levels=attention_levels,
+                num_heads=heads if isinstance(heads, int) else tuple(heads),
+                context_dim=c["cross_attention_dim"],
+                transformer_depth=c.get("transformer_layers_per_block", 1),
+                norm_groups=c.get("norm_num_groups", 32), norm_eps=c.get("norm_eps", 1e-5),
+                flip_sin_to_cos=c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0))
+
+
+def vae_configs(c):
+    """Decoder and Encoder arguments from a diffusers AutoencoderKL config."""
+    shared = dict(latent_channels=c["latent_channels"], channels=tuple(c["block_out_channels"]),
+                  layers_per_block=c["layers_per_block"], norm_groups=c.get("norm_num_groups", 32))
+    return dict(decoder=dict(shared, out_channels=c["out_channels"], scaling_factor=c.get("scaling_factor", 0.18215)),
+                encoder=dict(shared, in_channels=c["in_channels"]))

@@ -1,0 +1,89 @@
+"""Every use of a private Keras or keras-hub API, each with the public fallback taken where this
+Keras or keras-hub lacks it; the rest of the package uses public APIs only.
+
+- Creating variables from checkpoint arrays (`created_from`, `set_variable`): Keras' registry of
+  variables a `StatelessScope` left without a value (`keras.src.backend.common.global_state`) and the
+  private `Variable._value`, `_initialize` and `_convert_to_tensor`. Fallback: the models are built
+  with random values and every variable is then assigned with `Variable.assign`, which costs the
+  random initialization and a copy of every weight.
+- `CLIPBytePairTokenizer`: overrides keras-hub's private `_set_vocabulary_and_merges_tf` and
+  `_maybe_initialized_tf` to build the TensorFlow lookup tables on first use. Fallback: keras-hub's
+  `CLIPTokenizer` as it is, which builds them with every tokenizer.
+"""
+import contextlib
+
+import keras
+import keras_hub
+
+try:  # private: the registry of variables a StatelessScope created without a value
+    from keras.src.backend.common import global_state
+except ImportError:
+    global_state = None
+
+VARIABLE_METHODS = ("_initialize", "_convert_to_tensor")  # private methods of keras.Variable
+TOKENIZER_METHODS = ("_set_vocabulary_and_merges_tf", "_maybe_initialized_tf")  # private in keras-hub
+
+
+def defers_initialization():
+    """Whether this Keras has the private parts `created_from` and `set_variable` create variables with."""
+    return global_state is not None and all(hasattr(keras.Variable, name) for name in VARIABLE_METHODS)
+
+
+@contextlib.contextmanager
+def created_from(checkpoint, sd):
+    """For `StableDiffusion.__init__`: the models built in this block take their weights from
+    `checkpoint` when it ends. Inside, Keras' deferred initialization (a StatelessScope) leaves each
+    variable without a value; loading then creates it from its tensor, where random initialization
+    would cost more than the loading and zeros then an assignment a second copy."""
+    if not defers_initialization():  # public: random values, then assigned
+        yield
+        checkpoint.load_into(sd)
+        return
+    waiting = list(global_state.get_global_attribute("uninitialized_variables") or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+        checkpoint.load_into(sd)
+    finally:  # Keras would initialize the variables it lists as waiting when a later scope closes
+        global_state.set_global_attribute("uninitialized_variables", waiting)
+
+
+def set_variable(variable, value):
+    """Assigns the numpy array `value`; a variable still waiting for its first value (see `created_from`)
+    is created from it instead. On TensorFlow, an aligned array of the variable's dtype becomes the
+    variable's memory (DLPack) rather than being copied (`convert_to_tensor` copies a numpy array twice):
+    the caller hands it over. DLPack takes numpy's own dtypes only, not ml_dtypes' bfloat16."""
+    if not defers_initialization() or variable._value is not None:  # public: assign
+        variable.assign(value)
+    elif (keras.backend.backend() == "tensorflow" and value.dtype == variable.dtype and value.dtype.kind in "biuf"
+          and value.flags.c_contiguous and value.ctypes.data % 64 == 0):
+        import tensorflow as tf
+
+        variable._initialize(tf.experimental.dlpack.from_dlpack(value.__dlpack__()))
+    else:
+        variable._initialize(variable._convert_to_tensor(value, dtype=variable.dtype))
+
+
+class CLIPBytePairTokenizer(keras_hub.models.CLIPTokenizer):
+    """keras-hub's CLIPTokenizer, its TensorFlow lookup tables built on first use of its TensorFlow
+    path (a `tf.data` or `tf.function` trace) rather than up front: prompts take the Python path, which
+    never reads them. keras-hub 0.32 builds them in `set_vocabulary_and_merges`, where they also set the
+    `self.vocabulary` its Python path reads (absent without TensorFlow)."""
+
+    def _set_vocabulary_and_merges_tf(self, vocabulary, merges):  # private: keras-hub's, deferred
+        self.vocabulary, self.merges, self.cache = dict(vocabulary), list(merges), None
+
+    def _maybe_initialized_tf(self):  # private: keras-hub's, building what the method above deferred
+        if self.cache is None:
+            import tensorflow as tf
+
+            with tf.init_scope():  # eager tables, outliving the graph being traced
+                super()._set_vocabulary_and_merges_tf(self.vocabulary, self.merges)
+
+
+def clip_tokenizer(vocabulary, merges):
+    """A `CLIPBytePairTokenizer`, or keras-hub's CLIPTokenizer where keras-hub lacks the private
+    methods that one overrides."""
+    if all(hasattr(keras_hub.models.CLIPTokenizer, name) for name in TOKENIZER_METHODS):
+        return CLIPBytePairTokenizer(vocabulary, merges)
+    return keras_hub.models.CLIPTokenizer(vocabulary, merges)  # public
