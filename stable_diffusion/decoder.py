@@ -7,6 +7,7 @@ from keras import layers, ops
 
 from .blocks import resnet_block, vae_attention
 
+SCALING_FACTOR = 0.18215  # SD 1.x / 2.x: the UNet's latents are the VAE's times this (unit variance)
 
 
 class Decoder(keras.Model):
@@ -19,13 +20,13 @@ class Decoder(keras.Model):
         channels: channels of the encoder's levels; the decoder walks them in reverse.
         layers_per_block: ResBlocks per encoder level (the decoder has one more).
         norm_groups: GroupNorm groups.
-        scaling_factor: the latents' scale (SD: 0.18215), undone before decoding.
+        scaling_factor: the latents' scale (`self.scaling_factor`), undone before decoding.
         dtype: the layers' Keras dtype policy, e.g. "mixed_bfloat16"; None: the global one.
     """
 
     def __init__(self, latent_height=64, latent_width=64, latent_channels=4, out_channels=3,
                  channels=(128, 256, 512, 512), layers_per_block=2, norm_groups=32,
-                 scaling_factor=0.18215, dtype=None, name="decoder"):
+                 scaling_factor=SCALING_FACTOR, dtype=None, name="decoder"):
         latents = keras.Input((latent_height, latent_width, latent_channels), name="latents")
         x = layers.Conv2D(latent_channels, 1, name="post_quant_conv", dtype=dtype)(latents / scaling_factor)
         x = layers.Conv2D(channels[-1], 3, padding="same", name="decoder-conv_in", dtype=dtype)(x)
@@ -42,3 +43,4 @@ class Decoder(keras.Model):
         x = layers.GroupNormalization(norm_groups, epsilon=1e-6, name="decoder-conv_norm_out", dtype=dtype)(x)
         x = layers.Conv2D(out_channels, 3, padding="same", name="decoder-conv_out", dtype=dtype)(ops.silu(x))
         super().__init__(latents, x, name=name)
+        self.scaling_factor = scaling_factor
