@@ -122,7 +122,7 @@ def main():
 
     folder, pipe = reference_pipeline(args)
     sd = StableDiffusion.from_checkpoint(folder, img_height=args.size, img_width=args.size,
-                                         jit_compile=not args.no_xla, dtype_policy=args.dtype_policy)
+                                         jit_compile=not args.no_xla, dtype=args.dtype_policy)
 
     def to_torch(array, dtype=None):
         return torch.as_tensor(array).to(args.device, dtype or getattr(torch, args.reference_dtype))

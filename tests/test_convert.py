@@ -42,7 +42,7 @@ class Bench:
 
     @functools.cache
     def load(self, kind, path, **options):
-        return StableDiffusion.from_checkpoint(path, 64, 64, jit_compile=False,
+        return StableDiffusion.from_checkpoint(path, img_height=64, img_width=64, jit_compile=False,
                                                config=ldm_reference.overrides(self.pipe(kind)), **options)
 
 
@@ -407,7 +407,7 @@ def test_preset_reuses_the_cached_bundle(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("tried to download"))
     bench.load("sd1", bench.file("sd1", ".safetensors")).save(checkpoints.preset_bundle("sd-1.5"))
-    sd = StableDiffusion.from_preset("sd-1.5", 64, 64, jit_compile=False)
+    sd = StableDiffusion.from_preset("sd-1.5", img_height=64, img_width=64, jit_compile=False)
     assert_same_weights(sd, bench.load("sd1", bench.file("sd1", ".safetensors")))
 
 
