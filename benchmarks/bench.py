@@ -122,7 +122,7 @@ def main():
 
     folder, pipe = reference_pipeline(args)
     sd = StableDiffusion.from_checkpoint(folder, img_height=args.size, img_width=args.size,
-                                         jit_compile=not args.no_xla, dtype_policy=args.dtype_policy)
+                                         jit_compile=not args.no_xla, dtype=args.dtype_policy)
 
     def to_torch(array, dtype=None):
         return torch.as_tensor(array).to(args.device, dtype or getattr(torch, args.reference_dtype))
@@ -148,9 +148,9 @@ def main():
     with torch.no_grad():
         rows.append(compare("text encoder, batch 2", lambda: sd.text_encoder.predict_on_batch(ids),
                             synchronized(lambda: pipe.text_encoder(to_torch(ids, torch.long))), args.repeats))
+        scale = pipe.vae.config.scaling_factor
         rows.append(compare("VAE decode, batch 1", lambda: sd.decoder.predict_on_batch(latents),
-                            synchronized(lambda: pipe.vae.decode(to_torch(nchw(latents)) / 0.18215)),
-                            args.repeats))
+                            synchronized(lambda: pipe.vae.decode(to_torch(nchw(latents)) / scale)), args.repeats))
     pipe.set_progress_bar_config(disable=True)
     rows.append(compare(
         f"text_to_image, {args.steps} steps",

@@ -120,7 +120,8 @@ def main():
     from stable_diffusion import StableDiffusion  # here: a run in a cgroup loads TensorFlow inside it
 
     memory = ResidentMemory()
-    sd = StableDiffusion.from_checkpoint(args.checkpoint, args.size, args.size, jit_compile=not args.no_xla)
+    sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.size, img_width=args.size,
+                                         jit_compile=not args.no_xla)
     if args.vae_tiling:
         sd.enable_vae_tiling(args.vae_tiling)
     after_load = ResidentMemory.now()

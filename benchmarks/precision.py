@@ -35,7 +35,7 @@ def psnr(a, b):
 def generate(checkpoint, size, steps, num_images, policy):
     """Images (N, H, W, 3) uint8, their final latents and seconds per image (after a warm-up image)
     under `policy`."""
-    sd = StableDiffusion.from_checkpoint(checkpoint, size, size, dtype_policy=policy)
+    sd = StableDiffusion.from_checkpoint(checkpoint, img_height=size, img_width=size, dtype=policy)
     settings = dict(num_steps=steps, verbose=False, return_latents=True)
     sd.decode(sd.text_to_image(PROMPTS[0], seed=0, **settings))  # compiles
     start = time.perf_counter()

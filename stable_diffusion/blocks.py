@@ -2,7 +2,8 @@
 
 Layers carry the diffusers / transformers checkpoint key prefixes as names, with "-" for "."
 (PyTorch forbids dots in parameter names): `mid_block-resnets-0-conv1` holds
-`mid_block.resnets.0.conv1.weight`, so `weights.py` maps weights by name.
+`mid_block.resnets.0.conv1.weight`, so `weights.py` maps weights by name. Each helper passes its
+`dtype` (a Keras dtype policy name, None for the global policy) to every layer it creates.
 """
 from keras import layers, ops
 
@@ -11,17 +12,17 @@ from keras import layers, ops
 MAX_ATTENTION_SCORES = 2**20
 
 
-def resnet_block(x, channels, groups, epsilon, name, t_emb=None):
+def resnet_block(x, channels, groups, epsilon, name, t_emb=None, dtype=None):
     """ResnetBlock2D (DDPM): two GroupNorm-SiLU-conv3x3, the timestep embedding added in between."""
-    h = layers.GroupNormalization(groups, epsilon=epsilon, name=f"{name}-norm1")(x)
-    h = layers.Conv2D(channels, 3, padding="same", name=f"{name}-conv1")(ops.silu(h))
+    h = layers.GroupNormalization(groups, epsilon=epsilon, name=f"{name}-norm1", dtype=dtype)(x)
+    h = layers.Conv2D(channels, 3, padding="same", name=f"{name}-conv1", dtype=dtype)(ops.silu(h))
     if t_emb is not None:
-        t = layers.Dense(channels, name=f"{name}-time_emb_proj")(ops.silu(t_emb))
+        t = layers.Dense(channels, name=f"{name}-time_emb_proj", dtype=dtype)(ops.silu(t_emb))
         h = h + t[:, None, None, :]
-    h = layers.GroupNormalization(groups, epsilon=epsilon, name=f"{name}-norm2")(h)
-    h = layers.Conv2D(channels, 3, padding="same", name=f"{name}-conv2")(ops.silu(h))
+    h = layers.GroupNormalization(groups, epsilon=epsilon, name=f"{name}-norm2", dtype=dtype)(h)
+    h = layers.Conv2D(channels, 3, padding="same", name=f"{name}-conv2", dtype=dtype)(ops.silu(h))
     if x.shape[-1] != channels:
-        x = layers.Conv2D(channels, 1, name=f"{name}-conv_shortcut")(x)
+        x = layers.Conv2D(channels, 1, name=f"{name}-conv_shortcut", dtype=dtype)(x)
     return x + h
 
 
@@ -52,21 +53,30 @@ class QueryChunkedAttention(layers.Layer):
 
 
 def attention(x, context, heads, name, qkv_bias=False, causal=False,
-              names=("to_q", "to_k", "to_v", "to_out-0")):
+              names=("to_q", "to_k", "to_v", "to_out-0"), dtype=None):
     """Multi-head attention of tokens x (B, T, C) to context (B, S, D); self-attention if context is None."""
     channels = x.shape[-1]
     context = x if context is None else context
-    q, k, v = (layers.Dense(channels, use_bias=qkv_bias, name=f"{name}-{key}")(source)
+    q, k, v = (layers.Dense(channels, use_bias=qkv_bias, name=f"{name}-{key}", dtype=dtype)(source)
                for key, source in zip(names, (x, context, context)))
-    q, k, v = map(layers.Reshape((-1, heads, channels // heads)), (q, k, v))  # (B, T, heads, head_dim)
-    out = ops.dot_product_attention(q, k, v, is_causal=True) if causal else QueryChunkedAttention()(q, k, v)
-    out = layers.Reshape((-1, channels))(out)
-    return layers.Dense(channels, name=f"{name}-{names[3]}")(out)
+    q, k, v = map(layers.Reshape((-1, heads, channels // heads), dtype=dtype), (q, k, v))  # (B, T, heads, head_dim)
+    if causal:
+        out = ops.dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = QueryChunkedAttention(dtype=dtype)(q, k, v)
+    out = layers.Reshape((-1, channels), dtype=dtype)(out)
+    return layers.Dense(channels, name=f"{name}-{names[3]}", dtype=dtype)(out)
 
 
-def to_tokens(x):
+def vae_attention(x, groups, name, dtype=None):
+    """Single-head self-attention over all pixels, with a residual (the VAE encoder's and decoder's mid-block)."""
+    h = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}-group_norm", dtype=dtype)(x)
+    return x + to_image(attention(to_tokens(h, dtype), None, 1, name, qkv_bias=True, dtype=dtype), x, dtype)
+
+
+def to_tokens(x, dtype=None):
     """(B, H, W, C) feature map -> (B, H*W, C) tokens."""
-    return layers.Reshape((-1, x.shape[-1]))(x)
+    return layers.Reshape((-1, x.shape[-1]), dtype=dtype)(x)
 
 
 class ToImage(layers.Layer):
@@ -79,5 +89,5 @@ class ToImage(layers.Layer):
         return like_shape
 
 
-def to_image(tokens, like):
-    return ToImage()(tokens, like)
+def to_image(tokens, like, dtype=None):
+    return ToImage(dtype=dtype)(tokens, like)

@@ -17,7 +17,7 @@ from .stable_diffusion import StableDiffusion
 
 def convert(source, destination, overwrite=False, **options):
     """Writes checkpoint `source` as a bundle folder `destination`; options as `from_checkpoint`'s."""
-    StableDiffusion.from_checkpoint(source, jit_compile=False, **options).save(destination, overwrite)
+    StableDiffusion.from_checkpoint(source, jit_compile=False, **options).save(destination, overwrite=overwrite)
 
 
 def main(argv=None):

@@ -24,23 +24,23 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0, max_p
     return ops.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
-def feed_forward(x, name, mult=4):
+def feed_forward(x, name, mult=4, dtype=None):
     """GEGLU MLP (Shazeer, 2020) of the transformer blocks, with exact GELU as in PyTorch."""
-    h, gate = ops.split(layers.Dense(x.shape[-1] * mult * 2, name=f"{name}-net-0-proj")(x), 2, axis=-1)
-    return layers.Dense(x.shape[-1], name=f"{name}-net-2")(h * ops.gelu(gate, approximate=False))
+    h, gate = ops.split(layers.Dense(x.shape[-1] * mult * 2, name=f"{name}-net-0-proj", dtype=dtype)(x), 2, axis=-1)
+    return layers.Dense(x.shape[-1], name=f"{name}-net-2", dtype=dtype)(h * ops.gelu(gate, approximate=False))
 
 
-def spatial_transformer(x, context, heads, depth, groups, name):
+def spatial_transformer(x, context, heads, depth, groups, name, dtype=None):
     """Transformer2DModel: norm, proj_in, [self-attn, cross-attn to context, MLP] x depth, proj_out."""
-    t = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}-norm")(x)
-    t = layers.Dense(x.shape[-1], name=f"{name}-proj_in")(to_tokens(t))  # a 1x1 conv in SD 1.x
+    t = layers.GroupNormalization(groups, epsilon=1e-6, name=f"{name}-norm", dtype=dtype)(x)
+    t = layers.Dense(x.shape[-1], name=f"{name}-proj_in", dtype=dtype)(to_tokens(t, dtype))  # a 1x1 conv in SD 1.x
     for i in range(depth):
         block = f"{name}-transformer_blocks-{i}"
-        norm = lambda h, n: layers.LayerNormalization(epsilon=1e-5, name=f"{block}-norm{n}")(h)
-        t = t + attention(norm(t, 1), None, heads, f"{block}-attn1")
-        t = t + attention(norm(t, 2), context, heads, f"{block}-attn2")
-        t = t + feed_forward(norm(t, 3), f"{block}-ff")
-    return x + to_image(layers.Dense(x.shape[-1], name=f"{name}-proj_out")(t), x)
+        norm = lambda h, n: layers.LayerNormalization(epsilon=1e-5, name=f"{block}-norm{n}", dtype=dtype)(h)
+        t = t + attention(norm(t, 1), None, heads, f"{block}-attn1", dtype=dtype)
+        t = t + attention(norm(t, 2), context, heads, f"{block}-attn2", dtype=dtype)
+        t = t + feed_forward(norm(t, 3), f"{block}-ff", dtype=dtype)
+    return x + to_image(layers.Dense(x.shape[-1], name=f"{name}-proj_out", dtype=dtype)(t), x, dtype)
 
 
 class DiffusionModel(keras.Model):
@@ -59,54 +59,54 @@ class DiffusionModel(keras.Model):
         transformer_depth: transformer blocks per spatial transformer.
         norm_groups, norm_eps: GroupNorm settings of the ResBlocks.
         flip_sin_to_cos, freq_shift: timestep embedding layout (SD: True, 0).
+        dtype: the layers' Keras dtype policy, e.g. "mixed_bfloat16"; None: the global one.
     """
 
     def __init__(self, latent_height=64, latent_width=64, in_channels=4, out_channels=4,
                  channels=(320, 640, 1280, 1280), layers_per_block=2,
                  attention_levels=(True, True, True, False), num_heads=8, context_dim=768,
                  transformer_depth=1, norm_groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
-                 freq_shift=0, name="diffusion_model"):
+                 freq_shift=0, dtype=None, name="diffusion_model"):
         heads = [num_heads] * len(channels) if isinstance(num_heads, int) else list(num_heads)
         latents = keras.Input((latent_height, latent_width, in_channels), name="latents")
         timesteps = keras.Input((), name="timesteps")
         context = keras.Input((None, context_dim), name="context")
 
         t_emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos, freq_shift)
-        t_emb = layers.Dense(4 * channels[0], name="time_embedding-linear_1")(t_emb)
-        t_emb = layers.Dense(4 * channels[0], name="time_embedding-linear_2")(ops.silu(t_emb))
+        t_emb = layers.Dense(4 * channels[0], name="time_embedding-linear_1", dtype=dtype)(t_emb)
+        t_emb = layers.Dense(4 * channels[0], name="time_embedding-linear_2", dtype=dtype)(ops.silu(t_emb))
+        resnet = lambda x, level, name: resnet_block(x, channels[level], norm_groups, norm_eps, name, t_emb, dtype)
+        transformer = lambda x, level, name: spatial_transformer(x, context, heads[level], transformer_depth,
+                                                                 norm_groups, name, dtype)
 
         def res_attn(x, level, block, i):
-            x = resnet_block(x, channels[level], norm_groups, norm_eps, f"{block}-resnets-{i}", t_emb)
-            if attention_levels[level]:
-                x = spatial_transformer(x, context, heads[level], transformer_depth, norm_groups,
-                                        f"{block}-attentions-{i}")
-            return x
+            x = resnet(x, level, f"{block}-resnets-{i}")
+            return transformer(x, level, f"{block}-attentions-{i}") if attention_levels[level] else x
 
-        x = layers.Conv2D(channels[0], 3, padding="same", name="conv_in")(latents)
+        x = layers.Conv2D(channels[0], 3, padding="same", name="conv_in", dtype=dtype)(latents)
         skips = [x]
         for level in range(len(channels)):
             for i in range(layers_per_block):
                 x = res_attn(x, level, f"down_blocks-{level}", i)
                 skips.append(x)
             if level < len(channels) - 1:  # symmetric padding, as PyTorch's padding=1
-                x = layers.ZeroPadding2D(1)(x)
-                x = layers.Conv2D(channels[level], 3, strides=2,
-                                  name=f"down_blocks-{level}-downsamplers-0-conv")(x)
+                x = layers.ZeroPadding2D(1, dtype=dtype)(x)
+                x = layers.Conv2D(channels[level], 3, strides=2, name=f"down_blocks-{level}-downsamplers-0-conv",
+                                  dtype=dtype)(x)
                 skips.append(x)
 
-        x = resnet_block(x, channels[-1], norm_groups, norm_eps, "mid_block-resnets-0", t_emb)
-        x = spatial_transformer(x, context, heads[-1], transformer_depth, norm_groups,
-                                "mid_block-attentions-0")
-        x = resnet_block(x, channels[-1], norm_groups, norm_eps, "mid_block-resnets-1", t_emb)
+        x = resnet(x, -1, "mid_block-resnets-0")
+        x = transformer(x, -1, "mid_block-attentions-0")
+        x = resnet(x, -1, "mid_block-resnets-1")
 
         for up, level in enumerate(reversed(range(len(channels)))):
             for i in range(layers_per_block + 1):
-                x = res_attn(layers.Concatenate()([x, skips.pop()]), level, f"up_blocks-{up}", i)
+                x = res_attn(layers.Concatenate(dtype=dtype)([x, skips.pop()]), level, f"up_blocks-{up}", i)
             if level > 0:
-                x = layers.UpSampling2D(2)(x)
-                x = layers.Conv2D(channels[level], 3, padding="same",
-                                  name=f"up_blocks-{up}-upsamplers-0-conv")(x)
+                x = layers.UpSampling2D(2, dtype=dtype)(x)
+                x = layers.Conv2D(channels[level], 3, padding="same", name=f"up_blocks-{up}-upsamplers-0-conv",
+                                  dtype=dtype)(x)
 
-        x = layers.GroupNormalization(norm_groups, epsilon=norm_eps, name="conv_norm_out")(x)
-        x = layers.Conv2D(out_channels, 3, padding="same", name="conv_out")(ops.silu(x))
+        x = layers.GroupNormalization(norm_groups, epsilon=norm_eps, name="conv_norm_out", dtype=dtype)(x)
+        x = layers.Conv2D(out_channels, 3, padding="same", name="conv_out", dtype=dtype)(ops.silu(x))
         super().__init__([latents, timesteps, context], x, name=name)

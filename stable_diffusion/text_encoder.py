@@ -36,22 +36,23 @@ class TextEncoder(keras.Model):
         num_heads: attention heads.
         intermediate_size: MLP hidden size.
         activation: "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP).
+        dtype: the layers' Keras dtype policy, e.g. "mixed_bfloat16"; None: the global one.
     """
 
     def __init__(self, vocab_size=49408, max_length=77, width=768, num_layers=12, num_heads=12,
-                 intermediate_size=3072, activation="quick_gelu", name="text_encoder"):
+                 intermediate_size=3072, activation="quick_gelu", dtype=None, name="text_encoder"):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         tokens = keras.Input((max_length,), dtype="int32", name="tokens")
-        x = layers.Embedding(vocab_size, width, name="embeddings-token_embedding")(tokens)
-        x = PositionEmbedding(name="embeddings-position_embedding")(x)
+        x = layers.Embedding(vocab_size, width, name="embeddings-token_embedding", dtype=dtype)(tokens)
+        x = PositionEmbedding(name="embeddings-position_embedding", dtype=dtype)(x)
         for i in range(num_layers):  # pre-LN blocks with causal self-attention
             block = f"encoder-layers-{i}"
-            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}-layer_norm1")(x)
+            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}-layer_norm1", dtype=dtype)(x)
             x = x + attention(h, None, num_heads, f"{block}-self_attn", qkv_bias=True, causal=True,
-                              names=("q_proj", "k_proj", "v_proj", "out_proj"))
-            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}-layer_norm2")(x)
-            h = layers.Dense(intermediate_size, name=f"{block}-mlp-fc1")(h)
-            x = x + layers.Dense(width, name=f"{block}-mlp-fc2")(ACTIVATIONS[activation](h))
-        x = layers.LayerNormalization(epsilon=1e-5, name="final_layer_norm")(x)
+                              names=("q_proj", "k_proj", "v_proj", "out_proj"), dtype=dtype)
+            h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}-layer_norm2", dtype=dtype)(x)
+            h = layers.Dense(intermediate_size, name=f"{block}-mlp-fc1", dtype=dtype)(h)
+            x = x + layers.Dense(width, name=f"{block}-mlp-fc2", dtype=dtype)(ACTIVATIONS[activation](h))
+        x = layers.LayerNormalization(epsilon=1e-5, name="final_layer_norm", dtype=dtype)(x)
         super().__init__(tokens, x, name=name)

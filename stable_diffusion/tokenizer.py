@@ -47,7 +47,8 @@ def pad_id(vocabulary, pad_token, source):
 
 
 class Tokenizer:
-    """Prompts to `(B, sequence_length)` int32 ids: start token, BPE ids, end token, padding.
+    """Prompts to `(B, sequence_length)` int32 ids: start token, BPE ids, end token, padding; long prompts
+    optionally in several chunks of that layout.
 
     Args:
         vocabulary: dict mapping token string to id (the contents of `vocab.json`).
@@ -75,15 +76,19 @@ class Tokenizer:
             pad_value=pad_token_id,
         )
 
-    def __call__(self, prompts):
+    def __call__(self, prompts, *, long_prompts=False, min_chunks=1):
         """Tokenize a prompt or a list of prompts.
 
         Args:
             prompts: a string or a non-empty list of strings. Prompts longer than `sequence_length`
                 tokens are truncated (with a warning) so that the last token is still the end token.
+            long_prompts: instead of truncating, split every prompt into k chunks of
+                `sequence_length - 2` BPE tokens, k as many as the longest prompt needs, each chunk with
+                start and end tokens and padded; shorter prompts get padding-only chunks.
+            min_chunks: with `long_prompts`, the least k (a positive integer).
 
         Returns:
-            `np.ndarray` of int32, shape `(B, sequence_length)`.
+            `np.ndarray` of int32, shape `(B, sequence_length)`; with `long_prompts` `(B, k * sequence_length)`.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -92,16 +97,20 @@ class Tokenizer:
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise ValueError(f"Expected every prompt to be a string, got {prompt!r} ({type(prompt).__name__}).")
-        bpe_ids = self.bpe_ids(prompts)
-        kept = self.sequence_length - 2
-        for i, ids in enumerate(bpe_ids):
-            if len(ids) > kept:
+        if not isinstance(min_chunks, int) or min_chunks < 1:
+            raise ValueError(f"min_chunks must be a positive integer, got {min_chunks!r}.")
+        rows, kept = self.bpe_ids(prompts), self.sequence_length - 2
+        chunks = max(min_chunks, *(-(-len(ids) // kept) for ids in rows)) if long_prompts else 1
+        for i, ids in enumerate(rows):
+            if len(ids) > kept * chunks:  # without long_prompts
                 warnings.warn(
                     f"Prompt {i} was truncated: CLIP takes at most {self.sequence_length} tokens, "
                     f"so the last {len(ids) - kept} of its {len(ids) + 2} tokens were dropped.",
                     stacklevel=2,
                 )
-        return keras.ops.convert_to_numpy(self.packer(bpe_ids)).astype("int32")  # (B, sequence_length)
+        pieces = [ids[k * kept:(k + 1) * kept] for ids in rows for k in range(chunks)]
+        ids = keras.ops.convert_to_numpy(self.packer(pieces)).astype("int32")  # (B * chunks, sequence_length)
+        return ids.reshape(len(rows), chunks * self.sequence_length)
 
     def bpe_ids(self, prompts):
         """B lists of ids without start/end tokens; the pad token in a prompt maps to its id, not to BPE."""

@@ -44,23 +44,22 @@ class VAETrainer(keras.Model):
     """Stages 1 and 3: uint8 images -> reconstruction; loss L1 + kl_weight * KL(posterior || N(0, I)).
 
     Args:
-        encoder, decoder: the VAE halves (`Encoder`, `Decoder`).
-        scaling_factor: the decoder's `scaling_factor` (it divides its input by it).
+        encoder, decoder: the VAE halves (`Encoder`, `Decoder`); the posterior samples are scaled by
+            `decoder.scaling_factor`, which the decoder undoes.
         kl_weight: weight of the per-element KL against the per-pixel L1 error.
         seed: seeds the posterior samples.
     """
 
-    def __init__(self, encoder, decoder, scaling_factor=1.0, kl_weight=1e-6, seed=None, **kwargs):
+    def __init__(self, encoder, decoder, kl_weight=1e-6, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.encoder, self.decoder = encoder, decoder
-        self.scaling_factor, self.kl_weight = scaling_factor, kl_weight
+        self.encoder, self.decoder, self.kl_weight = encoder, decoder, kl_weight
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images):
         mean, logvar = ops.split(self.encoder(to_unit_range(images)), 2, axis=-1)  # (B, h, w, C) each
         logvar = ops.clip(logvar, -30.0, 20.0)
         z = mean + ops.exp(0.5 * logvar) * keras.random.normal(ops.shape(mean), seed=self.seed_generator)
-        return self.decoder(z * self.scaling_factor), mean, logvar
+        return self.decoder(z * self.decoder.scaling_factor), mean, logvar
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         reconstruction, mean, logvar = y_pred
@@ -149,6 +148,17 @@ def encode_latents(encoder, images, scaling_factor=1.0, batch_size=256):
     return np.split(np.asarray(moments), 2, axis=-1)[0] * scaling_factor
 
 
+def copy_weights(source, target):
+    """Sets each layer of `target` that has weights from the layer of the same name in `source` (our layer
+    names are the checkpoint keys, the same in two models of one configuration), never by order."""
+    names = [{layer.name for layer in model.layers if layer.weights} for model in (source, target)]
+    if names[0] != names[1]:
+        raise ValueError(f"{source.name} and {target.name} differ in the layers {sorted(names[0] ^ names[1])}.")
+    for layer in target.layers:
+        if layer.weights:
+            layer.set_weights(source.get_layer(layer.name).get_weights())
+
+
 def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, train_text_encoder=True,
                     backup_dir=None, seed=None, ema_momentum=0.99, verbose="auto"):
     """Fits sd's UNet (and text encoder) on scaled latents and token ids, ending on the EMA weights
@@ -208,23 +218,23 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_
 
     levels = 2 ** (len(config["decoder"]["channels"]) - 1)
     encoder = Encoder(size, size, **config["encoder"])
-    decoder = Decoder(size // levels, size // levels, **{**config["decoder"], "scaling_factor": 1.0})
+    decoder = Decoder(size // levels, size // levels, **config["decoder"])
     losses = dict(vae_loss=run_stage(work_dir, "vae", (encoder, decoder), lambda: fit(
         VAETrainer(encoder, decoder, seed=seed), images, vae_epochs, vae_batch_size, vae_lr,
         work_dir / "vae_backup", verbose=verbose)))
 
     latents = encode_latents(encoder, images)
     config["decoder"]["scaling_factor"] = scaling_factor = float(1.0 / latents.std())
-    sd = StableDiffusion(size, size, config=config)
-    sd.encoder.set_weights(encoder.get_weights())
-    sd.decoder.set_weights(decoder.get_weights())
+    sd = StableDiffusion(size, size, config=config)  # its decoder undoes the new factor
+    copy_weights(encoder, sd.encoder)
+    copy_weights(decoder, sd.decoder)
     losses["diffusion_loss"] = run_stage(work_dir, "diffusion", (sd.text_encoder, sd.diffusion_model), lambda: (
         train_diffusion(sd, latents * scaling_factor, sd.tokenize(captions), epochs, batch_size, learning_rate,
                         backup_dir=work_dir / "diffusion_backup", seed=seed, verbose=verbose)))
     if decoder_images:
         sd.encoder.trainable = False
         losses["decoder_loss"] = run_stage(work_dir, "decoder", (sd.decoder,), lambda: fit(
-            VAETrainer(sd.encoder, sd.decoder, scaling_factor, seed=seed), images[:decoder_images], decoder_epochs,
+            VAETrainer(sd.encoder, sd.decoder, seed=seed), images[:decoder_images], decoder_epochs,
             vae_batch_size, vae_lr / 2, work_dir / "decoder_backup", verbose=verbose))
         sd.encoder.trainable = True
     sd.save(output, overwrite=True)
@@ -276,8 +286,7 @@ def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=
     sd = StableDiffusion.from_checkpoint(checkpoint)
     images, captions = load_folder(data, sd.img_height, sd.img_width)
     keras.utils.set_random_seed(seed)
-    scaling_factor = sd.config["decoder"].get("scaling_factor", 0.18215)
-    latents = encode_latents(sd.encoder, images, scaling_factor)
+    latents = encode_latents(sd.encoder, images, sd.decoder.scaling_factor)
     loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs, batch_size, learning_rate,
                            train_text_encoder=False, backup_dir=work_dir, seed=seed, verbose=verbose)
     sd.save(output, overwrite=True)

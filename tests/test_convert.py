@@ -45,7 +45,7 @@ class Bench:
 
     @functools.cache
     def load(self, kind, path, **options):
-        return StableDiffusion.from_checkpoint(path, 64, 64, jit_compile=False,
+        return StableDiffusion.from_checkpoint(path, img_height=64, img_width=64, jit_compile=False,
                                                config=ldm_reference.overrides(self.pipe(kind)), **options)
 
 
@@ -274,7 +274,7 @@ def test_bundle_files_are_aligned_safetensors_in_the_keras_layout(bench, tmp_pat
 @pytest.mark.parametrize("policy, stored", [("float16", "F16"), ("bfloat16", "BF16")])
 def test_bundle_keeps_the_dtype_of_the_variables(policy, stored, bench, tmp_path):
     bench.load("sd1", bench.file("sd1", ".safetensors")).save(tmp_path / "float32")
-    sd = StableDiffusion.from_checkpoint(tmp_path / "float32", jit_compile=False, dtype_policy=policy)
+    sd = StableDiffusion.from_checkpoint(tmp_path / "float32", jit_compile=False, dtype=policy)
     sd.save(tmp_path / policy)
     path = tmp_path / policy / "decoder.safetensors"
     header, _ = safetensors_header(path)
@@ -282,7 +282,7 @@ def test_bundle_keeps_the_dtype_of_the_variables(policy, stored, bench, tmp_path
     expected = {weights.variable_key(layer, v): v.numpy() for layer in sd.decoder.layers for v in layer.weights}
     for key, tensor in stored_tensors(path).items():
         np.testing.assert_array_equal(tensor.float().numpy(), expected[key].astype("float32"), err_msg=key)
-    again = StableDiffusion.from_checkpoint(tmp_path / policy, jit_compile=False, dtype_policy=policy)
+    again = StableDiffusion.from_checkpoint(tmp_path / policy, jit_compile=False, dtype=policy)
     assert {v.dtype for v in again.decoder.weights} == {policy}
     assert_same_weights(again, sd)
 
@@ -484,7 +484,7 @@ def test_preset_reuses_the_cached_bundle(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("tried to download"))
     bench.load("sd1", bench.file("sd1", ".safetensors")).save(presets.preset_bundle("sd-1.5"))
-    sd = StableDiffusion.from_preset("sd-1.5", 64, 64, jit_compile=False)
+    sd = StableDiffusion.from_preset("sd-1.5", img_height=64, img_width=64, jit_compile=False)
     assert_same_weights(sd, bench.load("sd1", bench.file("sd1", ".safetensors")))
 
 

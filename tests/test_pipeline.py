@@ -1,5 +1,6 @@
 """End-to-end parity with diffusers' StableDiffusionPipeline (DDIM; other samplers in
-test_schedulers.py), long prompts, seeds and the step callback, bundles and bad input."""
+test_schedulers.py), long prompts, seeds and the step callback, bundles, the API's signatures and bad input."""
+import inspect
 import json
 import shutil
 
@@ -84,9 +85,10 @@ def test_long_prompts_equal_diffusers_with_chunked_embeddings(reference, ours):
     assert sd.encode_text(prompt, long_prompts=True).shape == (1, 154, 32)
     with pytest.warns(UserWarning, match="truncated"):
         assert sd.encode_text(prompt).shape == (1, 77, 32)
-    context, negative = sd._contexts(sd.encode_text("a cat", long_prompts=True), prompt, 1, long_prompts=True)
-    assert context.shape == negative.shape == (1, 154, 32)  # the shorter prompt padded with an empty chunk
-    np.testing.assert_allclose(context[:, 77:], chunked_embeddings("", 1).numpy(), atol=1e-5)
+    setup = sd._prepare(sd.encode_text("a cat", long_prompts=True), negative_prompt=prompt, batch_size=1, num_steps=1,
+                        seed=0, diffusion_noise=None, scheduler=None, long_prompts=True)
+    assert setup.context.shape == setup.negative.shape == (1, 154, 32)  # the shorter prompt padded with an empty chunk
+    np.testing.assert_allclose(setup.context[:, 77:], chunked_embeddings("", 1).numpy(), atol=1e-5)
 
 
 def test_bundle_reloads_bit_exact(ours, tmp_path):
@@ -131,6 +133,43 @@ def test_bad_generation_arguments(arguments, message, ours):
     arguments = dict(dict(prompt="a cat", num_steps=1, verbose=False), **arguments)
     with pytest.raises(ValueError, match=message):
         ours("sd1").text_to_image(**arguments)
+
+
+def test_generation_methods_share_one_keyword_only_order():
+    """The prompt (and picture, mask) positional, every other argument keyword-only, in one order."""
+    methods = dict(text_to_image=["prompt"], generate_image=["encoded_text"], image_to_image=["prompt", "image"],
+                   inpaint=["prompt", "image", "mask"])
+    signatures = {name: inspect.signature(getattr(StableDiffusion, name)).parameters for name in methods}
+    for name, positional in methods.items():
+        kinds = [(p.name, p.kind) for p in signatures[name].values()]
+        assert kinds[:len(positional) + 1] == [(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                               for n in ["self", *positional]], name
+        assert all(kind == inspect.Parameter.KEYWORD_ONLY for _, kind in kinds[len(positional) + 1:]), name
+    shared = [(p.name, p.default) for p in signatures["text_to_image"].values() if p.kind == p.KEYWORD_ONLY]
+    assert [name for name, _ in shared[:3]] == ["negative_prompt", "batch_size", "num_steps"]
+    editing = {"image_to_image": 0.8, "inpaint": 1.0}
+    for name in methods:
+        keywords = [(p.name, p.default) for p in signatures[name].values() if p.kind == p.KEYWORD_ONLY]
+        extra = [("strength", editing[name]), ("sample_latents", False)] if name in editing else []
+        assert keywords == shared + extra, name
+
+
+@pytest.mark.parametrize("call", [
+    lambda sd, tmp: sd.text_to_image("a cat", "a dog"),
+    lambda sd, tmp: sd.generate_image(sd.encode_text("a cat"), None, 2),
+    lambda sd, tmp: sd.image_to_image("a cat", np.zeros((64, 64, 3), "uint8"), 0.5),
+    lambda sd, tmp: sd.inpaint("a cat", np.zeros((64, 64, 3), "uint8"), np.zeros((64, 64), "uint8"), 0.5),
+    lambda sd, tmp: sd.tokenize("a cat", True),
+    lambda sd, tmp: sd.encode_text("a cat", True),
+    lambda sd, tmp: sd.save(tmp / "bundle", True),
+    lambda sd, tmp: StableDiffusion(64, 64, False),
+    lambda sd, tmp: StableDiffusion.from_checkpoint(None, 64),
+    lambda sd, tmp: StableDiffusion.from_preset("sd-1.5", 64),
+])
+def test_keyword_only_arguments_refuse_positions(call, ours, tmp_path):
+    with pytest.raises(TypeError, match="positional argument"):
+        call(ours("sd1"), tmp_path)
+    assert not (tmp_path / "bundle").exists()
 
 
 def copy_checkpoint(reference, tmp_path):

@@ -201,6 +201,21 @@ def test_no_warning_at_exact_length(tokenizer, recwarn):
     assert not recwarn.list
 
 
+def test_long_prompts_in_chunks(tokenizer, recwarn):
+    """Chunks of 75 BPE ids, each with start and end tokens and padded to 77, as many as the longest prompt
+    needs (at least `min_chunks`); shorter prompts get chunks of padding only. Nothing is dropped."""
+    ids = tokenizer([" ".join(["word"] * 100), "a cat"], long_prompts=True)  # "word" is id 2653
+    assert ids.shape == (2, 154) and ids.dtype == np.int32 and not recwarn.list
+    chunks = ids.reshape(2, 2, 77)
+    assert (chunks[..., 0] == START).all()
+    assert (chunks[0, 0, 1:76] == 2653).all() and chunks[0, 0, 76] == END
+    assert (chunks[0, 1, 1:26] == 2653).all() and (chunks[0, 1, 26:] == END).all()  # 25 more ids, then padding
+    np.testing.assert_array_equal(chunks[1, 0], tokenizer("a cat")[0])
+    assert (chunks[1, 1, 1:] == END).all()
+    np.testing.assert_array_equal(tokenizer("a cat", long_prompts=True), tokenizer("a cat"))
+    assert tokenizer("a cat", long_prompts=True, min_chunks=3).shape == (1, 231)
+
+
 @pytest.mark.parametrize("bad", [None, 3, b"bytes", [], ["ok", 7], ["ok", None]])
 def test_rejects_non_strings(tokenizer, bad):
     with pytest.raises(ValueError, match="Expected"):

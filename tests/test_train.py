@@ -34,8 +34,7 @@ def test_vae_stage_fits():
     images, _ = make_dataset(8, seed=0, image_size=SIZE)
     encoder, decoder = Encoder(SIZE, SIZE, **TINY["encoder"]), Decoder(SIZE // 2, SIZE // 2, **TINY["decoder"])
     before = snapshot(encoder), snapshot(decoder)
-    loss = fit(VAETrainer(encoder, decoder, scaling_factor=0.5, seed=0), images, epochs=2, batch_size=4,
-               learning_rate=1e-3)
+    loss = fit(VAETrainer(encoder, decoder, seed=0), images, epochs=2, batch_size=4, learning_rate=1e-3)
     assert np.isfinite(loss)
     assert changed(before[0], encoder) and changed(before[1], decoder)
 

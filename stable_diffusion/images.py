@@ -1,0 +1,63 @@
+"""Pictures and masks as `StableDiffusion.image_to_image` and `inpaint` take them.
+
+Images are uint8 arrays (H, W, 3) / (B, H, W, 3), PIL images or paths; masks are white where to
+repaint: uint8 or bool arrays (H, W) / (B, H, W), PIL images or paths, binarized at 128.
+"""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+def load_images(image, size, name="image"):
+    """Pictures in [-1, 1], float32 (B, H, W, 3), from uint8 arrays, PIL images or paths, of `size`
+    (height, width) pixels: the pipeline's."""
+    if isinstance(image, (str, Path)):
+        image = open_image(image, name)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    image = image[None] if image.ndim == 3 else image
+    if image.dtype != np.uint8 or image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(f"{name} must be uint8 (H, W, 3) or (B, H, W, 3), a PIL image or a path; "
+                         f"got {image.dtype} {image.shape}.")
+    if image.shape[1:3] != tuple(size):
+        raise ValueError(f"{name} is {image.shape[2]}x{image.shape[1]} pixels but this pipeline makes "
+                         f"{size[1]}x{size[0]} images; resize it, or load the pipeline "
+                         f"with img_height={image.shape[1]}, img_width={image.shape[2]}.")
+    return image.astype("float32") / 255.0 * 2.0 - 1.0  # as diffusers' VaeImageProcessor
+
+
+def load_masks(mask, size):
+    """Masks, 1 where to repaint, float32 (B, H, W, 1), from uint8 / bool arrays, PIL images or paths,
+    of the image's `size` (height, width) pixels."""
+    if isinstance(mask, (str, Path)):
+        mask = open_image(mask, "mask")
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    mask = np.asarray(mask)
+    mask = mask[None] if mask.ndim == 2 else mask
+    if mask.dtype not in (np.uint8, bool) or mask.ndim != 3:
+        raise ValueError(f"mask must be uint8 or bool (H, W) or (B, H, W), a PIL image or a path; "
+                         f"got {mask.dtype} {mask.shape}.")
+    if mask.shape[1:3] != tuple(size):
+        raise ValueError(f"mask is {mask.shape[2]}x{mask.shape[1]} pixels but image is {size[1]}x{size[0]}; "
+                         f"they must match.")
+    return (mask.astype("float32") / (1 if mask.dtype == bool else 255) >= 0.5)[..., None].astype("float32")
+
+
+def open_image(path, name):
+    """A PIL image from a file, or a ValueError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"Cannot read {name} {str(path)!r}: {error}") from error
+
+
+def broadcast(array, batch_size, name):
+    """`array` (1 or B, ...) repeated to (B, ...)."""
+    if len(array) not in (1, batch_size):
+        raise ValueError(f"Got {len(array)} {name} for a batch of {batch_size}.")
+    return np.broadcast_to(array, (batch_size, *array.shape[1:]))
