@@ -20,11 +20,13 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(reference):
-    """ours(kind, height=64, width=64) -> our StableDiffusion loaded from the reference folder."""
+    """ours(kind, height=64, width=64, jit_compile=False) -> our StableDiffusion loaded from the reference
+    folder; eager unless a test is about the XLA path."""
     from stable_diffusion import StableDiffusion
 
     @functools.cache
-    def load(kind, height=64, width=64):
-        return StableDiffusion.from_checkpoint(reference(kind)[1], img_height=height, img_width=width)
+    def load(kind, height=64, width=64, jit_compile=False):
+        return StableDiffusion.from_checkpoint(reference(kind)[1], img_height=height, img_width=width,
+                                               jit_compile=jit_compile)
 
     return load

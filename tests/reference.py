@@ -34,6 +34,15 @@ CONFIGS = {
         pad_token="<|endoftext|>", prediction_type="epsilon"),
 }
 CONTEXT_DIM = 32
+# The smallest model of the family for tests of our own code (no reference): 16x16 latents at 32x32
+# pixels, a 1-layer CLIP of width 8. Random weights: `StableDiffusion(32, 32, config=TINY_CONFIG)`.
+TINY_CONFIG = {
+    "text_encoder": dict(width=8, num_layers=1, num_heads=2, intermediate_size=16),
+    "diffusion_model": dict(channels=(8, 16), layers_per_block=1, attention_levels=(False, True), num_heads=2,
+                            context_dim=8, norm_groups=4),
+    "decoder": dict(channels=(8, 16), layers_per_block=1, norm_groups=4, scaling_factor=0.5),
+    "encoder": dict(channels=(8, 16), layers_per_block=1, norm_groups=4),
+}
 
 FULL_SIZE_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
            layers_per_block=2, norm_num_groups=32, down_block_types=["DownEncoderBlock2D"] * 4,
@@ -133,3 +142,21 @@ def nchw(x):
 
 def nhwc(tensor):
     return np.transpose(to_numpy(tensor), (0, 2, 3, 1))
+
+
+def reference_images(pipe, prompts, *, negative_prompt, noise, steps, guidance=7.5):
+    """uint8 images (B, H, W, 3) of a diffusers pipeline started from the NHWC latents `noise`."""
+    images = pipe(prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                  height=noise.shape[1] * 8, width=noise.shape[2] * 8, latents=nchw(noise), output_type="np").images
+    return np.round(images * 255).astype("uint8")
+
+
+def relative_difference(got, expected):
+    """The largest absolute difference, relative to the largest absolute value of `expected`."""
+    return float(np.abs(np.asarray(got) - expected).max() / np.abs(expected).max())
+
+
+def psnr(got, expected):
+    """Peak signal-to-noise ratio, in dB, of uint8 images `got` against `expected`."""
+    mse = np.mean((np.asarray(got, "float64") - expected) ** 2)
+    return 10 * np.log10(255**2 / max(mse, 1e-10))

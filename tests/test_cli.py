@@ -12,19 +12,12 @@ import pytest
 from PIL import Image
 
 import stable_diffusion
+from reference import TINY_CONFIG
 from stable_diffusion import StableDiffusion, presets
 from stable_diffusion.__main__ import DEMO_NOTICE, main
 
 PROG = "python -m stable_diffusion"
 VOCABULARY = "bpe_simple_vocab_16e6.txt.gz"
-# The smallest model of the family: 32x32 images, 16x16 latents, a 1-layer CLIP of width 32.
-TINY_CONFIG = dict(
-    text_encoder=dict(width=32, num_layers=1, num_heads=2, intermediate_size=64),
-    diffusion_model=dict(channels=(32, 32), layers_per_block=1, attention_levels=(True, False),
-                         num_heads=2, context_dim=32, norm_groups=8),
-    decoder=dict(channels=(8, 8), layers_per_block=1, norm_groups=4),
-    encoder=dict(channels=(8, 8), layers_per_block=1, norm_groups=4),
-)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import ldm_reference
-from reference import CONFIGS, make_pipeline, nchw, nhwc, to_numpy
+from reference import CONFIGS, make_pipeline, nchw, nhwc, reference_images, relative_difference, to_numpy
 from stable_diffusion import (StableDiffusion, bundle, checkpoints, diffusers_folder, keras_internals, ldm, presets,
                               weights)
 from stable_diffusion.convert import main as convert
@@ -77,10 +77,6 @@ def assert_same_weights(a, b, models=MODELS):
         np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
 
 
-def relative_diff(got, expected):
-    return np.abs(got - expected).max() / np.abs(expected).max()
-
-
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 @pytest.mark.parametrize("ema", [None, "ema"])
 def test_writer_round_trips_through_diffusers_converters(kind, ema, bench):
@@ -125,15 +121,9 @@ def test_components_equal_reference(kind, suffix, dtype, ema, use_ema, bench):
     got = dict(text_encoder=sd.text_encoder.predict_on_batch(ids),
                diffusion_model=sd.diffusion_model.predict_on_batch([latents, timesteps, context]),
                decoder=sd.decoder.predict_on_batch(latents), encoder=sd.encoder.predict_on_batch(images))
-    diffs = {name: float(relative_diff(got[name], expected[name])) for name in MODELS}
+    diffs = {name: relative_difference(got[name], expected[name]) for name in MODELS}
     print(f"\n{kind} {suffix} {dtype} ema={ema}: max abs diff / output scale {diffs}")
     assert all(diff <= 1e-4 for diff in diffs.values()), f"vs diffusers/transformers (tolerance 1e-4): {diffs}"
-
-
-def reference_images(pipe, prompts, negative, noise, steps):
-    images = pipe(prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5,
-                  height=noise.shape[1] * 8, width=noise.shape[2] * 8, latents=nchw(noise), output_type="np").images
-    return np.round(images * 255).astype("uint8")
 
 
 @pytest.mark.parametrize("kind, suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt")])  # epsilon, v
@@ -144,7 +134,7 @@ def test_text_to_image_equals_diffusers(kind, suffix, bench):
     assert sd.config["scheduler"]["prediction_type"] == CONFIGS[kind]["prediction_type"]
     prompts, negative = ["a red circle", "a blue square"], ["green", ""]
     noise = np.random.default_rng(4).standard_normal((2, 8, 8, 4), dtype=np.float32)
-    expected = reference_images(pipe, prompts, negative, noise, steps=6)
+    expected = reference_images(pipe, prompts, negative_prompt=negative, noise=noise, steps=6)
     got = sd.text_to_image(prompts, negative_prompt=negative, num_steps=6, diffusion_noise=noise, verbose=False)
     assert expected.std() > 10, "the reference images are flat: the comparison would prove little"
     diff = np.abs(got.astype(int) - expected).max()

@@ -16,7 +16,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img, pipeline_stable_diffusion_inpaint
 from PIL import Image
 
-from reference import nchw, randomize
+from reference import nchw, psnr, randomize
 from stable_diffusion import StableDiffusion
 
 PROMPT, NEGATIVE = "a red circle", "green"
@@ -132,9 +132,7 @@ def test_inpaint_and_image_to_image_under_mixed_precision(reference, ours):
     arguments = dict(num_steps=4, seed=2, scheduler="dpmpp_2m", verbose=False)
     for task, inputs in (("inpaint", (picture(), mask())), ("image_to_image", (picture(),))):
         got, expected = (getattr(model, task)(PROMPT, *inputs, **arguments) for model in (sd, ours("sd1")))
-        mse = np.mean((got.astype("float64") - expected) ** 2)
-        psnr = 10 * np.log10(255**2 / max(mse, 1e-10))
-        assert psnr > 35, f"{task}: PSNR {psnr:.1f} dB of mixed_float16 vs float32"
+        assert psnr(got, expected) > 35, f"{task}: PSNR {psnr(got, expected):.1f} dB of mixed_float16 vs float32"
 
 
 @pytest.mark.parametrize("call, message", [

@@ -5,13 +5,9 @@ import keras
 import numpy as np
 import pytest
 
+from reference import psnr
 from stable_diffusion import StableDiffusion
 from stable_diffusion.stable_diffusion import MODELS
-
-
-def psnr(a, b):
-    mse = np.mean((a.astype("float64") - b) ** 2)
-    return 10 * np.log10(255**2 / max(mse, 1e-10))
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from reference import nchw
+from reference import nchw, reference_images
 from stable_diffusion import StableDiffusion
-
-
-def reference_images(pipe, prompt, negative_prompt, noise, steps, guidance):
-    images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                  guidance_scale=guidance, height=noise.shape[1] * 8, width=noise.shape[2] * 8,
-                  latents=nchw(noise), output_type="np").images
-    return np.round(images * 255).astype("uint8")
 
 
 @pytest.mark.parametrize("kind, height, width", [("sd1", 64, 48), ("sd2", 64, 64)])  # epsilon, v
 def test_text_to_image_equals_diffusers(kind, height, width, reference, ours):
     pipe, _ = reference(kind)
-    sd = ours(kind, height, width)
+    sd = ours(kind, height, width, jit_compile=True)  # the XLA path; other tests run eagerly
     prompts, negative = ["a red circle", "a blue square"], ["green", "a triangle"]
     noise = np.random.default_rng(4).standard_normal((2, height // 8, width // 8, 4), dtype=np.float32)
-    expected = reference_images(pipe, prompts, negative, noise, steps=8, guidance=7.5)
+    expected = reference_images(pipe, prompts, negative_prompt=negative, noise=noise, steps=8)
     got = sd.text_to_image(prompts, negative_prompt=negative, num_steps=8, diffusion_noise=noise,
                            verbose=False)
     assert got.dtype == np.uint8 and got.shape == expected.shape == (2, height, width, 3)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reference import TINY_CONFIG
 from stable_diffusion import StableDiffusion
 from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.decoder import Decoder
@@ -13,13 +14,6 @@ from stable_diffusion.encoder import Encoder
 from stable_diffusion.train import VAETrainer, fine_tune, fit, load_folder, train_demo, train_diffusion
 
 SIZE = 16
-TINY = {
-    "text_encoder": dict(width=8, num_layers=1, num_heads=2, intermediate_size=16),
-    "diffusion_model": dict(channels=(8, 16), layers_per_block=1, attention_levels=(False, True), num_heads=2,
-                            context_dim=8, norm_groups=4),
-    "decoder": dict(channels=(8, 16), layers_per_block=1, norm_groups=4, scaling_factor=0.5),
-    "encoder": dict(channels=(8, 16), layers_per_block=1, norm_groups=4),
-}
 
 
 def snapshot(model):
@@ -32,7 +26,8 @@ def changed(before, model):
 
 def test_vae_stage_fits():
     images, _ = make_dataset(8, seed=0, image_size=SIZE)
-    encoder, decoder = Encoder(SIZE, SIZE, **TINY["encoder"]), Decoder(SIZE // 2, SIZE // 2, **TINY["decoder"])
+    encoder = Encoder(SIZE, SIZE, **TINY_CONFIG["encoder"])
+    decoder = Decoder(SIZE // 2, SIZE // 2, **TINY_CONFIG["decoder"])
     before = snapshot(encoder), snapshot(decoder)
     loss = fit(VAETrainer(encoder, decoder, seed=0), images, epochs=2, batch_size=4, learning_rate=1e-3)
     assert np.isfinite(loss)
@@ -40,7 +35,7 @@ def test_vae_stage_fits():
 
 
 def test_diffusion_stage_fits_and_resumes(tmp_path):
-    sd = StableDiffusion(SIZE, SIZE, config=TINY)
+    sd = StableDiffusion(SIZE, SIZE, config=TINY_CONFIG)
     images, captions = make_dataset(8, seed=0, image_size=SIZE)
     latents = np.random.default_rng(0).standard_normal((8, SIZE // 2, SIZE // 2, 4)).astype("float32")
     unet, text = snapshot(sd.diffusion_model), snapshot(sd.text_encoder)
@@ -53,7 +48,7 @@ def test_diffusion_stage_fits_and_resumes(tmp_path):
 
 @pytest.mark.training
 def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
-    config = dict(TINY, decoder=dict(TINY["decoder"], scaling_factor=1.0))
+    config = dict(TINY_CONFIG, decoder=dict(TINY_CONFIG["decoder"], scaling_factor=1.0))
     options = dict(num_images=8, epochs=1, decoder_images=8, decoder_epochs=2, batch_size=4, vae_batch_size=4,
                    work_dir=tmp_path / "work", config=config, verbose=0)
     result = train_demo(tmp_path / "demo", **options)
@@ -70,7 +65,7 @@ def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
 
 @pytest.mark.training
 def test_fine_tune_changes_only_the_unet(tmp_path):
-    StableDiffusion(SIZE, SIZE, config=TINY).save(tmp_path / "base")
+    StableDiffusion(SIZE, SIZE, config=TINY_CONFIG).save(tmp_path / "base")
     images, captions = make_dataset(6, seed=1, image_size=SIZE)
     write_folder(tmp_path / "data", images, captions)
     result = fine_tune(tmp_path / "base", tmp_path / "data", tmp_path / "tuned", epochs=1, batch_size=3,
