@@ -5,6 +5,7 @@ and transformers names (`weights.py` maps them).
 References: diffusers `UNet2DConditionModel`, `AutoencoderKL` and `DDIMScheduler` configs,
 transformers `CLIPTextConfig`.
 """
+from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
 from .weights import Tensors, read_json, strict_loader
 
@@ -81,5 +82,5 @@ def vae_configs(c):
     """Decoder and Encoder arguments from a diffusers AutoencoderKL config."""
     shared = dict(latent_channels=c["latent_channels"], channels=tuple(c["block_out_channels"]),
                   layers_per_block=c["layers_per_block"], norm_groups=c.get("norm_num_groups", 32))
-    return dict(decoder=dict(shared, out_channels=c["out_channels"], scaling_factor=c.get("scaling_factor", 0.18215)),
-                encoder=dict(shared, in_channels=c["in_channels"]))
+    decoder = dict(shared, out_channels=c["out_channels"], scaling_factor=c.get("scaling_factor", SCALING_FACTOR))
+    return dict(decoder=decoder, encoder=dict(shared, in_channels=c["in_channels"]))

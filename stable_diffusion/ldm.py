@@ -20,6 +20,7 @@ Stability-AI/stablediffusion `configs/stable-diffusion/v2-inference(-v).yaml` an
 """
 from dataclasses import dataclass
 
+from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
 from .weights import Tensors, strict_loader
 
@@ -116,7 +117,7 @@ def vae_configs(s):
     shared = dict(latent_channels=s["decoder.conv_in.weight"][1],
                   channels=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
                   layers_per_block=count(s, "encoder.down.0.block.", 4))
-    return dict(decoder=dict(shared, out_channels=s["decoder.conv_out.weight"][0], scaling_factor=0.18215),
+    return dict(decoder=dict(shared, out_channels=s["decoder.conv_out.weight"][0], scaling_factor=SCALING_FACTOR),
                 encoder=dict(shared, in_channels=s["encoder.conv_in.weight"][1]))
 
 
