@@ -20,6 +20,7 @@ Stability-AI/stablediffusion `configs/stable-diffusion/v2-inference(-v).yaml` an
 """
 from dataclasses import dataclass
 
+from . import ckpt
 from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
 from .weights import Tensors, strict_loader
@@ -277,30 +278,22 @@ def standalone_vae_plan(shapes, source):
 
 def open_single_file(path):
     """(Tensors, global_step or None) of a `.safetensors` or `.ckpt` file, any `state_dict` nesting removed.
-    Tensors are read one at a time: plain reads at the offsets of a safetensors header, or a
-    memory-mapped `torch.load` for `.ckpt`, whose file pages the OS can reclaim."""
+    Tensors are read one at a time: plain reads at the offsets of a safetensors header, or views of a
+    memory map of the `.ckpt` (`ckpt.read`, which refuses unexecuted any pickle but of tensors)."""
     if path.suffix == ".safetensors":
         return Tensors.from_safetensors([path]), None
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"Reading {path} needs PyTorch (a .ckpt is a pickle): pip install torch, or use "
-                          f"the .safetensors release of the checkpoint.") from None
-    try:  # the weights-only unpickler refuses (without running) anything but tensors and plain containers
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a readable .ckpt of tensors: {reason}. Pickles holding other "
-                         f"objects are refused unexecuted; use the .safetensors release.") from error
+    data = ckpt.read(path)
     global_step = data.get("global_step") if isinstance(data, dict) else None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
-    others = [key for key, value in data.items() if not isinstance(value, torch.Tensor) and key not in CKPT_METADATA]
+    others = [key for key, value in data.items() if not isinstance(value, ckpt.Tensor) and key not in CKPT_METADATA]
     if others:
         raise ValueError(f"{path} holds entries that are not tensors: {others[:5]}.")
-    return Tensors.from_torch({k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, str(path)), global_step
+    tensors = {key: value for key, value in data.items() if isinstance(value, ckpt.Tensor)}
+    readers, shapes = {k: t.read for k, t in tensors.items()}, {k: t.shape for k, t in tensors.items()}
+    return Tensors(readers, shapes, str(path)), global_step
 
 
 def read(path, with_vae=True, prediction_type=None, use_ema=None):

@@ -132,15 +132,6 @@ class Tensors(Mapping):
                 shapes[rename(key)] = entry["shape"]
         return cls(readers, shapes, ", ".join(map(str, paths)))
 
-    @classmethod
-    def from_torch(cls, state_dict, source):
-        """Tensors of a PyTorch state dict (bfloat16 ones as float32, which numpy can hold)."""
-        import torch
-
-        to_numpy = lambda t: (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-        return cls({k: (lambda t=t: to_numpy(t)) for k, t in state_dict.items()},
-                   {k: tuple(t.shape) for k, t in state_dict.items()}, source)
-
     def subset(self, names):
         """These tensors under new names: `names[new] = (key, part)`; part i takes the i-th third along
         the first axis (OpenCLIP's fused q/k/v projection), None the whole tensor."""

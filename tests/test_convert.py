@@ -7,7 +7,6 @@ import functools
 import json
 import re
 import shutil
-import sys
 
 import keras
 import numpy as np
@@ -453,13 +452,6 @@ def test_bad_input_gives_one_clear_error_and_no_output(name, bench, tmp_path, ca
     assert exit_info.value.code == 1 and error.startswith("error: ") and message in error, error
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
     assert not source.with_suffix(".ran").exists(), "the pickle ran"
-
-
-def test_ckpt_without_torch_says_what_to_do(bench, monkeypatch):
-    path = bench.file("sd1", ".ckpt")
-    monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(ImportError, match="pip install torch.*safetensors"):
-        checkpoints.read(path)
 
 
 def test_unexpected_tensor_is_named(bench, tmp_path):

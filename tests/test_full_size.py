@@ -46,7 +46,8 @@ def test_unet_step_equals_diffusers():
     unet = UNet2DConditionModel(**config)
     randomize(unet.conv_out)  # zero-initialised in diffusers, which would hide the whole output
     ours = DiffusionModel(latent_height=32, latent_width=32, **diffusers_folder.unet_config(config))
-    load_weights([ours], Tensors.from_torch(unet.state_dict(), "diffusers UNet2DConditionModel"))
+    load_weights([ours], Tensors.from_arrays({k: v.numpy() for k, v in unet.state_dict().items()},
+                                             "diffusers UNet2DConditionModel"))
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 32, 32, 4), dtype=np.float32)
     timesteps, context = np.array([10.0, 999.0], "float32"), rng.standard_normal((2, 77, 768), dtype=np.float32)
