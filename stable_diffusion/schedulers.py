@@ -60,11 +60,16 @@ class Scheduler:
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, ascending
 
-    def spaced(self, num_steps, rounded=True):
-        """`num_steps` training timesteps, ascending, spaced as diffusers' `timestep_spacing`."""
+    def spaced(self, num_steps, rounded=True, fit=True):
+        """`num_steps` training timesteps, ascending, spaced as diffusers' `timestep_spacing`. With `fit`,
+        "leading" lowers `steps_offset` where it would push the last one past the training timesteps
+        (num_steps = num_train_timesteps: every training timestep, as "trailing" and "linspace")."""
         train_steps, spacing = self.config["num_train_timesteps"], self.config["timestep_spacing"]
         if spacing == "leading":
-            return (np.arange(num_steps) * (train_steps // num_steps)).round() + self.config["steps_offset"]
+            ratio, offset = train_steps // num_steps, self.config["steps_offset"]
+            if fit:
+                offset = min(offset, train_steps - 1 - (num_steps - 1) * ratio)
+            return (np.arange(num_steps) * ratio).round() + offset
         if spacing == "trailing":
             return np.round(np.arange(train_steps, 0, -train_steps / num_steps))[::-1] - 1
         steps = np.linspace(0, train_steps - 1, num_steps)
@@ -72,15 +77,18 @@ class Scheduler:
 
     def set_timesteps(self, num_steps, strength=1.0):
         """Starts a run of `num_steps` steps of which only the last `strength` fraction runs (the
-        image-to-image convention: `int(num_steps * strength)` steps); returns their timesteps."""
+        image-to-image convention: `int(num_steps * strength)` steps); returns their timesteps.
+        Raises ValueError, before any work, unless num_steps is an integer in [1, num_train_timesteps]
+        and strength a number in (0, 1] leaving at least one step."""
         train_steps = self.config["num_train_timesteps"]
-        if not isinstance(num_steps, int) or not 1 <= num_steps <= train_steps:
+        integer = isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool)
+        if not integer or not 1 <= num_steps <= train_steps:
             raise ValueError(f"num_steps must be an integer between 1 and {train_steps}, got {num_steps!r}.")
-        if not 0 < strength <= 1:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
         if int(num_steps * strength) < 1:
             raise ValueError(f"strength {strength} leaves no step of {num_steps}; raise strength or num_steps.")
-        self.num_steps, self.history = num_steps, []
+        self.num_steps, self.history = int(num_steps), []
         self.all_timesteps = self.make_timesteps(num_steps)
         self.begin = self.index = num_steps - min(int(num_steps * strength), num_steps)
         self.timesteps = self.all_timesteps[self.begin:]
@@ -171,7 +179,8 @@ class EulerScheduler(Scheduler):
         self.ancestral = ancestral
 
     def make_timesteps(self, num_steps):
-        timesteps = self.spaced(num_steps, rounded=False)[::-1].astype(np.float32)
+        # unfitted, as diffusers: beyond the last training timestep sigma stays the last one (a zero step)
+        timesteps = self.spaced(num_steps, rounded=False, fit=False)[::-1].astype(np.float32)
         sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         max_sigma = self.sigmas.max()
@@ -212,8 +221,11 @@ class DPMSolverScheduler(Scheduler):
             sigmas = (high + ramp * (low - high)) ** rho
             timesteps = sigma_to_t(sigmas, log_sigmas).round().astype(np.int64)
         else:
+            # n + 1 spaced points, the lowest dropped (sigma 0 takes its place); no n + 1 distinct ones
+            # exist for n = num_train_timesteps, which takes every training timestep
+            every = num_steps == self.config["num_train_timesteps"]
             trailing = self.config["timestep_spacing"] == "trailing"
-            timesteps = (self.spaced(num_steps) if trailing else self.spaced(num_steps + 1)[1:])[::-1]
+            timesteps = (self.spaced(num_steps) if trailing or every else self.spaced(num_steps + 1)[1:])[::-1]
             timesteps = timesteps.astype(np.int64)
             sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)

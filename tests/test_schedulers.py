@@ -8,7 +8,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, PNDMScheduler)
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
-from reference import nchw, nhwc, to_numpy
+from reference import nchw, nhwc, relative_difference, to_numpy
 from stable_diffusion import schedulers
 
 REFERENCES = {  # our name -> the diffusers scheduler and the config keys that select the method
@@ -67,6 +67,73 @@ def test_trajectory_equals_diffusers(name, prediction_type, spacing, num_steps, 
     assert worst <= TOLERANCE, f"max abs diff {worst} vs diffusers {reference.__name__} ({name})"
 
 
+# Step counts at which diffusers raises or gives NaN, and the diffusers run ours equals instead:
+# "leading" spacing puts the last DDIM / PLMS timestep at steps_offset + 999 = 1000, past the training
+# timesteps (IndexError); DPM-Solver's n + 1 grid repeats a timestep (or sigma, clamped at 1000), so a
+# step of length h = 0 divides by zero (NaN; the method needs distinct lambdas, Lu et al. 2022, eq. 5).
+# Ours keeps every grid inside the training timesteps and free of repeats: with n = 1000 it is every
+# training timestep (diffusers' "trailing" grid), for DPM-Solver n = 999 "leading" it is 999 ... 1 (run
+# through diffusers as custom `timesteps`).
+DIFFUSERS_FAILS = {("ddim", "leading", 1000), ("pndm", "leading", 1000), ("dpmpp_2m", "leading", 999),
+                   ("dpmpp_2m", "leading", 1000), ("dpmpp_2m", "linspace", 1000)}
+STEP_TOLERANCE = 1e-5  # max abs difference of the final latents, relative to their max abs
+# Euler ancestral over ~1000 steps: the fresh noise of every step keeps float32 rounding from decaying
+ANCESTRAL_TOLERANCE = 5e-5
+
+
+def run(scheduler, timesteps, x, draw_noise, ours):
+    """The latents after stepping `scheduler` (ours or diffusers') through `timesteps` under the stand-in model."""
+    for t in timesteps:
+        if ours:
+            x = scheduler.step(stand_in_model(scheduler.scale_model_input(x), t), x, draw_noise)
+        else:
+            model_input = nhwc(scheduler.scale_model_input(x, t))
+            x = scheduler.step(nchw(stand_in_model(model_input, t)), t, x).prev_sample
+    return x if ours else nhwc(x)
+
+
+@pytest.mark.parametrize("num_steps, strength", [(1, 1.0), (2, 1.0), (999, 1.0), (1000, 1.0),
+                                                 (2, 0.5), (999, 0.5), (1000, 0.5)])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_every_step_count_equals_diffusers(name, spacing, num_steps, strength, monkeypatch):
+    """Step counts 1 to 1000 (the extremes) and image-to-image's later start, against diffusers; where
+    diffusers fails (`DIFFUSERS_FAILS`), against the diffusers run on the grid that we take instead."""
+    reference, keys = REFERENCES[name]
+    ours = schedulers.create(name, config("epsilon", spacing))
+    timesteps = ours.set_timesteps(num_steps, strength=strength)
+    draws = np.random.default_rng(0).standard_normal((len(timesteps), 1, 4, 4, 3), dtype=np.float32)
+    x = np.random.default_rng(1).standard_normal((1, 4, 4, 3), dtype=np.float32) * ours.init_noise_sigma
+    got = run(ours, timesteps, x, iter(draws).__next__, ours=True)
+    assert np.isfinite(got).all()
+
+    def diffusers_run(spacing, **set_timesteps):
+        theirs = reference.from_config(dict(config("epsilon", spacing), **keys))
+        theirs.set_timesteps(**set_timesteps)
+        start = len(theirs.timesteps) - len(timesteps)
+        if hasattr(theirs, "set_begin_index"):
+            theirs.set_begin_index(start)
+        noise = iter(nchw(draw) for draw in draws)
+        monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, **k: next(noise))
+        return theirs.timesteps[start:].numpy(), run(theirs, theirs.timesteps[start:], nchw(x), None, ours=False)
+
+    if (name, spacing, num_steps) in DIFFUSERS_FAILS:
+        if strength == 1:  # later starts skip the failing first steps, but not our different grid
+            with pytest.raises(IndexError) if name != "dpmpp_2m" else np.errstate(all="ignore"):
+                failed = diffusers_run(spacing, num_inference_steps=num_steps)[1]
+                assert np.isnan(failed).any(), "diffusers no longer fails here: compare against it directly"
+        if name == "dpmpp_2m":
+            their_timesteps, expected = diffusers_run(spacing, timesteps=list(ours.all_timesteps))
+        else:
+            their_timesteps, expected = diffusers_run("trailing", num_inference_steps=num_steps)
+    else:
+        their_timesteps, expected = diffusers_run(spacing, num_inference_steps=num_steps)
+    np.testing.assert_array_equal(timesteps, their_timesteps)
+    diff = relative_difference(got, expected)
+    tolerance = ANCESTRAL_TOLERANCE if name == "euler_a" and num_steps > 2 else STEP_TOLERANCE
+    assert diff <= tolerance, f"relative diff {diff:.1e} vs diffusers {reference.__name__} ({name})"
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])  # epsilon, v-prediction
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_pipeline_equals_diffusers(name, kind, reference, ours, monkeypatch):
@@ -108,6 +175,10 @@ def test_add_noise_at_the_strength_timestep_equals_diffusers(name):
 
 @pytest.mark.parametrize("arguments, message", [
     (dict(num_steps=0), "num_steps"),
+    (dict(num_steps=1001), "num_steps"),
+    (dict(num_steps=20.0), "num_steps"),
+    (dict(num_steps=True), "num_steps"),
+    (dict(num_steps=10, strength="0.5"), "strength"),
     (dict(num_steps=10, strength=0), r"strength must be in \(0, 1\]"),
     (dict(num_steps=10, strength=1.5), r"strength must be in \(0, 1\]"),
     (dict(num_steps=10, strength=0.05), "no step"),
