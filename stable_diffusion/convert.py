@@ -39,7 +39,7 @@ def main(argv=None):
     try:
         convert(args.source, args.destination, args.overwrite, vae=args.vae,
                 prediction_type=args.prediction_type, use_ema=args.use_ema, config=args.config)
-    except (OSError, ValueError, ImportError) as error:
+    except (OSError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
     print(f"Wrote {args.destination}", file=sys.stderr)
 
