@@ -3,7 +3,7 @@
     config.json                    {"format": "keras-stable-diffusion/2", "img_height", "img_width",
                                     and the arguments of each model and of the scheduler}
     text_encoder.safetensors       one weights file per model, keyed by the diffusers / transformers
-    diffusion_model.safetensors    names (`weights.variable_key`, e.g.
+    diffusion_model.safetensors    names (`weights.named_variables`, e.g.
     decoder.safetensors            `down_blocks.0.resnets.0.conv1.weight`)
     encoder.safetensors
     tokenizer/                     vocab.json, merges.txt, tokenizer_config.json
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .tokenizer import Tokenizer
-from .weights import (SAFETENSORS_DTYPES, Tensors, keras_layout, load_weights, read_json, safetensors_header,
-                      variable_key)
+from .weights import (SAFETENSORS_DTYPES, Tensors, keras_layout, load_weights, named_variables, read_json,
+                      safetensors_header)
 
 FORMAT, OLD_FORMAT, CONFIG = "keras-stable-diffusion/2", "keras-stable-diffusion/1", "config.json"
 METADATA = {"format": FORMAT, "layout": "keras"}
@@ -49,9 +49,7 @@ def save(sd, path, overwrite=False):
         config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
         for name in MODELS:
-            model = getattr(sd, name)
-            write_safetensors(staging / f"{name}.safetensors",
-                              {variable_key(layer, v): v for layer in model.layers for v in layer.weights})
+            write_safetensors(staging / f"{name}.safetensors", named_variables(getattr(sd, name)))
         sd.tokenizer.save(staging / "tokenizer")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

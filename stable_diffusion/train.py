@@ -26,6 +26,7 @@ from .data import make_dataset
 from .decoder import Decoder
 from .encoder import Encoder
 from .stable_diffusion import StableDiffusion
+from .weights import Tensors, keras_layout, load_weights, named_variables
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -149,14 +150,10 @@ def encode_latents(encoder, images, scaling_factor=1.0, batch_size=256):
 
 
 def copy_weights(source, target):
-    """Sets each layer of `target` that has weights from the layer of the same name in `source` (our layer
-    names are the checkpoint keys, the same in two models of one configuration), never by order."""
-    names = [{layer.name for layer in model.layers if layer.weights} for model in (source, target)]
-    if names[0] != names[1]:
-        raise ValueError(f"{source.name} and {target.name} differ in the layers {sorted(names[0] ^ names[1])}.")
-    for layer in target.layers:
-        if layer.weights:
-            layer.set_weights(source.get_layer(layer.name).get_weights())
+    """Sets `target`'s variables from those of `source`, a model of the same configuration, by checkpoint
+    key through the strict loader (`weights.load_weights`), never by order."""
+    arrays = {key: variable.numpy() for key, variable in named_variables(source).items()}
+    load_weights([target], Tensors.from_arrays(arrays, source.name), layout=keras_layout)
 
 
 def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, train_text_encoder=True,

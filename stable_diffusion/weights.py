@@ -45,6 +45,11 @@ def variable_key(layer, variable):
     return f"{layer.name.replace('-', '.')}.{KEY_SUFFIX[variable.name]}"
 
 
+def named_variables(model):
+    """{checkpoint key: variable} of every variable of `model` (`variable_key`)."""
+    return {variable_key(layer, variable): variable for layer in model.layers for variable in layer.weights}
+
+
 def read_json(path):
     """A checkpoint's JSON file; FileNotFoundError saying the checkpoint is incomplete if it is missing."""
     if not path.exists():
