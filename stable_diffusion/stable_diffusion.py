@@ -267,17 +267,9 @@ class StableDiffusion:
     def enable_vae_tiling(self, tile_size=512):
         """Decodes images over `tile_size` pixels high or wide in overlapping tiles of that size, as diffusers'
         `enable_vae_tiling`, in one tile's memory; blended, not exact (see `tiling.py`). None turns it off."""
-        factor = self.vae_factor
-        if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 4 * factor or tile_size % factor):
-            raise ValueError(f"tile_size must be a multiple of {factor} pixels, at least {4 * factor}, or None; "
-                             f"got {tile_size!r}.")
-        self.vae_tile_size = tile_size
+        self.vae_tile_size = tiling.checked_tile_size(tile_size, self.vae_factor)
 
     def decode(self, latents):
         """VAE-decodes latents (B, h, w, C) to uint8 images (B, H, W, 3), in tiles after `enable_vae_tiling`."""
-        tile = (self.vae_tile_size or 0) // self.vae_factor
-        if tile and max(np.shape(latents)[1:3]) > tile:
-            images = tiling.decode_in_tiles(self.decoder.predict_on_batch, np.asarray(latents), tile, self.vae_factor)
-        else:
-            images = np.asarray(self.decoder.predict_on_batch(latents))
+        images = tiling.decode(self.decoder.predict_on_batch, np.asarray(latents), self.vae_tile_size, self.vae_factor)
         return np.round(np.clip(images / 2 + 0.5, 0, 1) * 255).astype("uint8")

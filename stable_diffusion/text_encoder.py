@@ -15,16 +15,6 @@ ACTIVATIONS = {
 }
 
 
-class PositionEmbedding(layers.Layer):
-    """Adds one learned vector per position (CLIP's `position_embedding`)."""
-
-    def build(self, input_shape):
-        self.embeddings = self.add_weight(shape=input_shape[1:], name="embeddings")
-
-    def call(self, x):
-        return x + self.embeddings
-
-
 class TextEncoder(keras.Model):
     """CLIP text transformer: token ids (B, L) -> final-layer-normed hidden states (B, L, width).
 
@@ -45,7 +35,8 @@ class TextEncoder(keras.Model):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         tokens = keras.Input((max_length,), dtype="int32", name="tokens")
         x = layers.Embedding(vocab_size, width, name="embeddings-token_embedding", dtype=dtype)(tokens)
-        x = PositionEmbedding(name="embeddings-position_embedding", dtype=dtype)(x)
+        positions = ops.zeros_like(tokens) + ops.arange(max_length, dtype="int32")  # (B, L): 0 .. L - 1
+        x = x + layers.Embedding(max_length, width, name="embeddings-position_embedding", dtype=dtype)(positions)
         for i in range(num_layers):  # pre-LN blocks with causal self-attention
             block = f"encoder-layers-{i}"
             h = layers.LayerNormalization(epsilon=1e-5, name=f"{block}-layer_norm1", dtype=dtype)(x)

@@ -10,13 +10,25 @@ import numpy as np
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
 
 
-def decode_in_tiles(decode, latents, tile, factor):
-    """Images (B, H, W, 3) from latents (B, h, w, C), `decode` (a model call) applied tile by tile;
-    `factor`: image pixels per latent."""
+def checked_tile_size(tile_size, factor):
+    """`tile_size` (pixels) if it is None or a multiple of `factor` (image pixels per latent) of at
+    least 4 latents; ValueError otherwise."""
+    if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 4 * factor or tile_size % factor):
+        raise ValueError(f"tile_size must be a multiple of {factor} pixels, at least {4 * factor}, or None; "
+                         f"got {tile_size!r}.")
+    return tile_size
+
+
+def decode(decoder, latents, tile_size, factor):
+    """Images (B, H, W, 3) from latents (B, h, w, C): `decoder` (a model call) applied to the whole, or tile by
+    tile where the image is over `tile_size` pixels (None: never) high or wide; `factor`: image pixels per latent."""
+    tile = (tile_size or 0) // factor
+    if not tile or max(latents.shape[1:3]) <= tile:
+        return np.asarray(decoder(latents))
     stride, blend = int(tile * (1 - OVERLAP)), int(tile * factor * OVERLAP)
     keep = tile * factor - blend
     height, width = latents.shape[1:3]
-    rows = [[np.array(decode(latents[:, i:i + tile, j:j + tile])) for j in range(0, width, stride)]
+    rows = [[np.array(decoder(latents[:, i:i + tile, j:j + tile])) for j in range(0, width, stride)]
             for i in range(0, height, stride)]
     for i, row in enumerate(rows):
         for j, image in enumerate(row):

@@ -44,7 +44,7 @@ def test_tiled_decoding_equals_diffusers(reference, ours):
     latents = np.random.default_rng(4).standard_normal((2, 9, 7, 4), dtype=np.float32)
     with torch.no_grad():
         expected = nhwc(vae.tiled_decode(nchw(latents) / vae.config.scaling_factor).sample)
-    got = tiling.decode_in_tiles(sd.decoder.predict_on_batch, latents, 4, 8)
+    got = tiling.decode(sd.decoder.predict_on_batch, latents, 32, 8)
     assert got.shape == expected.shape == (2, 72, 56, 3)
     diff = relative_difference(got, expected)
     assert diff <= 1e-4, f"max abs diff {diff:.2e} of the output scale vs AutoencoderKL.tiled_decode (tolerance 1e-4)"
