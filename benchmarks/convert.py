@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.results import replace_section
+from benchmarks.results import cpu, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Checkpoint conversion (full-size SD 1.5, original layout)"
@@ -98,16 +98,6 @@ def write_ckpt(safetensors_path, path):
     from safetensors.torch import load_file
 
     torch.save({"state_dict": load_file(safetensors_path), "global_step": 840000}, path)
-
-
-def cpu():
-    """The CPU model and its vector-instruction flags, as /proc/cpuinfo gives them."""
-    fields = {}
-    for line in open("/proc/cpuinfo"):
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = [flag for flag in fields.get("flags", "").split() if flag.startswith(("avx", "fma", "f16c", "amx"))]
-    return f"{fields.get('model name', 'unknown CPU')} (flags {' '.join(flags)})"
 
 
 def warm_page_cache(path):

@@ -1,4 +1,6 @@
-"""benchmarks/RESULTS.md: one `## ` section per benchmark, kept in place when a benchmark writes."""
+"""benchmarks/RESULTS.md: one `## ` section per benchmark, kept in place when a benchmark writes; the CPU
+each entry names."""
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -43,3 +45,16 @@ def append_table_row(heading, header, row, path=RESULTS):
     while end < len(body) and body[end].startswith("|"):
         end += 1
     _write(path, before, [*body[:end], row, *body[end:]], after)
+
+
+def cpu():
+    """The CPU model and its vector-instruction flags, as /proc/cpuinfo gives them (elsewhere: what
+    `platform` knows)."""
+    if not Path("/proc/cpuinfo").exists():
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in open("/proc/cpuinfo"):
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = [flag for flag in fields.get("flags", "").split() if flag.startswith(("avx", "fma", "f16c", "amx"))]
+    return f"{fields.get('model name', 'unknown CPU')} (flags {' '.join(flags)})"
