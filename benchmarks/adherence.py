@@ -116,7 +116,8 @@ def table(scores, targets=None):
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line's arguments (default: `sys.argv[1:]`), the set's seed and number of images filled in."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="default: the built-in demo model")
@@ -140,6 +141,11 @@ def main(argv=None):
     if min(args.num_images, args.steps, args.batch_size) < 1:
         parser.error("--num-images, --steps and --batch-size must be at least 1.")
     args.batch_size = min(args.batch_size, args.num_images)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     settings = dict(num_steps=args.steps, unconditional_guidance_scale=args.guidance, scheduler=args.scheduler)
 
     host = machine()  # before the run, so the load average is the other jobs'
