@@ -1,7 +1,8 @@
 """Our bundle format, written by `StableDiffusion.save`, a folder of:
 
     config.json                    {"format": "keras-stable-diffusion/2", "img_height", "img_width",
-                                    and the arguments of each model and of the scheduler}
+                                    the arguments of each model and of the scheduler, and the
+                                    "grammar" of the prompts (`data.GRAMMAR`; {} for most models)}
     text_encoder.safetensors       one weights file per model, keyed by the diffusers / transformers
     diffusion_model.safetensors    names (`weights.named_variables`, e.g.
     decoder.safetensors            `down_blocks.0.resnets.0.conv1.weight`)

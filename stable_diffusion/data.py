@@ -5,14 +5,18 @@ the grammar
 
     a [small |large ]{color} {shape} on a {background} background
 
-so prompt adherence can be measured exactly (see `stable_diffusion/adherence.py`). The folder
+so prompt adherence can be measured exactly (see `stable_diffusion/adherence.py`). A model trained
+on them carries the grammar's words, `GRAMMAR`, in its config, and `warn_outside_grammar` tells the
+user of such a model (the demo model) when a prompt leaves the grammar. The folder
 format written by `write_folder` (PNGs plus `captions.jsonl`) follows the Hugging Face
 `imagefolder` convention: https://huggingface.co/docs/datasets/image_dataset#imagefolder
 """
 
+import itertools
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -37,11 +41,18 @@ SIZES = ("small", "large")
 SIZE_RANGES = {"small": (0.20, 0.35), "large": (0.55, 0.80), None: (0.20, 0.80)}
 COLOR_JITTER = 10  # Per-channel, per-image offset in [-10, 10] on both colours.
 
-_CAPTION = re.compile(
-    "a (?:({}) )?({}) ({}) on a ({}) background".format(
-        *("|".join(names) for names in (SIZES, COLORS, SHAPES, BACKGROUNDS))
-    )
-)
+# The words each slot of a caption takes; the "grammar" of a model's config (`StableDiffusion(config=...)`).
+GRAMMAR = dict(size=list(SIZES), color=list(COLORS), shape=list(SHAPES), background=list(BACKGROUNDS))
+FORM = "a [{size} ]{color} {shape} on a {background} background"
+
+
+def _captions(grammar):
+    """The regex of the captions whose slots hold words of `grammar` ({slot: words}; None: any word)."""
+    slot = lambda name: "(?P<{}>{})".format(name, "|".join(map(re.escape, grammar[name])) if grammar else r"\S+")
+    return re.compile("a (?:{} )?{} {} on a {} background".format(*map(slot, GRAMMAR)))
+
+
+_CAPTION = _captions(GRAMMAR)
 
 
 def format_caption(attributes):
@@ -67,6 +78,42 @@ def parse_caption(caption):
         )
     size, color, shape, background = match.groups()
     return dict(color=color, shape=shape, background=background, size=size)
+
+
+def outside_grammar(prompt, grammar=GRAMMAR):
+    """What of `prompt` a caption of `grammar` ({slot: words}, as `GRAMMAR`) cannot hold: "'yellow' as a
+    background" (a word in a slot that does not take it), "the words 'photo', 'cat'" (words, or punctuation, of
+    no slot) or the prompt itself (known words, another form); None for a caption or the empty prompt. Case and
+    spacing are ignored, as by the tokenizer."""
+    words = re.findall(r"\w+|[^\w\s]", prompt.lower())  # punctuation apart, as the tokenizer reads it
+    text = " ".join(words)
+    if not text or _captions(grammar).fullmatch(text):
+        return None
+    slots = _captions(None).fullmatch(text)
+    if slots:  # the form, with words in slots that do not take them
+        return ", ".join(f"{word!r} as a {name}" for name, word in slots.groupdict().items()
+                         if word is not None and word not in grammar[name])
+    known = {"a", "on", "background", *itertools.chain(*grammar.values())}  # the form's words and the slots'
+    unknown = [repr(word) for word in dict.fromkeys(words) if word not in known]
+    return f"the word{'s' * (len(unknown) > 1)} {', '.join(unknown)}" if unknown else repr(prompt)
+
+
+def warn_outside_grammar(prompt, grammar):
+    """Warns (`UserWarning`, one line) for each prompt outside `grammar` (see `outside_grammar`), naming the
+    words the grammar knows; nothing if `grammar` is empty (a model not trained on the shapes). Python's
+    default warning filter shows each distinct message once per calling line: from `text_to_image`, once
+    per set of unknown words.
+
+    Args:
+        prompt: a string or a list of strings.
+        grammar: {slot: words}, as `GRAMMAR`; a model's `config["grammar"]`.
+    """
+    for text in [prompt] if isinstance(prompt, str) else prompt:
+        reason = outside_grammar(text, grammar) if grammar else None
+        if reason:
+            known = "; ".join(f"{name}: {', '.join(words)}" for name, words in grammar.items())
+            warnings.warn(f"This model knows only prompts of the form {FORM!r} ({known}), not {reason}.",
+                          stacklevel=2)
 
 
 def random_caption(rng):

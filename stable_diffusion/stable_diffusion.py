@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, keras_internals, presets, schedulers, tiling
+from . import bundle, checkpoints, data, keras_internals, presets, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -31,7 +31,8 @@ class StableDiffusion:
         img_height, img_width: image size in pixels, multiples of 8.
         jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager).
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
-            "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values.
+            "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
+            "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
         tokenizer: a `Tokenizer`; default: the bundled CLIP vocabulary, padding with the end token.
         scheduler: the default sampler, one of `schedulers.SCHEDULERS`, built from `config["scheduler"]`.
         dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
@@ -40,7 +41,7 @@ class StableDiffusion:
 
     def __init__(self, img_height=512, img_width=512, *, jit_compile=True, config=None, tokenizer=None,
                  scheduler="ddim", dtype=None, weights=None):
-        config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler")}
+        config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
@@ -112,7 +113,7 @@ class StableDiffusion:
         """Generates images for a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
-            prompt: a string, or a list of strings (one image each).
+            prompt: a string, or a list of strings (one image each); warns of words outside the model's grammar.
             negative_prompt: what to steer away from: a string, or one per image; default "".
             batch_size: images per prompt string.
             num_steps: sampler steps.
@@ -126,6 +127,7 @@ class StableDiffusion:
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
             verbose: show a progress bar.
         """
+        data.warn_outside_grammar(prompt, self.config["grammar"])
         return self.generate_image(
             self.encode_text(prompt, long_prompts=long_prompts), negative_prompt=negative_prompt,
             batch_size=batch_size, num_steps=num_steps, unconditional_guidance_scale=unconditional_guidance_scale,

@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 from PIL import Image
 
-from .data import make_dataset
+from .data import GRAMMAR, make_dataset
 from .decoder import Decoder
 from .encoder import Encoder
 from .stable_diffusion import StableDiffusion
@@ -38,6 +38,7 @@ DEMO_CONFIG = {
     "decoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, scaling_factor=1.0),
     "encoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
     "scheduler": {},
+    "grammar": GRAMMAR,  # text_to_image warns of prompts outside it
 }
 
 

@@ -1,19 +1,26 @@
-"""Tests for the synthetic shapes (`data.py`) and their pixel classifier (`adherence.py`)."""
+"""Tests for the synthetic shapes (`data.py`), their pixel classifier (`adherence.py`) and the warning
+for prompts outside their grammar."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from reference import TINY_CONFIG
+from stable_diffusion import StableDiffusion, checkpoints
 from stable_diffusion.adherence import classify, score
 from stable_diffusion.data import (
     BACKGROUNDS,
+    GRAMMAR,
     SIZE_RANGES,
     format_caption,
     make_dataset,
+    outside_grammar,
     parse_caption,
     random_caption,
+    warn_outside_grammar,
     write_folder,
 )
 
@@ -94,3 +101,52 @@ def test_classify_plain_background_finds_no_shape():
     assert score([image], ["a blue square on a black background"]) == dict(
         color=0.0, shape=0.0, background=1.0, size=None, all=0.0
     )
+
+
+@pytest.mark.parametrize("prompt, reason", [
+    ("a large red circle on a white background", None),
+    ("A  Small BLUE square on a black background", None),  # case and spacing, as the tokenizer reads them
+    ("", None),  # the unconditional prompt, which the model trained on
+    ("a large red circle on a yellow background", "'yellow' as a background"),  # a colour, not a background
+    ("a huge red circle on a white background", "'huge' as a size"),
+    ("a photo of a cat", "the words 'photo', 'of', 'cat'"),
+    ("a red circle on a white background.", "the word '.'"),
+    ("red circle", "'red circle'"),  # known words, another form
+])
+def test_outside_grammar_names_what_a_caption_cannot_hold(prompt, reason):
+    assert outside_grammar(prompt) == reason
+
+
+def grammar_warnings(caught):
+    """The reasons of the grammar warnings among caught warnings."""
+    return [str(w.message).rsplit(", not ", 1)[1] for w in caught if "knows only prompts" in str(w.message)]
+
+
+def test_warning_names_the_known_words_once_per_set_of_unknown_words():
+    prompts = ["a large red circle on a yellow background", "a red circle on a white background", "a photo",
+               "a small blue square on a yellow background", ["a photo", "a red circle on a white background"]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default
+        for prompt in prompts:
+            warn_outside_grammar(prompt, GRAMMAR)
+        warn_outside_grammar("a cat", {})  # a model without a grammar
+    assert grammar_warnings(caught) == ["'yellow' as a background.", "the word 'photo'."]
+    message = str(caught[0].message)
+    assert "\n" not in message and caught[0].category is UserWarning
+    assert message.startswith("This model knows only prompts of the form "
+                              "'a [{size} ]{color} {shape} on a {background} background' (size: small, large; "
+                              "color: red, green, blue, yellow, purple, orange; shape: circle, square, triangle; "
+                              "background: white, black, gray)")
+
+
+def test_text_to_image_warns_for_a_model_with_a_grammar_which_save_keeps(tmp_path):
+    assert checkpoints.read().config["grammar"] == GRAMMAR  # the shipped demo model has one
+    sd = StableDiffusion(32, 32, config={**TINY_CONFIG, "grammar": GRAMMAR}, jit_compile=False)
+    sd.save(tmp_path / "model")
+    assert checkpoints.read(tmp_path / "model").config["grammar"] == GRAMMAR
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for prompt in ["a large red circle on a yellow background", "a red circle on a white background",
+                       "a large red circle on a yellow background", "a cat"]:
+            sd.text_to_image(prompt, num_steps=1, verbose=False)
+    assert grammar_warnings(caught) == ["'yellow' as a background.", "the word 'cat'."]
