@@ -5,13 +5,15 @@ Argument parsing and PNG writing only; `StableDiffusion` does the work. Each PNG
 negative prompt, seed, steps, guidance, sampler, size and model as PNG text chunks (read them with
 `PIL.Image.open(path).text`), so any image can be made again, alone (to within one pixel level): image i
 of a batch has seed + i. Bad arguments end the program with one line on stderr and exit status 2, before
-any file is written.
+any file is written; warnings (e.g. the demo model's, for words outside its grammar) are one line each.
 """
 import argparse
+import contextlib
 import inspect
 import math
 import secrets
 import sys
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -25,6 +27,7 @@ DEMO_NOTICE = ("Using the built-in demo model: 64x64 images of one shape on a pl
                "like 'a large red circle on a white background'. For real images pass --checkpoint PATH: "
                f"{CHECKPOINTS}.")
 PIPELINE_DEFAULTS = inspect.signature(StableDiffusion.text_to_image).parameters
+PROG = "python -m stable_diffusion"
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,7 +55,7 @@ def number(kind, minimum, multiple=1):
 
 
 def build_parser():
-    parser = Parser(prog="python -m stable_diffusion", description="Generates images for a prompt and "
+    parser = Parser(prog=PROG, description="Generates images for a prompt and "
                     "writes them as PNGs with their settings as PNG text metadata.")
     parser.add_argument("prompt", help="what the image shows")
     parser.add_argument("-o", "--output", default="out.png", type=Path,
@@ -112,6 +115,16 @@ def check_arguments(args):
     return None
 
 
+@contextlib.contextmanager
+def one_line_warnings():
+    """Shows each warning as one line on stderr, `prog: warning: message`, within the block or function."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_: print(f"{PROG}: warning: {' '.join(str(message).split())}",
+                                                         file=sys.stderr)
+        yield
+
+
+@one_line_warnings()
 def main(argv=None):
     """Runs the command line on `argv` (default: `sys.argv[1:]`); bad arguments exit with status 2."""
     parser = build_parser()

@@ -1,5 +1,7 @@
 """The command line (`python -m stable_diffusion`) on a tiny random-weight bundle: PNGs with their
-settings as metadata, reproducible seeds, no overwriting, one-line errors that write nothing."""
+settings as metadata, reproducible seeds, no overwriting, one-line errors that write nothing, one-line
+warnings."""
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,7 @@ import stable_diffusion
 from reference import TINY_CONFIG
 from stable_diffusion import StableDiffusion, presets
 from stable_diffusion.__main__ import DEMO_NOTICE, main
+from stable_diffusion.data import GRAMMAR
 
 PROG = "python -m stable_diffusion"
 VOCABULARY = "bpe_simple_vocab_16e6.txt.gz"
@@ -193,3 +196,14 @@ def test_module_entry_point(bundle, workdir):
     # TensorFlow may log to stderr when imported; the CLI's own message is the one last line.
     errors = [line for line in done.stderr.splitlines() if line.startswith(PROG)]
     assert errors == [done.stderr.splitlines()[-1]] and "--steps" in errors[0]
+
+
+def test_words_outside_the_models_grammar_warn_in_one_line(bundle, workdir, capsys):
+    shutil.copytree(bundle, workdir / "shapes")  # the tiny bundle, as the demo model's config says
+    config = json.loads((workdir / "shapes/config.json").read_text())
+    (workdir / "shapes/config.json").write_text(json.dumps(dict(config, grammar=GRAMMAR)))
+    main(["a large red circle on a yellow background", "--checkpoint", "shapes", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"{PROG}: warning: This model knows only prompts of the form ")
+    assert err.endswith("background: white, black, gray), not 'yellow' as a background.\n")
