@@ -84,8 +84,10 @@ def outside_grammar(prompt, grammar=GRAMMAR):
     """What of `prompt` a caption of `grammar` ({slot: words}, as `GRAMMAR`) cannot hold: "'yellow' as a
     background" (a word in a slot that does not take it), "the words 'photo', 'cat'" (words, or punctuation, of
     no slot) or the prompt itself (known words, another form); None for a caption or the empty prompt. Case and
-    spacing are ignored, as by the tokenizer."""
-    words = re.findall(r"\w+|[^\w\s]", prompt.lower())  # punctuation apart, as the tokenizer reads it
+    spacing are ignored, as by the tokenizer; "an" passes for "a"."""
+    # Punctuation apart, as the tokenizer reads it; the demo model follows "an orange ..." as it does the
+    # "a orange ..." of its captions (30 images each).
+    words = ["a" if word == "an" else word for word in re.findall(r"\w+|[^\w\s]", prompt.lower())]
     text = " ".join(words)
     if not text or _captions(grammar).fullmatch(text):
         return None

@@ -106,6 +106,7 @@ def test_classify_plain_background_finds_no_shape():
 @pytest.mark.parametrize("prompt, reason", [
     ("a large red circle on a white background", None),
     ("A  Small BLUE square on a black background", None),  # case and spacing, as the tokenizer reads them
+    ("an orange square on a gray background", None),
     ("", None),  # the unconditional prompt, which the model trained on
     ("a large red circle on a yellow background", "'yellow' as a background"),  # a colour, not a background
     ("a huge red circle on a white background", "'huge' as a size"),
