@@ -183,13 +183,18 @@ def load_weights(models, tensors, unused_prefixes=(), layout=to_keras_layout):
     unused = [k for k in tensors if k not in used and not k.startswith(tuple(unused_prefixes))]
     problems += [f"unexpected tensor {key}" for key in unused]
     if problems:
-        listed = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         names = " + ".join(model.name for model in models)
-        raise ValueError(f"{tensors.source} does not fit the {names} model:\n  {listed}")
+        raise ValueError(f"{tensors.source} does not fit the {names} model:{listing(problems)}")
     for variable, key in plan:
         value = layout(variable.name, tensors[key], variable.shape)
         handed_over = tensors.owned and value.dtype == variable.dtype
         set_variable(variable, value if handed_over else aligned_copy(value, variable.dtype))
+
+
+def listing(problems, limit=10):
+    """The first `limit` of `problems`, one per indented line, each after a newline."""
+    more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
+    return "".join(f"\n  {problem}" for problem in problems[:limit] + more)
 
 
 def strict_loader(tensors, unused_prefixes=()):
