@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, keras_internals, presets, schedulers, tiling
+from . import bundle, checkpoints, data, keras_internals, lora, presets, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -55,7 +55,7 @@ class StableDiffusion:
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
-        self.vae_factor, self.vae_tile_size = vae_factor, None
+        self.vae_factor, self.vae_tile_size, self._lora_originals = vae_factor, None, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
@@ -96,6 +96,14 @@ class StableDiffusion:
         """Saves a bundle folder for `from_checkpoint` (`bundle.py`): config, a `.safetensors` per model,
         tokenizer; the folder appears only once complete."""
         bundle.save(self, path, overwrite=overwrite)
+
+    def load_lora(self, path, *, scale=1.0):
+        """Merges a kohya / diffusers LoRA `.safetensors` file times `scale` into the weights; see `lora.merge`."""
+        lora.merge(path, [self.text_encoder, self.diffusion_model], scale=scale, originals=self._lora_originals)
+
+    def unload_lora(self):
+        """Restores the weights every `load_lora` changed to their values before, bit-exactly."""
+        lora.restore(self._lora_originals)
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
         """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""
