@@ -1,8 +1,9 @@
 """Command line text-to-image: `python -m stable_diffusion "a red circle on a white background"`;
-image-to-image with `--init-image PATH [--strength S]`, inpainting with `--init-image PATH --mask PATH`.
+image-to-image with `--init-image PATH [--strength S]`, inpainting with `--init-image PATH --mask PATH`,
+LoRAs merged with `--lora PATH[:SCALE]` (repeatable).
 
 Argument parsing and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
-negative prompt, seed, steps, guidance, sampler, size and model as PNG text chunks (read them with
+negative prompt, seed, steps, guidance, sampler, size, model and LoRAs as PNG text chunks (read them with
 `PIL.Image.open(path).text`), so any image can be made again, alone (to within one pixel level): image i
 of a batch has seed + i. Bad arguments end the program with one line on stderr and exit status 2, before
 any file is written; warnings (e.g. the demo model's, for words outside its grammar) are one line each.
@@ -54,6 +55,18 @@ def number(kind, minimum, multiple=1):
     return parse
 
 
+def lora_file(text):
+    """An argparse type: `PATH[:SCALE]` -> (Path, SCALE), SCALE a finite number, default 1."""
+    path, colon, scale = text.rpartition(":")
+    try:
+        value = float(scale) if colon else None
+    except ValueError:  # the colon is the path's own
+        value = None
+    if value is not None and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected PATH[:SCALE] with a finite SCALE, got {text!r}")
+    return (Path(text), 1.0) if value is None else (Path(path), value)
+
+
 def build_parser():
     parser = Parser(prog=PROG, description="Generates images for a prompt and "
                     "writes them as PNGs with their settings as PNG text metadata.")
@@ -80,6 +93,9 @@ def build_parser():
     parser.add_argument("--width", type=number(int, 8, 8), help="pixels (default: the model's)")
     parser.add_argument("--checkpoint", type=Path,
                         help=f"{CHECKPOINTS} (default: the built-in demo model)")
+    parser.add_argument("--lora", type=lora_file, action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge this LoRA .safetensors file (kohya or diffusers) into the model, times SCALE "
+                        "(default: 1); repeat the flag to stack LoRAs")
     parser.add_argument("--xla", action="store_true", help="compile with XLA: a slower start, for faster "
                         "steps on large models and many images")
     parser.add_argument("--vae-tiling", type=int, metavar="PIXELS", help="decode images larger than this "
@@ -105,6 +121,9 @@ def check_arguments(args):
         return f"the folder of --output {str(args.output)!r} does not exist"
     if args.checkpoint is not None and not args.checkpoint.exists():
         return f"no checkpoint at {str(args.checkpoint)!r}"
+    for path, _ in args.lora:
+        if not path.is_file():
+            return f"--lora: no file at {str(path)!r}"
     if (args.mask or args.strength is not None) and args.init_image is None:
         return "--mask and --strength need --init-image"
     if args.strength is not None and not 0 < args.strength <= 1:
@@ -137,6 +156,8 @@ def main(argv=None):
                                              jit_compile=args.xla)
         if args.vae_tiling is not None:
             sd.enable_vae_tiling(args.vae_tiling)
+        for path, scale in args.lora:
+            sd.load_lora(path, scale=scale)
     except FileNotFoundError as error:
         if args.checkpoint is None:
             parser.error(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "
@@ -167,6 +188,7 @@ def main(argv=None):
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
                     model=str(args.checkpoint or "built-in demo"),
+                    **({"lora": " ".join(f"{path}:{scale}" for path, scale in args.lora)} if args.lora else {}),
                     **{key: value for key, value in editing.items() if value is not None})
     for index, (image, path) in enumerate(zip(images, output_paths(args.output, args.batch_size))):
         info = PngInfo()

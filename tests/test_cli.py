@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import save_file
 
 import stable_diffusion
 from reference import TINY_CONFIG
 from stable_diffusion import StableDiffusion, presets
 from stable_diffusion.__main__ import DEMO_NOTICE, main
 from stable_diffusion.data import GRAMMAR
+from stable_diffusion.weights import named_variables
 
 PROG = "python -m stable_diffusion"
 VOCABULARY = "bpe_simple_vocab_16e6.txt.gz"
@@ -109,6 +111,8 @@ def test_refuses_to_overwrite(bundle, workdir, capsys):
     (["a", "--checkpoint", "missing"], "no checkpoint at 'missing'"),
     (["a", "--checkpoint", "."], "is not a checkpoint this library reads"),
     (["a", "--unknown"], "unrecognized arguments: --unknown"),
+    (["a", "--lora", "missing.safetensors:0.5"], "--lora: no file at 'missing.safetensors'"),
+    (["a", "--lora", "style.safetensors:nan"], "--lora: expected PATH[:SCALE] with a finite SCALE, got 'style"),
 ])
 def test_bad_arguments_exit_with_one_line_and_no_file(argv, message, workdir, capsys):
     err = run_failing(argv, capsys)
@@ -154,6 +158,39 @@ def test_vae_tiling(bundle, workdir, capsys):
         assert image.size == (48, 64)
     err = run_failing(["a cat", "--checkpoint", str(bundle), "--vae-tiling", "0", "--overwrite"], capsys)
     assert "tile_size must be a multiple of" in err
+
+
+def tiny_lora(path, sd):
+    """A kohya LoRA file of every Dense and Conv2D of `sd`'s UNet, random, rank 2."""
+    rng, tensors = np.random.default_rng(0), {}
+    for key, variable in named_variables(sd.diffusion_model).items():
+        if variable.name == "kernel":  # Keras (in, out) or (kh, kw, in, out)
+            *kernel, fan_in, out = variable.shape
+            name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = rng.standard_normal((2, fan_in, *kernel), dtype=np.float32)
+            tensors[f"{name}.lora_up.weight"] = rng.standard_normal((out, 2, *[1] * len(kernel)), dtype=np.float32) / 10
+    save_file(tensors, path)
+    return path
+
+
+def test_lora_flags(bundle, workdir, capsys):
+    sd = StableDiffusion.from_checkpoint(bundle, jit_compile=False)
+    lora = tiny_lora(workdir.parent / "style.safetensors", sd)
+    base = sd.text_to_image("a cat", negative_prompt="", num_steps=2, seed=3, verbose=False)
+    main(["a cat", "--checkpoint", str(bundle), "--steps", "2", "--seed", "3", "--lora", f"{lora}:0.5",
+          "--lora", str(lora)])
+    sd.load_lora(lora, scale=0.5)
+    sd.load_lora(lora)
+    expected = sd.text_to_image("a cat", negative_prompt="", num_steps=2, seed=3, verbose=False)
+    assert np.abs(expected.astype(int) - base).max() > 10, "the LoRA hardly changes the image"
+    with Image.open(workdir / "out.png") as image:
+        assert np.abs(np.asarray(image).astype(int) - expected[0]).max() <= 1
+        assert image.text["lora"] == f"{lora}:0.5 {lora}:1.0"
+    other = workdir.parent / "other.safetensors"
+    save_file({"lora_unet_foo.lora_down.weight": np.ones((2, 4), np.float32)}, other)
+    err = run_failing(["a cat", "--checkpoint", str(bundle), "-o", "other.png", "--lora", str(other)], capsys)
+    assert "does not fit this model" in err and "lora_unet_foo: no such layer" in err
+    assert not (workdir / "other.png").exists()
 
 
 def test_incomplete_bundle(bundle, workdir, capsys):
