@@ -3,7 +3,8 @@ image-to-image with `--init-image PATH [--strength S]`, inpainting with `--init-
 LoRAs merged with `--lora PATH[:SCALE]` (repeatable).
 
 Argument parsing and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
-negative prompt, seed, steps, guidance, sampler, size, model and LoRAs as PNG text chunks (read them with
+negative prompt, seed, steps, guidance, sampler, size, model and LoRAs (and the editing inputs, embeddings
+and clip skip used) as PNG text chunks (read them with
 `PIL.Image.open(path).text`), so any image can be made again, alone (to within one pixel level): image i
 of a batch has seed + i. Bad arguments end the program with one line on stderr and exit status 2, before
 any file is written; warnings (e.g. the demo model's, for words outside its grammar) are one line each.
@@ -20,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from . import embeddings
 from .schedulers import SCHEDULERS
 from .stable_diffusion import StableDiffusion
 
@@ -96,6 +98,11 @@ def build_parser():
     parser.add_argument("--lora", type=lora_file, action="append", default=[], metavar="PATH[:SCALE]",
                         help="merge this LoRA .safetensors file (kohya or diffusers) into the model, times SCALE "
                         "(default: 1); repeat the flag to stack LoRAs")
+    parser.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
+                        help="a textual-inversion embedding to load (A1111 .pt / .safetensors, diffusers "
+                        "learned_embeds.safetensors), used in the prompt by its name; repeatable")
+    parser.add_argument("--clip-skip", type=number(int, 0), metavar="K", help="condition on CLIP's hidden state K "
+                        "layers before the last (1: the penultimate), for prompt and negative prompt")
     parser.add_argument("--xla", action="store_true", help="compile with XLA: a slower start, for faster "
                         "steps on large models and many images")
     parser.add_argument("--vae-tiling", type=int, metavar="PIXELS", help="decode images larger than this "
@@ -124,6 +131,13 @@ def check_arguments(args):
     for path, _ in args.lora:
         if not path.is_file():
             return f"--lora: no file at {str(path)!r}"
+    for path in args.embedding:
+        if not path.is_file():
+            return f"--embedding: no file at {str(path)!r}"
+        try:
+            embeddings.read(path)
+        except (OSError, ValueError) as error:
+            return str(error)
     if (args.mask or args.strength is not None) and args.init_image is None:
         return "--mask and --strength need --init-image"
     if args.strength is not None and not 0 < args.strength <= 1:
@@ -158,6 +172,8 @@ def main(argv=None):
             sd.enable_vae_tiling(args.vae_tiling)
         for path, scale in args.lora:
             sd.load_lora(path, scale=scale)
+        for path in args.embedding:
+            sd.load_textual_inversion(path)
     except FileNotFoundError as error:
         if args.checkpoint is None:
             parser.error(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "
@@ -172,7 +188,8 @@ def main(argv=None):
     print(f"Seed {seed}; {args.steps} {scheduler} steps, guidance {args.guidance}, "
           f"{sd.img_width}x{sd.img_height}.")
     arguments = dict(negative_prompt=args.negative_prompt, batch_size=args.batch_size, num_steps=args.steps,
-                     unconditional_guidance_scale=args.guidance, seed=seed, scheduler=scheduler)
+                     unconditional_guidance_scale=args.guidance, seed=seed, scheduler=scheduler,
+                     clip_skip=args.clip_skip)
     if args.strength is not None:
         arguments["strength"] = args.strength
     try:  # bad pictures (unreadable, wrong size) raise ValueError before any step runs
@@ -184,12 +201,13 @@ def main(argv=None):
             images = sd.inpaint(args.prompt, args.init_image, args.mask, **arguments)
     except ValueError as error:
         parser.error(error)
-    editing = dict(init_image=args.init_image, mask=args.mask, strength=args.strength)
+    optional = dict(init_image=args.init_image, mask=args.mask, strength=args.strength, clip_skip=args.clip_skip,
+                    embedding=" ".join(map(str, args.embedding)) or None)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
                     model=str(args.checkpoint or "built-in demo"),
                     **({"lora": " ".join(f"{path}:{scale}" for path, scale in args.lora)} if args.lora else {}),
-                    **{key: value for key, value in editing.items() if value is not None})
+                    **{key: value for key, value in optional.items() if value is not None})
     for index, (image, path) in enumerate(zip(images, output_paths(args.output, args.batch_size))):
         info = PngInfo()
         for key, value in {**settings, "seed": seed + index}.items():  # the pipeline seeds image i with seed + i

@@ -3,9 +3,10 @@
 A `.ckpt` written by `torch.save` is a zip: `<name>/data.pkl` (the pickled object), `<name>/data/<key>`
 (one raw storage per key), `<name>/byteorder`. The pickle names each storage by a persistent id
 `("storage", storage type, key, location, numel)` and rebuilds tensors with
-`torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`. `read` allows only those two
-callables, the typed storage classes and `collections.OrderedDict`; any other global is refused in
-`find_class`, before anything is called. Tensors come back as `Tensor` records whose `read()` gives a
+`torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`, a parameter (e.g. of a textual-inversion
+embedding) wrapping one with `torch._utils._rebuild_parameter(tensor, ...)`. `read` allows only those callables,
+the typed storage classes and `collections.OrderedDict`; any other global is refused in `find_class`, before
+anything is called. Tensors come back as `Tensor` records whose `read()` gives a
 numpy view of a read-only memory map of the file (members are stored uncompressed).
 
 References: PyTorch `torch/serialization.py` (`_save`, `_load`) and `torch/_utils.py`
@@ -118,6 +119,13 @@ def parse(pickled):
     collections.deque(pickletools.genops(pickled), maxlen=0)
 
 
+def rebuild_parameter(tensor, *unused):
+    """`torch._utils._rebuild_parameter(tensor, requires_grad, backward_hooks)`: the tensor itself."""
+    if not isinstance(tensor, Tensor):
+        raise pickle.UnpicklingError(f"a parameter of {type(tensor).__name__}, not of a tensor")
+    return tensor
+
+
 class Unpickler(pickle.Unpickler):
     """Unpickles `torch.save`'s `data.pkl`, allowing only the globals that rebuild tensors."""
 
@@ -133,6 +141,7 @@ class Unpickler(pickle.Unpickler):
             return StorageType(STORAGES[name])
         allowed = {("torch._utils", "_rebuild_tensor_v2"): self.rebuild_tensor,
                    ("torch._utils", "_rebuild_tensor"): self.rebuild_tensor,
+                   ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
                    ("collections", "OrderedDict"): collections.OrderedDict}
         if (module, name) not in allowed:
             raise CheckpointError(f"{self.path} refuses to load {module}.{name}: a .ckpt may hold only tensors "

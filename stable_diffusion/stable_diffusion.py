@@ -7,17 +7,18 @@ initial and (ancestral samplers) step noise from numpy's `default_rng(seed + i)`
 """
 import collections
 import contextlib
+import functools
 
 import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, keras_internals, lora, presets, schedulers, tiling
+from . import bundle, checkpoints, data, embeddings, emphasis, keras_internals, lora, presets, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
 from .images import broadcast, load_images, load_masks
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, skipping
 from .tokenizer import Tokenizer
 
 MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
@@ -55,7 +56,7 @@ class StableDiffusion:
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
-        self.vae_factor, self.vae_tile_size, self._lora_originals = vae_factor, None, {}
+        self.vae_factor, self.vae_tile_size, self._lora_originals, self.skipped = vae_factor, None, {}, (None,) * 3
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
@@ -105,19 +106,30 @@ class StableDiffusion:
         """Restores the weights every `load_lora` changed to their values before, bit-exactly."""
         lora.restore(self._lora_originals)
 
+    def load_textual_inversion(self, path, *, token=None):
+        """Adds the textual-inversion embedding of an A1111 or diffusers file as the word `token`: `embeddings.load`."""
+        embeddings.load(self, path, token=token)
+
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
         """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""
         return self.tokenizer(prompt, long_prompts=long_prompts, min_chunks=min_chunks)
 
-    def encode_text(self, prompt, *, long_prompts=False, min_chunks=1):
-        """CLIP hidden states (B, 77, dim) of prompts; with `long_prompts` (B, 77 k, dim), chunk by chunk."""
-        tokens = self.tokenize(prompt, long_prompts=long_prompts, min_chunks=min_chunks)
-        states = self.text_encoder.predict_on_batch(tokens.reshape(-1, self.tokenizer.sequence_length))
-        return np.asarray(states).reshape(tokens.shape[0], -1, states.shape[-1])
+    def encode_text(self, prompt, *, long_prompts=False, clip_skip=None, prompt_weighting=False, min_chunks=1):
+        """CLIP hidden states (B, 77, dim) of prompts; with `long_prompts` (B, 77 k, dim); see `text_to_image`."""
+        tokens, weights = self.tokenizer(prompt, long_prompts=long_prompts, prompt_weighting=prompt_weighting,
+                                         min_chunks=min_chunks, return_weights=True)
+        if clip_skip and self.skipped[:2] != (self.text_encoder, clip_skip):  # the model of the last clip_skip, kept
+            self.skipped = (self.text_encoder, clip_skip, skipping(self.text_encoder, clip_skip))
+            self.skipped[2].compile(jit_compile=self.text_encoder.jit_compile)
+        encoder = self.skipped[2] if clip_skip else self.text_encoder
+        states = np.asarray(encoder.predict_on_batch(tokens.reshape(-1, self.tokenizer.sequence_length)))
+        states = emphasis.weigh(states, weights.reshape(states.shape[:2])) if prompt_weighting else states
+        return states.reshape(tokens.shape[0], -1, states.shape[-1])
 
     def text_to_image(self, prompt, *, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                      long_prompts=False, callback=None, return_latents=False, verbose=True):
+                      long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
+                      verbose=True):
         """Generates images for a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
@@ -131,32 +143,38 @@ class StableDiffusion:
             scheduler: the sampler for this call (see `StableDiffusion`); default: the pipeline's.
             long_prompts: encode prompts longer than 77 tokens in chunks (see `tokenize`) instead of
                 truncating them; the shorter of prompt and negative prompt gets empty chunks.
+            clip_skip: condition on CLIP's hidden state this many layers before the last (1: the penultimate;
+                None, 0: the last), for prompt and negative prompt alike (`text_encoder.skipping`).
+            prompt_weighting: read A1111's emphasis, `(word:1.3)`, in prompt and negative prompt (`emphasis.py`).
             callback: called as `callback(step, timestep, latents)` after every step.
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
             verbose: show a progress bar.
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
+        text = dict(long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
         return self.generate_image(
-            self.encode_text(prompt, long_prompts=long_prompts), negative_prompt=negative_prompt,
-            batch_size=batch_size, num_steps=num_steps, unconditional_guidance_scale=unconditional_guidance_scale,
-            seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-            callback=callback, return_latents=return_latents, verbose=verbose)
+            self.encode_text(prompt, **text), negative_prompt=negative_prompt, batch_size=batch_size,
+            num_steps=num_steps, unconditional_guidance_scale=unconditional_guidance_scale, seed=seed,
+            diffusion_noise=diffusion_noise, scheduler=scheduler, callback=callback, return_latents=return_latents,
+            verbose=verbose, **text)
 
     def generate_image(self, encoded_text, *, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                       long_prompts=False, callback=None, return_latents=False, verbose=True):
-        """Generates images from `encode_text` output (B or 1, 77 k, dim); see `text_to_image`."""
+                       long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
+                       verbose=True):
+        """Generates images from `encode_text` output (B or 1, 77 k, dim); see `text_to_image` (the negative prompt's
+        encoding follows `clip_skip` and `prompt_weighting`: pass those the prompt was encoded with)."""
         setup = self._prepare(encoded_text, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
                               seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler,
-                              long_prompts=long_prompts)
+                              long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
         latents = self.denoise(setup.noise * setup.sampler.init_noise_sigma, setup,
                                guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
     def image_to_image(self, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                       long_prompts=False, callback=None, return_latents=False, verbose=True, strength=0.8,
-                       sample_latents=False):
+                       long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
+                       verbose=True, strength=0.8, sample_latents=False):
         """Redraws a picture after a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
@@ -166,19 +184,20 @@ class StableDiffusion:
             sample_latents: encode to a sample of the VAE posterior (seeded) instead of its mean.
             Other arguments: see `text_to_image`.
         """
-        images = load_images(image, (self.img_height, self.img_width))
-        setup = self._prepare(self.encode_text(prompt, long_prompts=long_prompts), negative_prompt=negative_prompt,
-                              batch_size=batch_size, num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise,
-                              scheduler=scheduler, long_prompts=long_prompts, strength=strength)
+        images, text = load_images(image, (self.img_height, self.img_width)), dict(
+            long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
+        setup = self._prepare(self.encode_text(prompt, **text), negative_prompt=negative_prompt, batch_size=batch_size,
+                              num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler,
+                              strength=strength, **text)
         latents = setup.sampler.add_noise(self.encode_images(images, setup, sample=sample_latents), setup.noise)
         latents = self.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback,
                                verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
     def inpaint(self, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_steps=50,
-                unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                long_prompts=False, callback=None, return_latents=False, verbose=True, strength=1.0,
-                sample_latents=False):
+                unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None, long_prompts=False,
+                clip_skip=None, prompt_weighting=False, callback=None, return_latents=False, verbose=True,
+                strength=1.0, sample_latents=False):
         """Repaints the white part of `mask` in `image` after a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
@@ -188,10 +207,11 @@ class StableDiffusion:
             Other arguments: see `image_to_image`.
         """
         images = load_images(image, (self.img_height, self.img_width))
-        masks = load_masks(mask, images.shape[1:3])
-        setup = self._prepare(self.encode_text(prompt, long_prompts=long_prompts), negative_prompt=negative_prompt,
-                              batch_size=batch_size, num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise,
-                              scheduler=scheduler, long_prompts=long_prompts, strength=strength)
+        masks, text = load_masks(mask, images.shape[1:3]), dict(
+            long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
+        setup = self._prepare(self.encode_text(prompt, **text), negative_prompt=negative_prompt, batch_size=batch_size,
+                              num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler,
+                              strength=strength, **text)
         sampler, noise = setup.sampler, setup.noise
         known = self.encode_images(images, setup, sample=sample_latents)
         latents = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise)
@@ -209,7 +229,7 @@ class StableDiffusion:
         return latents if return_latents else self.decode(latents)
 
     def _prepare(self, encoded_text, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
-                 long_prompts, strength=1.0):
+                 long_prompts, clip_skip, prompt_weighting, strength=1.0):
         """What every task starts from (arguments: see `text_to_image`): prompt and negative prompt states (B, L, dim),
         a fresh sampler, draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -219,11 +239,12 @@ class StableDiffusion:
             raise ValueError(f"batch_size={batch_size} does not match {len(context)} encoded prompts.")
         batch_size, chunk = max(batch_size, len(context)), self.tokenizer.sequence_length
         context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
-        negative = broadcast(self.encode_text("" if negative_prompt is None else negative_prompt,
-                                              long_prompts=long_prompts or context.shape[1] > chunk,
-                                              min_chunks=context.shape[1] // chunk), batch_size, "negative prompts")
+        encode = functools.partial(self.encode_text, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
+        negative = broadcast(encode("" if negative_prompt is None else negative_prompt,
+                                    long_prompts=long_prompts or context.shape[1] > chunk,
+                                    min_chunks=context.shape[1] // chunk), batch_size, "negative prompts")
         if negative.shape[1] > context.shape[1]:  # pad the prompt with empty chunks
-            empty = self.encode_text("", long_prompts=True, min_chunks=(negative.shape[1] - context.shape[1]) // chunk)
+            empty = encode("", long_prompts=True, min_chunks=(negative.shape[1] - context.shape[1]) // chunk)
             context = np.concatenate([context, np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
         sampler = schedulers.create(scheduler or self.scheduler_name, self.config["scheduler"])
         sampler.set_timesteps(num_steps, strength=strength)

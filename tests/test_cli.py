@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -191,6 +192,45 @@ def test_lora_flags(bundle, workdir, capsys):
     err = run_failing(["a cat", "--checkpoint", str(bundle), "-o", "other.png", "--lora", str(other)], capsys)
     assert "does not fit this model" in err and "lora_unet_foo: no such layer" in err
     assert not (workdir / "other.png").exists()
+
+
+def test_embeddings_and_clip_skip(bundle, workdir, capsys):
+    """`--embedding` (repeatable) and `--clip-skip` give the API's image and are stored in the PNG."""
+    paths = [workdir.parent / "charm.pt", workdir.parent / "shimmerz.pt"]
+    for index, path in enumerate(paths):
+        torch.save({"string_to_param": {"*": torch.randn(index + 1, 8)}, "name": path.stem}, path)
+    main(["a charm, shimmerz", "--checkpoint", str(bundle), "--steps", "2", "--seed", "3", "--clip-skip", "1",
+          *(argument for path in paths for argument in ("--embedding", str(path)))])
+    with Image.open(workdir / "out.png") as image:
+        assert (image.text["clip_skip"], image.text["embedding"]) == ("1", " ".join(map(str, paths)))
+        got = np.asarray(image)
+    sd = StableDiffusion.from_checkpoint(bundle, jit_compile=False)
+    for path in paths:
+        sd.load_textual_inversion(path)
+    expected = sd.text_to_image("a charm, shimmerz", num_steps=2, seed=3, clip_skip=1, verbose=False)[0]
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--embedding", "wide.safetensors"], "holds an embedding of width 16; this model's text encoder is 8 wide"),
+    (["--clip-skip", "2"], "clip_skip must be None or an integer from 0 to 1"),
+    (["--clip-skip", "-1"], "--clip-skip: expected an integer >= 0"),
+])
+def test_bad_embeddings_and_clip_skip(extra, message, bundle, workdir, capsys):
+    save_file({"emb_params": np.zeros((1, 16), np.float32)}, "wide.safetensors")
+    err = run_failing(["a cat", "--checkpoint", str(bundle), "--steps", "1", *extra], capsys)
+    assert message in err
+    assert not Path("out.png").exists()
+
+
+@pytest.mark.parametrize("content, message", [(None, "--embedding: no file at 'e.pt'"),
+                                              (b"text", "e.pt is not a readable .ckpt")])
+def test_embedding_files_are_checked_before_the_model_loads(content, message, bundle, workdir, capsys, monkeypatch):
+    if content:
+        Path("e.pt").write_bytes(content)
+    monkeypatch.setattr(StableDiffusion, "from_checkpoint", None)  # loading the model would raise TypeError
+    err = run_failing(["a cat", "--checkpoint", str(bundle), "--embedding", "e.pt"], capsys)
+    assert message in err
 
 
 def test_incomplete_bundle(bundle, workdir, capsys):

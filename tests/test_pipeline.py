@@ -79,7 +79,8 @@ def test_long_prompts_equal_diffusers_with_chunked_embeddings(reference, ours):
     with pytest.warns(UserWarning, match="truncated"):
         assert sd.encode_text(prompt).shape == (1, 77, 32)
     setup = sd._prepare(sd.encode_text("a cat", long_prompts=True), negative_prompt=prompt, batch_size=1, num_steps=1,
-                        seed=0, diffusion_noise=None, scheduler=None, long_prompts=True)
+                        seed=0, diffusion_noise=None, scheduler=None, long_prompts=True, clip_skip=None,
+                        prompt_weighting=False)
     assert setup.context.shape == setup.negative.shape == (1, 154, 32)  # the shorter prompt padded with an empty chunk
     np.testing.assert_allclose(setup.context[:, 77:], chunked_embeddings("", 1).numpy(), atol=1e-5)
 
