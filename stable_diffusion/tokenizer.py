@@ -256,8 +256,9 @@ class Tokenizer:
         if isinstance(pad_token, dict):
             pad_token = pad_token.get("content")
         tokenizer = cls(vocabulary, merges, pad_token_id=pad_id(vocabulary, pad_token, config_paths))
+        added = added_tokens(configs, fast, vocabulary, config_paths)
         try:
-            tokenizer.add_tokens(added_tokens(configs, fast, vocabulary, config_paths))
+            tokenizer.add_tokens(added)
         except ValueError as error:
             raise CheckpointError(f"{config_paths}: {error}") from error
         return tokenizer
