@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, keras_internals, lora, presets, schedulers, tiling
+from . import arguments, bundle, checkpoints, data, keras_internals, lora, presets, progress, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -45,9 +45,8 @@ class StableDiffusion:
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
-            if not isinstance(size, int) or size <= 0 or size % 8 or size % (vae_factor * unet_factor):
-                raise ValueError(f"{name} must be a positive multiple of 8 (of {vae_factor * unet_factor} "
-                                 f"for this model's VAE and UNet depth), got {size!r}.")
+            arguments.check_image_size(name, size, vae_factor * unet_factor)
+        arguments.check_memory(config, img_height, img_width)  # denoising one image
         self.config, self.img_height, self.img_width = config, img_height, img_width
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
         with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
@@ -115,6 +114,7 @@ class StableDiffusion:
         states = self.text_encoder.predict_on_batch(tokens.reshape(-1, self.tokenizer.sequence_length))
         return np.asarray(states).reshape(tokens.shape[0], -1, states.shape[-1])
 
+    @arguments.checked
     def text_to_image(self, prompt, *, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                       long_prompts=False, callback=None, return_latents=False, verbose=True):
@@ -133,7 +133,8 @@ class StableDiffusion:
                 truncating them; the shorter of prompt and negative prompt gets empty chunks.
             callback: called as `callback(step, timestep, latents)` after every step.
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
-            verbose: show a progress bar.
+            verbose: report progress on stderr.
+        Bad arguments raise ValueError, naming them, before any model work (`arguments.py`).
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
         return self.generate_image(
@@ -142,6 +143,7 @@ class StableDiffusion:
             seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
             callback=callback, return_latents=return_latents, verbose=verbose)
 
+    @arguments.checked
     def generate_image(self, encoded_text, *, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                        long_prompts=False, callback=None, return_latents=False, verbose=True):
@@ -153,6 +155,7 @@ class StableDiffusion:
                                guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
+    @arguments.checked
     def image_to_image(self, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                        long_prompts=False, callback=None, return_latents=False, verbose=True, strength=0.8,
@@ -175,6 +178,7 @@ class StableDiffusion:
                                verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
+    @arguments.checked
     def inpaint(self, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_steps=50,
                 unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                 long_prompts=False, callback=None, return_latents=False, verbose=True, strength=1.0,
@@ -212,11 +216,7 @@ class StableDiffusion:
                  long_prompts, strength=1.0):
         """What every task starts from (arguments: see `text_to_image`): prompt and negative prompt states (B, L, dim),
         a fresh sampler, draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         context = np.asarray(encoded_text, dtype="float32").reshape(-1, *np.shape(encoded_text)[-2:])
-        if len(context) not in (1, batch_size) and batch_size != 1:
-            raise ValueError(f"batch_size={batch_size} does not match {len(context)} encoded prompts.")
         batch_size, chunk = max(batch_size, len(context)), self.tokenizer.sequence_length
         context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
         negative = broadcast(self.encode_text("" if negative_prompt is None else negative_prompt,
@@ -232,8 +232,6 @@ class StableDiffusion:
         draw_noise = lambda: np.stack([g.standard_normal(self.latent_shape, dtype=np.float32) for g in generators])
         noise = draw_noise()  # drawn either way, so that later draws do not depend on diffusion_noise
         given = noise if diffusion_noise is None else np.asarray(diffusion_noise, dtype="float32")
-        if given.shape not in (noise.shape, noise.shape[1:], (1, *noise.shape[1:])):
-            raise ValueError(f"diffusion_noise must have shape {noise.shape}, got {given.shape}.")
         return Setup(context, negative, sampler, draw_noise, np.broadcast_to(given, noise.shape))
 
     def denoise(self, latents, setup, *, guidance, callback=None, conditioning=None, after_step=None, verbose=True):
@@ -241,8 +239,7 @@ class StableDiffusion:
         latents. `conditioning`: extra UNet input channels (an inpainting UNet's mask and masked-image latents);
         `after_step(latents)` follows each update (inpainting's blending); see `text_to_image` for the rest."""
         sampler, per_image = setup.sampler, lambda value: np.full((len(latents),), value, dtype="float32")
-        progress = keras.utils.Progbar(len(sampler.timesteps), verbose=int(verbose))
-        for step, t in enumerate(sampler.timesteps):
+        for step, t in enumerate(progress.report(sampler.timesteps, "denoising", verbose)):
             model_input = sampler.scale_model_input(latents)
             if conditioning is not None:
                 model_input = np.concatenate([model_input, conditioning], axis=-1)
@@ -252,7 +249,6 @@ class StableDiffusion:
             latents = after_step(latents) if after_step else latents
             if callback:
                 callback(step, t, latents)
-            progress.update(step + 1)
         return latents
 
     def _build_denoise_step(self):
