@@ -123,7 +123,7 @@ def in_flag_names(message):
     (`img_height=64` -> `--height 64`, `overwrite=True` -> `--overwrite`)."""
     def flag(match):
         return FLAGS[match[1]] + ("" if match[2] in (None, "True") else " ")
-    return re.sub(rf"\b({'|'.join(FLAGS)})\b(?:=(True\b|))?", flag, str(message))
+    return re.sub(rf"(?<![\w-])({'|'.join(FLAGS)})\b(?:=(True\b|))?", flag, str(message))
 
 
 def output_paths(output, batch_size):

@@ -100,7 +100,7 @@ def test_writes_pngs_with_metadata_reproducibly(demo, workdir, capsys):
 def test_refuses_to_overwrite(bundle, workdir, capsys):
     (workdir / "out-1.png").write_bytes(b"keep me")
     err = run_failing(["a red circle", "--checkpoint", str(bundle), "--batch-size", "2"], capsys)
-    assert "out-1.png exists" in err and "--overwrite" in err
+    assert "out-1.png exists; pass --overwrite to replace it" in err
     assert (workdir / "out-1.png").read_bytes() == b"keep me"
     assert sorted(p.name for p in workdir.iterdir()) == ["out-1.png"]
 
@@ -121,6 +121,7 @@ def test_refuses_to_overwrite(bundle, workdir, capsys):
     (["a", "--width", "0"], "--width must be a positive multiple of 8, got 0"),
     (["a", "--vae-tiling", "7"], "--vae-tiling must be a multiple of 8 pixels, at least 32, got 7"),
     (["a", "--init-image", "x.png", "--strength", "0.01"], "--strength 0.01 leaves no step of 50; raise --strength or --steps"),
+    (["a", "--strength", "0.5"], "error: --mask and --strength need --init-image (see --help)"),
     (["a", "-o", "missing/out.png"], "does not exist"),
     (["a", "-o", "out.jpg"], "must be a .png file"),
     (["a", "--checkpoint", "missing"], "no checkpoint at 'missing'"),
