@@ -1,4 +1,4 @@
-"""Stable Diffusion in Keras 3: small, XLA-compiled, equal to the reference implementation."""
+"""Stable Diffusion in Keras 3: small, compiled (TensorFlow graphs or XLA), equal to the reference implementation."""
 __all__ = ["StableDiffusion"]
 
 

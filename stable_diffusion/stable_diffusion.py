@@ -29,7 +29,8 @@ class StableDiffusion:
 
     Args:
         img_height, img_width: image size in pixels, multiples of 8.
-        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager).
+        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager);
+            default: on JAX only, as TensorFlow graphs start faster (see README, "XLA or not").
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
             "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
@@ -39,7 +40,7 @@ class StableDiffusion:
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
 
-    def __init__(self, img_height=512, img_width=512, *, jit_compile=True, config=None, tokenizer=None,
+    def __init__(self, img_height=512, img_width=512, *, jit_compile=None, config=None, tokenizer=None,
                  scheduler="ddim", dtype=None, weights=None):
         config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
@@ -59,11 +60,12 @@ class StableDiffusion:
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
+        backend = keras.backend.backend()
         for model in (self.text_encoder, self.denoise_step, self.decoder):
-            model.compile(jit_compile=jit_compile and keras.backend.backend() != "torch")
+            model.compile(jit_compile=backend == "jax" if jit_compile is None else jit_compile and backend != "torch")
 
     @classmethod
-    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=True, vae=None,
+    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=None, vae=None,
                         prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype=None):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save` (memory-mapped:
         replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
@@ -81,7 +83,7 @@ class StableDiffusion:
                    weights=checkpoint)
 
     @classmethod
-    def from_preset(cls, name, *, img_height=None, img_width=None, jit_compile=True, scheduler="ddim", dtype=None):
+    def from_preset(cls, name, *, img_height=None, img_width=None, jit_compile=None, scheduler="ddim", dtype=None):
         """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into the
         Keras cache and converted once into a bundle there, which later calls load. Args: see `from_checkpoint`."""
         converted = presets.preset_bundle(name)

@@ -1,8 +1,10 @@
 """Bad arguments to every generating method are refused in the caller's words before any model work
 (`stable_diffusion/arguments.py`), on a tiny random-weight pipeline; the memory bound of image sizes;
-the warning for samplers used below their reliable step count."""
+the warning for samplers used below their reliable step count; the XLA default."""
+import inspect
 import warnings
 
+import keras
 import numpy as np
 import pytest
 
@@ -129,3 +131,21 @@ def test_few_steps_warn_once(sd):
         arguments.check_steps("pndm", {}, reliable)
         arguments.check_steps("ddim", {}, 10)
 
+
+def test_xla_is_off_by_default_on_tensorflow_and_a_third_batch_size_is_not_retraced():
+    """Why 10: on TensorFlow, XLA's first image and each new shape cost a compilation (benchmarks/
+    RESULTS.md), so the API, like the command line, defaults to TensorFlow graphs, whose steps trace for
+    the first shape, once more with relaxed shapes for the second, and never again. (JAX compiles by
+    default: without it, it runs op by op.)"""
+    for method in (StableDiffusion, StableDiffusion.from_checkpoint, StableDiffusion.from_preset):
+        assert inspect.signature(method).parameters["jit_compile"].default is None
+    sd = StableDiffusion(32, 32, config=TINY_CONFIG)
+    compiled = [model.jit_compile for model in (sd.text_encoder, sd.denoise_step, sd.decoder)]
+    assert compiled == [keras.backend.backend() == "jax"] * 3
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tracing counts are TensorFlow's")
+    for batch_size in (1, 2):
+        sd.text_to_image("a cat", num_steps=1, batch_size=batch_size, verbose=False)
+    traces = sd.denoise_step.predict_function.experimental_get_tracing_count()
+    sd.text_to_image("a cat", num_steps=1, batch_size=3, verbose=False)
+    assert sd.denoise_step.predict_function.experimental_get_tracing_count() == traces
