@@ -75,7 +75,8 @@ def test_bad_editing_arguments_refused_before_model_work(task, keywords, message
 
 
 def test_numpy_integer_seeds_are_seeds(sd):
-    images = [sd.text_to_image("a cat", num_steps=2, seed=seed, verbose=False) for seed in (3, np.int64(3), np.uint32(3))]
+    images = [sd.text_to_image("a cat", num_steps=2, seed=seed, verbose=False, return_latents=True)
+              for seed in (3, np.int64(3), np.uint32(3))]
     np.testing.assert_array_equal(images[0], images[1])
     np.testing.assert_array_equal(images[0], images[2])
 
@@ -132,20 +133,20 @@ def test_few_steps_warn_once(sd):
         arguments.check_steps("ddim", {}, 10)
 
 
-def test_xla_is_off_by_default_on_tensorflow_and_a_third_batch_size_is_not_retraced():
+def test_xla_is_off_by_default_on_tensorflow_and_a_third_batch_size_is_not_retraced(sd):
     """Why 10: on TensorFlow, XLA's first image and each new shape cost a compilation (benchmarks/
     RESULTS.md), so the API, like the command line, defaults to TensorFlow graphs, whose steps trace for
     the first shape, once more with relaxed shapes for the second, and never again. (JAX compiles by
     default: without it, it runs op by op.)"""
     for method in (StableDiffusion, StableDiffusion.from_checkpoint, StableDiffusion.from_preset):
         assert inspect.signature(method).parameters["jit_compile"].default is None
-    sd = StableDiffusion(32, 32, config=TINY_CONFIG)
-    compiled = [model.jit_compile for model in (sd.text_encoder, sd.denoise_step, sd.decoder)]
+    default = StableDiffusion(32, 32, config=TINY_CONFIG)
+    compiled = [model.jit_compile for model in (default.text_encoder, default.denoise_step, default.decoder)]
     assert compiled == [keras.backend.backend() == "jax"] * 3
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tracing counts are TensorFlow's")
     for batch_size in (1, 2):
-        sd.text_to_image("a cat", num_steps=1, batch_size=batch_size, verbose=False)
+        sd.text_to_image("a cat", num_steps=1, batch_size=batch_size, verbose=False, return_latents=True)
     traces = sd.denoise_step.predict_function.experimental_get_tracing_count()
-    sd.text_to_image("a cat", num_steps=1, batch_size=3, verbose=False)
+    sd.text_to_image("a cat", num_steps=1, batch_size=3, verbose=False, return_latents=True)
     assert sd.denoise_step.predict_function.experimental_get_tracing_count() == traces
