@@ -209,8 +209,10 @@ def generate(sd, args):
     """The images (B, H, W, 3) and the settings to store with image 0."""
     if args.init_image is None:
         task, inputs = sd.text_to_image, ()
+    elif args.mask is None:
+        task, inputs = sd.image_to_image, (args.init_image,)
     else:
-        task, inputs = (sd.image_to_image, (args.init_image,)) if args.mask is None else (sd.inpaint, (args.init_image, args.mask))
+        task, inputs = sd.inpaint, (args.init_image, args.mask)
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
     scheduler = args.scheduler or sd.scheduler_name
     strength = {} if args.strength is None else dict(strength=args.strength)

@@ -38,7 +38,8 @@ def check_seed(seed):
 
 def check_guidance(scale):
     """The classifier-free guidance scale as a float, if it is a finite number."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale):
+    number = isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool)
+    if not number or not math.isfinite(scale):
         raise ValueError(f"unconditional_guidance_scale must be a finite number, got {scale!r}.")
     return float(scale)
 
@@ -125,7 +126,8 @@ def memory_needed(config, height, width, batch_size=1, decoded=0):
     """A lower bound of the bytes of activations to denoise `batch_size` images of height x width pixels
     (a pipeline's `config`) and decode `decoded` pixels of each at once (the image, or one tile)."""
     unet, vae = config.get("diffusion_model", {}), config.get("decoder", {})
-    vae_channels, unet_channels = model_setting("decoder", vae, "channels"), model_setting("diffusion_model", unet, "channels")
+    vae_channels = model_setting("decoder", vae, "channels")
+    unet_channels = model_setting("diffusion_model", unet, "channels")
     latent_pixels = height * width // 4 ** (len(vae_channels) - 1)
     largest = 8 if model_setting("diffusion_model", unet, "attention_levels")[0] else 2  # GEGLU's 8 C, a ResBlock's 2 C
     skips = model_setting("diffusion_model", unet, "layers_per_block") + 1

@@ -23,7 +23,8 @@ def load_images(image, size, name="image"):
                          f"got {image.dtype} {image.shape}.")
     if image.shape[1:3] != tuple(size):
         raise ValueError(f"{name} is {pixels(image.shape[1:3])} but this pipeline makes {pixels(size)} images; "
-                         f"resize it, or load the pipeline with img_height={image.shape[1]}, img_width={image.shape[2]}.")
+                         f"resize it, or load the pipeline with img_height={image.shape[1]}, "
+                         f"img_width={image.shape[2]}.")
     return image.astype("float32") / 255.0 * 2.0 - 1.0  # as diffusers' VaeImageProcessor
 
 
