@@ -216,6 +216,7 @@ def test_lora_flags(bundle, workdir, capsys):
         assert image.text["lora"] == f"{lora}:0.5 {lora}:1.0"
     other = workdir.parent / "other.safetensors"
     save_file({"lora_unet_foo.lora_down.weight": np.ones((2, 4), np.float32)}, other)
+    capsys.readouterr()  # the progress lines of the run above
     err = run_failing(["a cat", "--checkpoint", str(bundle), "-o", "other.png", "--lora", str(other)], capsys)
     assert "does not fit this model" in err and "lora_unet_foo: no such layer" in err
     assert not (workdir / "other.png").exists()
