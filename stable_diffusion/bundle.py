@@ -20,12 +20,11 @@ are the file's pages, read from disk when first used, and writes to them stay pr
 """
 import json
 import mmap
-import shutil
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .tokenizer import Tokenizer
 from .weights import (SAFETENSORS_DTYPES, CheckpointError, Tensors, keras_layout, load_weights, named_variables,
                       read_json, safetensors_header)
@@ -39,25 +38,14 @@ RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
 
 
 def save(sd, path, overwrite=False):
-    """Writes `sd` as a bundle folder, under a temporary name renamed at the end."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    staging = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    """Writes `sd` as a bundle folder, under a temporary name renamed at the end (`files.staged`)."""
+    with files.staged(path, overwrite=overwrite) as staging:
+        staging.mkdir(parents=True)
         config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
         for name in MODELS:
             write_safetensors(staging / f"{name}.safetensors", named_variables(getattr(sd, name)))
         sd.tokenizer.save(staging / "tokenizer")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
 
 
 def write_safetensors(path, tensors, metadata=METADATA):

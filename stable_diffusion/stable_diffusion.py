@@ -13,7 +13,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, embeddings, emphasis, keras_internals, lora, presets, schedulers, tiling
+from . import (arguments, bundle, checkpoints, data, embeddings, emphasis, keras_internals, lora, presets, progress,
+               schedulers, tiling)
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -30,7 +31,8 @@ class StableDiffusion:
 
     Args:
         img_height, img_width: image size in pixels, multiples of 8.
-        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager).
+        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager);
+            default: on JAX only, as TensorFlow graphs start faster (see README, "XLA or not").
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
             "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
@@ -40,15 +42,14 @@ class StableDiffusion:
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
 
-    def __init__(self, img_height=512, img_width=512, *, jit_compile=True, config=None, tokenizer=None,
+    def __init__(self, img_height=512, img_width=512, *, jit_compile=None, config=None, tokenizer=None,
                  scheduler="ddim", dtype=None, weights=None):
         config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
-            if not isinstance(size, int) or size <= 0 or size % 8 or size % (vae_factor * unet_factor):
-                raise ValueError(f"{name} must be a positive multiple of 8 (of {vae_factor * unet_factor} "
-                                 f"for this model's VAE and UNet depth), got {size!r}.")
+            arguments.check_image_size(name, size, vae_factor * unet_factor)
+        arguments.check_memory(config, img_height, img_width)  # denoising one image
         self.config, self.img_height, self.img_width = config, img_height, img_width
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
         with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
@@ -61,11 +62,12 @@ class StableDiffusion:
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
+        backend = keras.backend.backend()
         for model in (self.text_encoder, self.denoise_step, self.decoder):
-            model.compile(jit_compile=jit_compile and keras.backend.backend() != "torch")
+            model.compile(jit_compile=backend == "jax" if jit_compile is None else jit_compile and backend != "torch")
 
     @classmethod
-    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=True, vae=None,
+    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=None, vae=None,
                         prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype=None):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save` (memory-mapped:
         replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
@@ -83,7 +85,7 @@ class StableDiffusion:
                    weights=checkpoint)
 
     @classmethod
-    def from_preset(cls, name, *, img_height=None, img_width=None, jit_compile=True, scheduler="ddim", dtype=None):
+    def from_preset(cls, name, *, img_height=None, img_width=None, jit_compile=None, scheduler="ddim", dtype=None):
         """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into the
         Keras cache and converted once into a bundle there, which later calls load. Args: see `from_checkpoint`."""
         converted = presets.preset_bundle(name)
@@ -126,6 +128,7 @@ class StableDiffusion:
         states = emphasis.weigh(states, weights.reshape(states.shape[:2])) if prompt_weighting else states
         return states.reshape(tokens.shape[0], -1, states.shape[-1])
 
+    @arguments.checked
     def text_to_image(self, prompt, *, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                       long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
@@ -148,7 +151,8 @@ class StableDiffusion:
             prompt_weighting: read A1111's emphasis, `(word:1.3)`, in prompt and negative prompt (`emphasis.py`).
             callback: called as `callback(step, timestep, latents)` after every step.
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
-            verbose: show a progress bar.
+            verbose: report progress on stderr.
+        Bad arguments raise ValueError, naming them, before any model work (`arguments.py`).
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
         text = dict(long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
@@ -158,6 +162,7 @@ class StableDiffusion:
             diffusion_noise=diffusion_noise, scheduler=scheduler, callback=callback, return_latents=return_latents,
             verbose=verbose, **text)
 
+    @arguments.checked
     def generate_image(self, encoded_text, *, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                        long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
@@ -171,6 +176,7 @@ class StableDiffusion:
                                guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
+    @arguments.checked
     def image_to_image(self, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                        long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
@@ -194,6 +200,7 @@ class StableDiffusion:
                                verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
+    @arguments.checked
     def inpaint(self, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_steps=50,
                 unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None, long_prompts=False,
                 clip_skip=None, prompt_weighting=False, callback=None, return_latents=False, verbose=True,
@@ -232,11 +239,7 @@ class StableDiffusion:
                  long_prompts, clip_skip, prompt_weighting, strength=1.0):
         """What every task starts from (arguments: see `text_to_image`): prompt and negative prompt states (B, L, dim),
         a fresh sampler, draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         context = np.asarray(encoded_text, dtype="float32").reshape(-1, *np.shape(encoded_text)[-2:])
-        if len(context) not in (1, batch_size) and batch_size != 1:
-            raise ValueError(f"batch_size={batch_size} does not match {len(context)} encoded prompts.")
         batch_size, chunk = max(batch_size, len(context)), self.tokenizer.sequence_length
         context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
         encode = functools.partial(self.encode_text, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
@@ -253,8 +256,6 @@ class StableDiffusion:
         draw_noise = lambda: np.stack([g.standard_normal(self.latent_shape, dtype=np.float32) for g in generators])
         noise = draw_noise()  # drawn either way, so that later draws do not depend on diffusion_noise
         given = noise if diffusion_noise is None else np.asarray(diffusion_noise, dtype="float32")
-        if given.shape not in (noise.shape, noise.shape[1:], (1, *noise.shape[1:])):
-            raise ValueError(f"diffusion_noise must have shape {noise.shape}, got {given.shape}.")
         return Setup(context, negative, sampler, draw_noise, np.broadcast_to(given, noise.shape))
 
     def denoise(self, latents, setup, *, guidance, callback=None, conditioning=None, after_step=None, verbose=True):
@@ -262,8 +263,7 @@ class StableDiffusion:
         latents. `conditioning`: extra UNet input channels (an inpainting UNet's mask and masked-image latents);
         `after_step(latents)` follows each update (inpainting's blending); see `text_to_image` for the rest."""
         sampler, per_image = setup.sampler, lambda value: np.full((len(latents),), value, dtype="float32")
-        progress = keras.utils.Progbar(len(sampler.timesteps), verbose=int(verbose))
-        for step, t in enumerate(sampler.timesteps):
+        for step, t in enumerate(progress.report(sampler.timesteps, "denoising", verbose)):
             model_input = sampler.scale_model_input(latents)
             if conditioning is not None:
                 model_input = np.concatenate([model_input, conditioning], axis=-1)
@@ -273,7 +273,6 @@ class StableDiffusion:
             latents = after_step(latents) if after_step else latents
             if callback:
                 callback(step, t, latents)
-            progress.update(step + 1)
         return latents
 
     def _build_denoise_step(self):
