@@ -37,8 +37,10 @@ DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items
 RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
 
 
-def save(sd, path, overwrite=False):
-    """Writes `sd` as a bundle folder, under a temporary name renamed at the end (`files.staged`)."""
+def save(sd, path, *, overwrite=False):
+    """`StableDiffusion.save`: writes `sd` as a bundle folder for `from_checkpoint`: config, a `.safetensors` per
+    model, tokenizer; under a temporary name renamed once complete (`files.staged`). FileExistsError if `path`
+    exists, unless `overwrite`."""
     with files.staged(path, overwrite=overwrite) as staging:
         staging.mkdir(parents=True)
         config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)

@@ -107,10 +107,10 @@ def warn_outside_grammar(prompt, grammar):
     per set of unknown words.
 
     Args:
-        prompt: a string or a list of strings.
+        prompt: a string or a list of strings (anything else, e.g. encoded prompts, is not checked).
         grammar: {slot: words}, as `GRAMMAR`; a model's `config["grammar"]`.
     """
-    for text in [prompt] if isinstance(prompt, str) else prompt:
+    for text in [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, (list, tuple)) else []:
         reason = outside_grammar(text, grammar) if grammar else None
         if reason:
             known = "; ".join(f"{name}: {', '.join(words)}" for name, words in grammar.items())

@@ -54,8 +54,8 @@ def read(path, token=None):
     return (name if token is None else token), vectors
 
 
-def load(sd, path, token=None):
-    """Adds the textual-inversion embedding at `path` to `sd` (a `StableDiffusion`): its tokens to the tokenizer,
+def load(sd, path, *, token=None):
+    """`StableDiffusion.load_textual_inversion`: adds the textual-inversion embedding at `path` to `sd` (a `StableDiffusion`): its tokens to the tokenizer,
     its vectors to the text encoder's token embedding (see the module docstring).
 
     Args:

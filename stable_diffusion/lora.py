@@ -1,7 +1,7 @@
 """LoRA files (Hu et al., 2022, "LoRA: Low-Rank Adaptation of Large Language Models") merged into the
 text encoder's and UNet's weights: the kernel W of each adapted layer, in PyTorch's layout (out, in) or
 (out, in, kh, kw), becomes W + scale * alpha / rank * up @ down, so generating with LoRAs costs what it
-costs without. Several files stack; `restore` puts back the values from before the first.
+costs without. Several files stack; `unload` puts back the values from before the first.
 
 Formats (`.safetensors`), each tensor named by its module, the diffusers / transformers key prefix that
 names our layers (`weights.variable_key`):
@@ -142,10 +142,10 @@ def read(path, names):
     return plan
 
 
-def merge(path, models, *, scale, originals):
-    """Adds the LoRA file `path` times `scale` to the kernels of `models` (text encoder, UNet), in place
-    (compiled functions see the new values), after checking all of it: on an error nothing changed.
-    `originals` {id: (variable, value)} gets each variable's value before its first change.
+def load(sd, path, *, scale=1.0):
+    """`StableDiffusion.load_lora`: adds the kohya / diffusers LoRA file `path` times `scale` to the kernels of
+    `sd`'s text encoder and UNet, in place (compiled functions see the new values; generation costs what it did),
+    after checking all of it: on an error nothing changed. LoRAs stack; `unload_lora` removes them all.
 
     Raises: FileNotFoundError; ValueError: a scale that is not a finite number, a file that is not a
     readable `.safetensors` LoRA, or one with tensors that fit no layer (other names, other shapes: a
@@ -157,7 +157,8 @@ def merge(path, models, *, scale, originals):
         raise FileNotFoundError(f"No LoRA file at {path}.")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path} is not a .safetensors file; LoRAs are read from .safetensors files only.")
-    for variable, factor, down, up in read(path, module_names(*models)):
+    originals = sd.lora_originals  # {id: (variable, its value before its first change)}
+    for variable, factor, down, up in read(path, module_names(sd.text_encoder, sd.diffusion_model)):
         down, up = (read_tensor(path, entry).astype(np.float32) for entry in (down, up))
         update = (up.reshape(len(up), -1) @ down.reshape(len(down), -1)).reshape(len(up), *down.shape[1:])
         if id(variable) not in originals:
@@ -166,8 +167,8 @@ def merge(path, models, *, scale, originals):
         variable.assign((variable.numpy().astype(np.float32) + update).astype(variable.dtype))
 
 
-def restore(originals):
-    """Assigns every variable in `originals` (see `merge`) its value from before, bit-exactly, and empties it."""
-    for variable, value in originals.values():
+def unload(sd):
+    """`StableDiffusion.unload_lora`: restores the weights every `load_lora` of `sd` changed, bit-exactly."""
+    for variable, value in sd.lora_originals.values():
         variable.assign(value)
-    originals.clear()
+    sd.lora_originals.clear()

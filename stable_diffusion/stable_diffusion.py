@@ -7,7 +7,6 @@ initial and (ancestral samplers) step noise from numpy's `default_rng(seed + i)`
 """
 import collections
 import contextlib
-import functools
 
 import keras
 import numpy as np
@@ -22,7 +21,6 @@ from .images import broadcast, load_images, load_masks
 from .text_encoder import TextEncoder, skipping
 from .tokenizer import Tokenizer
 
-MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
 Setup = collections.namedtuple("Setup", "context negative sampler draw_noise noise")  # see `_prepare`
 
 
@@ -44,7 +42,7 @@ class StableDiffusion:
 
     def __init__(self, img_height=512, img_width=512, *, jit_compile=None, config=None, tokenizer=None,
                  scheduler="ddim", dtype=None, weights=None):
-        config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler", "grammar")}
+        config = {name: dict((config or {}).get(name, {})) for name in (*bundle.MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
@@ -57,7 +55,7 @@ class StableDiffusion:
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
-        self.vae_factor, self.vae_tile_size, self._lora_originals, self.skipped = vae_factor, None, {}, (None,) * 3
+        self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, (None,) * 3, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
@@ -85,32 +83,18 @@ class StableDiffusion:
                    weights=checkpoint)
 
     @classmethod
-    def from_preset(cls, name, *, img_height=None, img_width=None, jit_compile=None, scheduler="ddim", dtype=None):
-        """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into the
-        Keras cache and converted once into a bundle there, which later calls load. Args: see `from_checkpoint`."""
+    def from_preset(cls, name, **options):
+        """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into the Keras cache
+        and converted once into a bundle there, which later calls load. Keyword options: see `from_checkpoint`."""
         converted = presets.preset_bundle(name)
         if not converted.exists():
-            path, options = presets.download_preset(name)
-            cls.from_checkpoint(path, jit_compile=False, **options).save(converted)
-        return cls.from_checkpoint(converted, img_height=img_height, img_width=img_width, jit_compile=jit_compile,
-                                   scheduler=scheduler, dtype=dtype)
+            path, download_options = presets.download_preset(name)
+            cls.from_checkpoint(path, jit_compile=False, **download_options).save(converted)
+        return cls.from_checkpoint(converted, **options)
 
-    def save(self, path, *, overwrite=False):
-        """Saves a bundle folder for `from_checkpoint` (`bundle.py`): config, a `.safetensors` per model,
-        tokenizer; the folder appears only once complete."""
-        bundle.save(self, path, overwrite=overwrite)
-
-    def load_lora(self, path, *, scale=1.0):
-        """Merges a kohya / diffusers LoRA `.safetensors` file times `scale` into the weights; see `lora.merge`."""
-        lora.merge(path, [self.text_encoder, self.diffusion_model], scale=scale, originals=self._lora_originals)
-
-    def unload_lora(self):
-        """Restores the weights every `load_lora` changed to their values before, bit-exactly."""
-        lora.restore(self._lora_originals)
-
-    def load_textual_inversion(self, path, *, token=None):
-        """Adds the textual-inversion embedding of an A1111 or diffusers file as the word `token`: `embeddings.load`."""
-        embeddings.load(self, path, token=token)
+    # Methods whose code lives with the file format it reads or writes: `sd.save(path, *, overwrite=False)`,
+    # `sd.load_lora(path, *, scale=1.0)`, `sd.unload_lora()`, `sd.load_textual_inversion(path, *, token=None)`.
+    save, load_lora, unload_lora, load_textual_inversion = bundle.save, lora.load, lora.unload, embeddings.load
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
         """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""
@@ -136,7 +120,8 @@ class StableDiffusion:
         """Generates images for a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
-            prompt: a string, or a list of strings (one image each); warns of words outside the model's grammar.
+            prompt: a string, or a list of strings (one image each), or their `encode_text` output (B or 1, 77 k,
+                dim) (`generate_image`, KerasCV's name for that use); warns of words outside the model's grammar.
             negative_prompt: what to steer away from: a string, or one per image; default "".
             batch_size: images per prompt string.
             num_steps: sampler steps.
@@ -149,32 +134,21 @@ class StableDiffusion:
             clip_skip: condition on CLIP's hidden state this many layers before the last (1: the penultimate;
                 None, 0: the last), for prompt and negative prompt alike (`text_encoder.skipping`).
             prompt_weighting: read A1111's emphasis, `(word:1.3)`, in prompt and negative prompt (`emphasis.py`).
+                An encoded prompt must have been encoded with the same `clip_skip` and `prompt_weighting`.
             callback: called as `callback(step, timestep, latents)` after every step.
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
             verbose: report progress on stderr.
         Bad arguments raise ValueError, naming them, before any model work (`arguments.py`).
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
-        text = dict(long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
-        return self.generate_image(
-            self.encode_text(prompt, **text), negative_prompt=negative_prompt, batch_size=batch_size,
-            num_steps=num_steps, unconditional_guidance_scale=unconditional_guidance_scale, seed=seed,
-            diffusion_noise=diffusion_noise, scheduler=scheduler, callback=callback, return_latents=return_latents,
-            verbose=verbose, **text)
-
-    @arguments.checked
-    def generate_image(self, encoded_text, *, negative_prompt=None, batch_size=1, num_steps=50,
-                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                       long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
-                       verbose=True):
-        """Generates images from `encode_text` output (B or 1, 77 k, dim); see `text_to_image` (the negative prompt's
-        encoding follows `clip_skip` and `prompt_weighting`: pass those the prompt was encoded with)."""
-        setup = self._prepare(encoded_text, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
-                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler,
-                              long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
+        setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting)
         latents = self.denoise(setup.noise * setup.sampler.init_noise_sigma, setup,
                                guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
+
+    generate_image = text_to_image  # KerasCV's name, for `encode_text` output
 
     @arguments.checked
     def image_to_image(self, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
@@ -190,11 +164,10 @@ class StableDiffusion:
             sample_latents: encode to a sample of the VAE posterior (seeded) instead of its mean.
             Other arguments: see `text_to_image`.
         """
-        images, text = load_images(image, (self.img_height, self.img_width)), dict(
-            long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
-        setup = self._prepare(self.encode_text(prompt, **text), negative_prompt=negative_prompt, batch_size=batch_size,
-                              num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler,
-                              strength=strength, **text)
+        images = load_images(image, (self.img_height, self.img_width))
+        setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
         latents = setup.sampler.add_noise(self.encode_images(images, setup, sample=sample_latents), setup.noise)
         latents = self.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback,
                                verbose=verbose)
@@ -214,11 +187,10 @@ class StableDiffusion:
             Other arguments: see `image_to_image`.
         """
         images = load_images(image, (self.img_height, self.img_width))
-        masks, text = load_masks(mask, images.shape[1:3]), dict(
-            long_prompts=long_prompts, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
-        setup = self._prepare(self.encode_text(prompt, **text), negative_prompt=negative_prompt, batch_size=batch_size,
-                              num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler,
-                              strength=strength, **text)
+        masks = load_masks(mask, images.shape[1:3])
+        setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
         sampler, noise = setup.sampler, setup.noise
         known = self.encode_images(images, setup, sample=sample_latents)
         latents = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise)
@@ -235,14 +207,16 @@ class StableDiffusion:
                                conditioning=conditioning, after_step=after_step, verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
-    def _prepare(self, encoded_text, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
+    def _prepare(self, prompt, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
                  long_prompts, clip_skip, prompt_weighting, strength=1.0):
         """What every task starts from (arguments: see `text_to_image`): prompt and negative prompt states (B, L, dim),
         a fresh sampler, draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
-        context = np.asarray(encoded_text, dtype="float32").reshape(-1, *np.shape(encoded_text)[-2:])
+        encode = lambda text, **options: self.encode_text(text, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+                                                          **options)
+        encoded = encode(prompt, long_prompts=long_prompts) if np.ndim(prompt) < 2 else prompt  # strings: encode
+        context = np.asarray(encoded, dtype="float32").reshape(-1, *np.shape(encoded)[-2:])
         batch_size, chunk = max(batch_size, len(context)), self.tokenizer.sequence_length
         context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
-        encode = functools.partial(self.encode_text, clip_skip=clip_skip, prompt_weighting=prompt_weighting)
         negative = broadcast(encode("" if negative_prompt is None else negative_prompt,
                                     long_prompts=long_prompts or context.shape[1] > chunk,
                                     min_chunks=context.shape[1] // chunk), batch_size, "negative prompts")
