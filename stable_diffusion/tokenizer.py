@@ -26,6 +26,7 @@ from pathlib import Path
 import keras
 import keras_hub
 
+from .arguments import check_prompts
 from .keras_internals import clip_tokenizer
 from .presets import asset
 
@@ -90,13 +91,7 @@ class Tokenizer:
         Returns:
             `np.ndarray` of int32, shape `(B, sequence_length)`; with `long_prompts` `(B, k * sequence_length)`.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"Expected a prompt string or a non-empty list of strings, got {prompts!r}.")
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise ValueError(f"Expected every prompt to be a string, got {prompt!r} ({type(prompt).__name__}).")
+        prompts = check_prompts(prompts)
         if not isinstance(min_chunks, int) or min_chunks < 1:
             raise ValueError(f"min_chunks must be a positive integer, got {min_chunks!r}.")
         rows, kept = self.bpe_ids(prompts), self.sequence_length - 2
