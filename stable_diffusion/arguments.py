@@ -66,6 +66,17 @@ def warn_few_steps(scheduler, num_steps, reliable_steps):
                   f"{reliable_steps} steps or more (or use another scheduler).", stacklevel=4)
 
 
+def check_prompts(prompts, name="prompt"):
+    """A prompt string or a non-empty list of them, as a list."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompts!r}.")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise ValueError(f"{name} must hold strings only, got {prompt!r} ({type(prompt).__name__}).")
+    return list(prompts)
+
+
 def prompt_count(prompt):
     """How many prompts `prompt` holds: a list of strings, or encoded prompts (B, L, dim)."""
     if isinstance(prompt, (list, tuple)):
@@ -166,9 +177,11 @@ def checked(task):
         values = bound.arguments
         values["seed"] = check_seed(values["seed"])
         values["unconditional_guidance_scale"] = check_guidance(values["unconditional_guidance_scale"])
+        if "prompt" in values:  # not encoded yet
+            check_prompts(values["prompt"])
         batch = check_batch(values["batch_size"], prompt_count(bound.args[1]))
         if values["negative_prompt"] is not None:
-            check_count(prompt_count(values["negative_prompt"]), batch, "negative prompts")
+            check_count(len(check_prompts(values["negative_prompt"], "negative_prompt")), batch, "negative prompts")
         if np.ndim(values.get("image")) == 4:  # a batch of pictures
             check_count(len(values["image"]), batch, "images")
         check_steps(values["scheduler"] or sd.scheduler_name, sd.config["scheduler"], values["num_steps"],

@@ -86,9 +86,9 @@ def read(folder):
         raise CheckpointError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
     height, width = config.pop("img_height", None), config.pop("img_width", None)
     names = sorted([*MODELS, "scheduler"])
-    if sorted(config) != names or not all(isinstance(settings, dict) for settings in config.values()):
+    if sorted(set(config) - {"grammar"}) != names or not all(isinstance(value, dict) for value in config.values()):
         raise CheckpointError(f"{folder / CONFIG} does not hold an object of settings for each of {names} "
-                              f"(and img_height, img_width, format) but {config!r:.200}.")
+                              f"(and img_height, img_width, format, optionally grammar) but {config!r:.200}.")
     files = {name: folder / f"{name}.safetensors" for name in MODELS}
     for file in files.values():
         if not file.exists():

@@ -33,6 +33,7 @@ import keras_hub
 import numpy as np
 
 from . import emphasis
+from .arguments import check_prompts
 from .keras_internals import clip_tokenizer
 from .presets import asset
 from .weights import CheckpointError, read_json
@@ -147,13 +148,7 @@ class Tokenizer:
             With `return_weights`, (ids, weights): float32 weights of the ids' shape, 1 for start, end and
             padding tokens and for every token without `prompt_weighting`.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"Expected a prompt string or a non-empty list of strings, got {prompts!r}.")
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise ValueError(f"Expected every prompt to be a string, got {prompt!r} ({type(prompt).__name__}).")
+        prompts = check_prompts(prompts)
         if not isinstance(min_chunks, int) or min_chunks < 1:
             raise ValueError(f"min_chunks must be a positive integer, got {min_chunks!r}.")
         parsed = [emphasis.parse(prompt) if prompt_weighting else [(prompt, 1.0)] for prompt in prompts]

@@ -74,6 +74,17 @@ def test_bad_editing_arguments_refused_before_model_work(task, keywords, message
         call("a cat", image, verbose=False, **keywords)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda sd: sd.text_to_image(3), "prompt must be a string or a non-empty list of strings, got 3"),
+    (lambda sd: sd.text_to_image([]), "prompt must be a string or a non-empty list of strings, got"),
+    (lambda sd: sd.image_to_image(["a", None], PICTURE), "prompt must hold strings only, got None"),
+    (lambda sd: sd.text_to_image("a", negative_prompt=[7]), "negative_prompt must hold strings only, got 7"),
+])
+def test_bad_prompts_refused_before_model_work(call, message, idle):
+    with pytest.raises(ValueError, match=message):
+        call(idle)
+
+
 def test_numpy_integer_seeds_are_seeds(sd):
     images = [sd.text_to_image("a cat", num_steps=2, seed=seed, verbose=False, return_latents=True)
               for seed in (3, np.int64(3), np.uint32(3))]

@@ -219,7 +219,7 @@ def test_long_prompts_in_chunks(tokenizer, recwarn):
 
 @pytest.mark.parametrize("bad", [None, 3, b"bytes", [], ["ok", 7], ["ok", None]])
 def test_rejects_non_strings(tokenizer, bad):
-    with pytest.raises(ValueError, match="Expected"):
+    with pytest.raises(ValueError, match=r"prompt must (be a string or a non-empty list of strings|hold strings only), got"):
         tokenizer(bad)
 
 
