@@ -177,7 +177,7 @@ def checked(task):
         values = bound.arguments
         values["seed"] = check_seed(values["seed"])
         values["unconditional_guidance_scale"] = check_guidance(values["unconditional_guidance_scale"])
-        if "prompt" in values:  # not encoded yet
+        if np.ndim(values["prompt"]) < 2:  # strings, not `encode_text` output (B, L, dim)
             check_prompts(values["prompt"])
         batch = check_batch(values["batch_size"], prompt_count(bound.args[1]))
         if values["negative_prompt"] is not None:
