@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .tokenizer import Tokenizer
-from .weights import (SAFETENSORS_DTYPES, Tensors, keras_layout, load_weights, named_variables, read_json,
-                      safetensors_header)
+from .weights import (SAFETENSORS_DTYPES, CheckpointError, Tensors, keras_layout, load_weights, named_variables,
+                      read_json, safetensors_header)
 
 FORMAT, OLD_FORMAT, CONFIG = "keras-stable-diffusion/2", "keras-stable-diffusion/1", "config.json"
 METADATA = {"format": FORMAT, "layout": "keras"}
@@ -90,10 +90,16 @@ def read(folder):
     config = read_json(folder / CONFIG)
     found = config.pop("format", None)
     if found == OLD_FORMAT:
-        raise ValueError(f"{folder} is a {OLD_FORMAT} bundle (Keras .weights.h5 files), a format this version "
-                         f"no longer reads. Convert its original checkpoint again: {RECONVERT}")
+        raise CheckpointError(f"{folder} is a {OLD_FORMAT} bundle (Keras .weights.h5 files), a format this "
+                              f"version no longer reads. Convert its original checkpoint again: {RECONVERT}")
     if found != FORMAT:
-        raise ValueError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
+        raise CheckpointError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
+    height, width = config.pop("img_height", None), config.pop("img_width", None)
+    names = sorted([*MODELS, "scheduler"])
+    if (sorted(set(config) - {"grammar"}) != names
+            or not all(isinstance(settings, dict) for settings in config.values())):
+        raise CheckpointError(f"{folder / CONFIG} does not hold an object of settings for each of {names} "
+                              f"(and img_height, img_width, format, maybe grammar) but {config!r:.200}.")
     files = {name: folder / f"{name}.safetensors" for name in MODELS}
     for file in files.values():
         if not file.exists():
@@ -106,9 +112,9 @@ def read(folder):
 
     parts = {names: partial(load, names=names)  # the VAE one part, as `checkpoints.read(vae=...)` replaces it
              for names in (("text_encoder",), ("diffusion_model",), ("encoder", "decoder"))}
-    height, width = config.pop("img_height"), config.pop("img_width")
     return dict(config=config, tokenizer=Tokenizer.from_folder(folder / "tokenizer"), img_height=height,
-                img_width=width, parts=parts)
+                img_width=width, parts=parts, sources=dict.fromkeys([*config, "size"], folder / CONFIG),
+                tensors=tensors)
 
 
 def open_weights(path):
@@ -116,8 +122,8 @@ def open_weights(path):
     read when first used, and writes stay private."""
     entries, metadata = safetensors_header(path)
     if {key: metadata.get(key) for key in METADATA} != METADATA:
-        raise ValueError(f"{path} is not a {FORMAT} weights file: its __metadata__ is {metadata}, "
-                         f"not {METADATA}.")
+        raise CheckpointError(f"{path} is not a {FORMAT} weights file: its __metadata__ is {metadata}, "
+                              f"not {METADATA}.")
     with open(path, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
 

@@ -28,6 +28,7 @@ import keras_hub
 
 from .keras_internals import clip_tokenizer
 from .presets import asset
+from .weights import CheckpointError, read_json
 
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
@@ -40,10 +41,35 @@ def byte_characters():
 
 
 def pad_id(vocabulary, pad_token, source):
-    """Id of `pad_token`, or a ValueError naming the token and where it came from."""
-    if pad_token not in vocabulary:
-        raise ValueError(f"Pad token {pad_token!r} from {source} is not in the vocabulary.")
+    """Id of `pad_token`, or a CheckpointError naming the token and where it came from."""
+    if not isinstance(pad_token, str) or pad_token not in vocabulary:
+        raise CheckpointError(f"Pad token {pad_token!r} from {source} is not in the vocabulary.")
     return vocabulary[pad_token]
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file; CheckpointError naming it if it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path} is not UTF-8 text: {error}") from error
+
+
+def check_vocabulary(vocabulary, merges, sources):
+    """CheckpointError naming the file (`sources`: of the vocabulary, of the merges) unless the vocabulary
+    maps strings to the ids 0..n-1 and holds the start and end tokens, and every merge rule is two tokens
+    of the vocabulary, a space between them, whose concatenation is in the vocabulary too."""
+    if not (isinstance(vocabulary, dict) and START_TOKEN in vocabulary and END_TOKEN in vocabulary
+            and all(type(i) is int and 0 <= i < len(vocabulary) for i in vocabulary.values())):
+        raise CheckpointError(f"{sources[0]} is not a vocabulary: an object of tokens to the ids 0 to its size - 1, "
+                              f"{START_TOKEN} and {END_TOKEN} among them.")
+    for merge in merges if isinstance(merges, list) else [merges]:
+        if isinstance(merge, str) and (not merge or merge.startswith("#version")):
+            continue  # as `Tokenizer` skips them
+        pair = merge.split(" ") if isinstance(merge, str) else []
+        if not (len(pair) == 2 and pair[0] in vocabulary and pair[1] in vocabulary and "".join(pair) in vocabulary):
+            raise CheckpointError(f"{sources[1]} has the merge rule {merge!r:.80}, not two tokens of the "
+                                  f"vocabulary ({sources[0]}), a space between them, whose concatenation is in it.")
 
 
 class Tokenizer:
@@ -137,19 +163,23 @@ class Tokenizer:
         """
         folder = Path(path)
         if (folder / "vocab.json").exists() or not (folder / "tokenizer.json").exists():
-            vocabulary = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            sources = folder / "vocab.json", folder / "merges.txt"
+            vocabulary, merges = read_json(sources[0]), read_lines(sources[1])
         else:  # transformers 5 writes only the `tokenizers` file
-            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-            vocabulary = model["vocab"]
-            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+            sources = (folder / "tokenizer.json",) * 2
+            model = read_json(sources[0]).get("model")
+            vocabulary, merges = (model.get("vocab"), model.get("merges")) if isinstance(model, dict) else (None, None)
+            if isinstance(merges, list):  # pairs, or "a b" strings as in merges.txt
+                merges = [" ".join(m) if isinstance(m, list) and all(isinstance(t, str) for t in m) else m
+                          for m in merges]
+        check_vocabulary(vocabulary, merges, sources)
         config_paths = [p for p in (folder / "special_tokens_map.json", folder / "tokenizer_config.json") if p.exists()]
         if not config_paths:
             raise FileNotFoundError(f"Neither special_tokens_map.json nor tokenizer_config.json found in {folder}.")
-        configs = [json.loads(p.read_text(encoding="utf-8")) for p in config_paths]
+        configs = [read_json(p) for p in config_paths]
         pad_token = next((c["pad_token"] for c in configs if c.get("pad_token")), END_TOKEN)
         if isinstance(pad_token, dict):
-            pad_token = pad_token["content"]
+            pad_token = pad_token.get("content")
         return cls(vocabulary, merges, pad_token_id=pad_id(vocabulary, pad_token, config_paths))
 
     @classmethod
