@@ -1,5 +1,5 @@
-"""The settings a checkpoint gives the models, the scheduler and the image size, checked before anything
-is built (`check`), so that a damaged or foreign file gives one CheckpointError naming it rather than an
+"""The settings a checkpoint gives the models, the scheduler, the image size and the prompts' grammar,
+checked before anything is built (`check`), so that a damaged or foreign file gives one CheckpointError naming it rather than an
 error from deep inside Keras, a model that takes minutes to build, or an allocation of a size the file
 does not hold.
 
@@ -10,7 +10,7 @@ norm groups dividing the channels, one value per level) and what the scheduler a
 import inspect
 import math
 
-from . import ldm, schedulers
+from . import data, ldm, schedulers
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -108,6 +108,11 @@ def check(checkpoint):
     for name in MODELS:
         check_model(name, config[name], checkpoint.tensors[name], sources[name])
     check_scheduler(config["scheduler"], sources["scheduler"])
+    grammar = config.get("grammar", {})
+    if grammar and not (sorted(grammar) == sorted(data.GRAMMAR) and all(
+            isinstance(words, list) and all(isinstance(word, str) for word in words) for words in grammar.values())):
+        raise CheckpointError(f"{sources['grammar']}: the grammar {grammar!r:.80} is not a list of words for each "
+                              f"of the slots {list(data.GRAMMAR)}.")
     levels = [len(arguments(name, config[name])["channels"]) for name in ("decoder", "diffusion_model")]
     factor = 2 ** (sum(levels) - 2)  # the VAE's and the UNet's downsampling
     for size in (checkpoint.img_height, checkpoint.img_width):
