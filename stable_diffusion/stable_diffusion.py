@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, keras_internals, lora, presets, schedulers, tiling
+from . import bundle, checkpoints, data, keras_internals, lora, presets, runtime, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -29,7 +29,8 @@ class StableDiffusion:
 
     Args:
         img_height, img_width: image size in pixels, multiples of 8.
-        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager).
+        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager;
+            OpenVINO: always compiled, see `runtime.py`).
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
             "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
@@ -60,8 +61,7 @@ class StableDiffusion:
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
-        for model in (self.text_encoder, self.denoise_step, self.decoder):
-            model.compile(jit_compile=jit_compile and keras.backend.backend() != "torch")
+        runtime.compile_models(self, jit_compile=jit_compile)
 
     @classmethod
     def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=True, vae=None,
