@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, keras_internals, lora, presets, runtime, schedulers, tiling
+from . import bundle, checkpoints, data, export, keras_internals, lora, presets, runtime, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -29,8 +29,7 @@ class StableDiffusion:
 
     Args:
         img_height, img_width: image size in pixels, multiples of 8.
-        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager;
-            OpenVINO: always compiled, see `runtime.py`).
+        jit_compile: compile the text encoder, denoising step and decoder (`runtime.py`; XLA; torch: eager).
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
             "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
@@ -104,6 +103,10 @@ class StableDiffusion:
     def unload_lora(self):
         """Restores the weights every `load_lora` changed to their values before, bit-exactly."""
         lora.restore(self._lora_originals)
+
+    def export(self, folder, *, format="tf_saved_model"):
+        """Writes the models with static shapes for runtimes without Keras, for `exported.py` (see `export.py`)."""
+        export.export(self, folder, format=format)
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
         """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""

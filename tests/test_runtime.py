@@ -18,8 +18,9 @@ from stable_diffusion import runtime
 def test_backend_equals_this_one_and_reads_its_cache(backend, reference, ours, tmp_path):
     """Two pipelines in a subprocess on `backend` (other_backend.py); images against ours here (tolerance 1/255)."""
     _, folder = reference("sd1")
-    env = dict(os.environ, KERAS_BACKEND=backend, **{runtime.CACHE_VARIABLE: str(tmp_path / "cache")},
-               PYTHONPATH=os.pathsep.join([str(Path(stable_diffusion.__file__).parents[1]), str(Path(__file__).parent)]))
+    paths = [str(Path(stable_diffusion.__file__).parents[1]), str(Path(__file__).parent)]
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=os.pathsep.join(paths),
+               **{runtime.CACHE_VARIABLE: str(tmp_path / "cache")})
     out = tmp_path / "images.npz"
     subprocess.run([sys.executable, Path(__file__).parent / "other_backend.py", folder, out], env=env, check=True)
     saved = np.load(out)
