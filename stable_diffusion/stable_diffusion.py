@@ -12,8 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import (arguments, bundle, checkpoints, data, embeddings, emphasis, keras_internals, lora, presets, progress,
-               schedulers, tiling)
+from . import (arguments, bundle, checkpoints, data, embeddings, emphasis, export, keras_internals, lora, presets,
+               progress, runtime, schedulers, tiling)
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -30,7 +30,7 @@ class StableDiffusion:
     Args:
         img_height, img_width: image size in pixels, multiples of 8.
         jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager);
-            default: on JAX only, as TensorFlow graphs start faster (see README, "XLA or not").
+            default: on JAX only, as TensorFlow graphs start faster (see README, "XLA or not"); see `runtime.py`.
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
             "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
@@ -60,9 +60,7 @@ class StableDiffusion:
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
-        backend = keras.backend.backend()
-        for model in (self.text_encoder, self.denoise_step, self.decoder):
-            model.compile(jit_compile=backend == "jax" if jit_compile is None else jit_compile and backend != "torch")
+        runtime.compile_models(self, jit_compile=jit_compile)
 
     @classmethod
     def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=None, vae=None,
@@ -95,6 +93,8 @@ class StableDiffusion:
     # Methods whose code lives with the file format it reads or writes: `sd.save(path, *, overwrite=False)`,
     # `sd.load_lora(path, *, scale=1.0)`, `sd.unload_lora()`, `sd.load_textual_inversion(path, *, token=None)`.
     save, load_lora, unload_lora, load_textual_inversion = bundle.save, lora.load, lora.unload, embeddings.load
+    export = export.export  # `sd.export(folder, *, format="tf_saved_model")`: static-shape models for `exported.py`
+
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
         """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""

@@ -32,7 +32,7 @@ class TextEncoder(keras.Model):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         tokens = keras.Input((max_length,), dtype="int32", name="tokens")
         x = layers.Embedding(vocab_size, width, name="embeddings-token_embedding", dtype=dtype)(tokens)
-        positions = ops.zeros_like(tokens) + ops.arange(max_length, dtype="int32")  # (B, L): 0 .. L - 1
+        positions = ops.cumsum(ops.ones_like(tokens), axis=1) - 1  # (B, L): 0 .. L - 1, no captured constant
         x = x + layers.Embedding(max_length, width, name="embeddings-position_embedding", dtype=dtype)(positions)
         for i in range(num_layers):  # pre-LN blocks with causal self-attention
             block = f"encoder-layers-{i}"
