@@ -156,6 +156,9 @@ def check_arguments(args):
     for path in args.embedding:
         if not path.is_file():
             raise ValueError(f"--embedding: no file at {str(path)!r}")
+        with quiet_start_up():  # the file formats' module imports Keras
+            from . import embeddings
+        embeddings.read(path)
     if args.clip_skip is not None:
         arguments.integer(args.clip_skip, "clip_skip", 0)
     if (args.mask or args.strength is not None) and args.init_image is None:

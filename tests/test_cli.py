@@ -242,8 +242,8 @@ def test_embeddings_and_clip_skip(bundle, workdir, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--embedding", "wide.safetensors"], "holds an embedding of width 16; this model's text encoder is 8 wide"),
-    (["--clip-skip", "2"], "clip_skip must be None or an integer from 0 to 1"),
-    (["--clip-skip", "-1"], "--clip-skip: expected an integer >= 0"),
+    (["--clip-skip", "2"], "--clip-skip must be None or an integer from 0 to 1"),
+    (["--clip-skip", "-1"], "--clip-skip must be an integer >= 0, got -1"),
 ])
 def test_bad_embeddings_and_clip_skip(extra, message, bundle, workdir, capsys):
     save_file({"emb_params": np.zeros((1, 16), np.float32)}, "wide.safetensors")
