@@ -131,7 +131,7 @@ def test_bad_generation_arguments(arguments, message, ours):
 
 def test_generation_methods_share_one_keyword_only_order():
     """The prompt (and picture, mask) positional, every other argument keyword-only, in one order."""
-    methods = dict(text_to_image=["prompt"], generate_image=["encoded_text"], image_to_image=["prompt", "image"],
+    methods = dict(text_to_image=["prompt"], generate_image=["prompt"], image_to_image=["prompt", "image"],
                    inpaint=["prompt", "image", "mask"])
     signatures = {name: inspect.signature(getattr(StableDiffusion, name)).parameters for name in methods}
     for name, positional in methods.items():
