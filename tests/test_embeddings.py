@@ -46,17 +46,30 @@ def test_files_read_as_written(tmp_path):
     np.testing.assert_array_equal(got, parameter.detach().float().numpy())
 
 
+@pytest.fixture
+def own(ours):
+    """own(kind): the shared `ours(kind)` pipeline, its tokenizer, text encoder and config put back afterwards."""
+    changed = []
+
+    def get(kind):
+        changed.append((ours(kind), ours(kind).tokenizer, ours(kind).text_encoder, ours(kind).config))
+        return ours(kind)
+    yield get
+    for sd, tokenizer, text_encoder, config in changed:
+        sd.tokenizer, sd.text_encoder, sd.config = tokenizer, text_encoder, config
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
-def test_images_equal_diffusers_load_textual_inversion(kind, reference, tmp_path):
-    reference_pipe, folder = reference(kind)  # copied: loading embeddings changes its tokenizer and text encoder
+def test_images_equal_diffusers_load_textual_inversion(kind, reference, own, tmp_path):
+    reference_pipe, _ = reference(kind)  # copied: loading embeddings changes its tokenizer and text encoder
     pipe = StableDiffusionPipeline(**dict(reference_pipe.components, **{
         name: copy.deepcopy(getattr(reference_pipe, name)) for name in ("text_encoder", "tokenizer", "scheduler")}))
     pipe.scheduler = copy.deepcopy(reference_pipe.scheduler)  # __init__ changed its copy's clip_sample to False
-    sd = StableDiffusion.from_checkpoint(folder, jit_compile=False)
+    sd = own(kind)
     files = write_embeddings(tmp_path, pipe.text_encoder.config.hidden_size)
     prompt, negative = "a <cat-toy> next to charturner, badhands", "blurry badhands"
     noise = np.random.default_rng(5).standard_normal((1, 8, 8, 4), dtype=np.float32)
-    arguments = dict(negative_prompt=negative, num_steps=4, diffusion_noise=noise, verbose=False)
+    arguments = dict(negative_prompt=negative, num_steps=2, diffusion_noise=noise, verbose=False)
     without = sd.encode_text([prompt, negative])
     for path, (token, _) in files.items():
         pipe.load_textual_inversion(str(path), token=token)
@@ -73,7 +86,7 @@ def test_images_equal_diffusers_load_textual_inversion(kind, reference, tmp_path
         hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
         expected = pipe.text_encoder.final_layer_norm(hidden[-2]).numpy()
     assert np.abs(sd.encode_text([prompt, negative], clip_skip=1) - expected).max() <= 1e-4, "with clip_skip=1"
-    expected = pipe(prompt, negative_prompt=negative, num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+    expected = pipe(prompt, negative_prompt=negative, num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
                     latents=nchw(noise), output_type="np").images
     got = sd.text_to_image(prompt, **arguments)
     assert_close(got, expected, f"StableDiffusionPipeline.load_textual_inversion ({kind})")
@@ -105,6 +118,16 @@ def test_unload_lora_after_an_embedding_restores_the_text_encoder(tmp_path):
     for key, value in before.items():
         np.testing.assert_array_equal(after[key].numpy()[:len(value)], value, err_msg=key)
     assert after[TOKEN].shape == (49409, 8)
+
+
+@pytest.fixture(scope="module")
+def with_embedding(tmp_path_factory):
+    """A tiny model with the embedding "taken_1", and its encoding of "taken_1 a photo"."""
+    sd = StableDiffusion(32, 32, config=TINY_CONFIG, jit_compile=False)
+    path = tmp_path_factory.mktemp("embedding") / "taken_1.pt"
+    torch.save({"string_to_param": {"*": torch.ones(1, 8)}}, path)
+    sd.load_textual_inversion(path)
+    return sd, sd.encode_text("taken_1 a photo")
 
 
 def safetensors(**tensors):
@@ -145,12 +168,9 @@ def parameter_dict(folder):
     (safetensors(emb_params=torch.zeros(2, 8)), "TAKEN", "'TAKEN_1' is already in the"),
     (safetensors(emb_params=torch.zeros(1, 8)), "", "token must be None or a non-empty string"),
 ])
-def test_bad_files_leave_the_model_unchanged(make, token, message, tmp_path):
-    sd = StableDiffusion(32, 32, config=TINY_CONFIG, jit_compile=False)
-    torch.save({"string_to_param": {"*": torch.ones(1, 8)}}, tmp_path / "taken_1.pt")
-    sd.load_textual_inversion(tmp_path / "taken_1.pt")
+def test_bad_files_leave_the_model_unchanged(make, token, message, with_embedding, tmp_path):
+    sd, states = with_embedding
     before = (sd.text_encoder, sd.tokenizer, sd.config)
-    states = sd.encode_text("taken_1 a photo")
     with pytest.raises(ValueError, match=message):
         sd.load_textual_inversion(make(tmp_path), token=token)
     assert all(now is then for now, then in zip((sd.text_encoder, sd.tokenizer, sd.config), before))

@@ -1,18 +1,13 @@
 """Prompt control: A1111's emphasis syntax (parser, token weights, the weighting of CLIP's hidden states) and
 clip_skip, against A1111's documented parser examples, hand computations with transformers' CLIPTextModel and
 diffusers' pipelines fed those hand-computed prompt and negative-prompt embeddings (tolerance: uint8 +-1)."""
-import copy
-
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img, pipeline_stable_diffusion_inpaint
-from PIL import Image
 
 from reference import nchw, to_numpy
 from stable_diffusion.emphasis import parse
-from test_editing import assert_close, mask, patch_diffusers, picture
+from test_editing import assert_close, mask, picture
 
 # A1111's `parse_prompt_attention` docstring (modules/prompt_parser.py): input -> output, exactly.
 A1111_EXAMPLES = [
@@ -86,7 +81,7 @@ def test_weighting_equals_a_hand_computation(reference, ours):
 
 def test_plain_prompts_are_unchanged_bit_exactly(ours):
     sd = ours("sd2")
-    prompts = ["a red circle, a blue square!", "x " * 100]
+    prompts = ["a red circle, a blue square! " * 8, "x"]  # 2 chunks
     plain = sd.encode_text(prompts, long_prompts=True)
     np.testing.assert_array_equal(plain, sd.encode_text(prompts, long_prompts=True, prompt_weighting=False))
     np.testing.assert_array_equal(plain, sd.encode_text(prompts, long_prompts=True, prompt_weighting=True))
@@ -115,42 +110,36 @@ def test_clip_skip_encodings_equal_transformers(kind, reference, ours):
             sd.encode_text("a cat", clip_skip=bad)
 
 
-@pytest.mark.parametrize("kind, clip_skip", [("sd1", 1), ("sd1", 2), ("sd2", 1)])
+@pytest.mark.parametrize("kind, clip_skip", [("sd1", 1), ("sd2", 2)])
 def test_clip_skip_images_equal_diffusers_with_hand_computed_embeddings(kind, clip_skip, reference, ours):
     """Prompt and negative prompt alike (diffusers' own clip_skip skips the prompt only)."""
     pipe, _ = reference(kind)
     prompts, negative = ["a red circle", "a blue square"], ["green", "a triangle"]
     noise = np.random.default_rng(4).standard_normal((2, 8, 8, 4), dtype=np.float32)
-    expected = pipe(prompt_embeds=skipped_states(pipe, prompts, clip_skip), num_inference_steps=4, guidance_scale=7.5,
+    expected = pipe(prompt_embeds=skipped_states(pipe, prompts, clip_skip), num_inference_steps=2, guidance_scale=7.5,
                     negative_prompt_embeds=skipped_states(pipe, negative, clip_skip), height=64, width=64,
                     latents=nchw(noise), output_type="np").images
-    got = ours(kind).text_to_image(prompts, negative_prompt=negative, num_steps=4, diffusion_noise=noise,
+    got = ours(kind).text_to_image(prompts, negative_prompt=negative, num_steps=2, diffusion_noise=noise,
                                    clip_skip=clip_skip, verbose=False)
     assert_close(got, expected, f"StableDiffusionPipeline with clip_skip={clip_skip} embeddings")
-    plain = ours(kind).text_to_image(prompts, negative_prompt=negative, num_steps=4, diffusion_noise=noise,
+    plain = ours(kind).text_to_image(prompts, negative_prompt=negative, num_steps=2, diffusion_noise=noise,
                                      verbose=False)
     assert np.abs(plain.astype(int) - got).max() > 1, "without clip_skip the test would pass as well"
 
 
-def test_clip_skip_in_image_to_image_and_inpaint(reference, ours, monkeypatch):
-    pipe, _ = reference("sd1")
-    components = dict(pipe.components, scheduler=copy.deepcopy(pipe.scheduler))
-    embeddings = dict(prompt_embeds=skipped_states(pipe, ["a red circle"], 1),
-                      negative_prompt_embeds=skipped_states(pipe, ["green"], 1))
-    noise = np.random.default_rng(8).standard_normal((1, 8, 8, 4), dtype=np.float32)
-    arguments = dict(negative_prompt="green", num_steps=4, diffusion_noise=noise, clip_skip=1, verbose=False)
-    patch_diffusers(pipeline_stable_diffusion_img2img, monkeypatch, noise)
-    img2img = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
-    expected = img2img(image=Image.fromarray(picture()), strength=0.75, num_inference_steps=4, output_type="np",
-                       **embeddings).images
-    got = ours("sd1").image_to_image("a red circle", picture(), strength=0.75, **arguments)
-    assert_close(got, expected, "StableDiffusionImg2ImgPipeline with clip_skip=1 embeddings")
-    patch_diffusers(pipeline_stable_diffusion_inpaint, monkeypatch, noise)
-    inpaint = StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
-    expected = inpaint(image=Image.fromarray(picture()), mask_image=Image.fromarray(mask()), strength=1.0, height=64,
-                       width=64, num_inference_steps=4, output_type="np", **embeddings).images
-    got = ours("sd1").inpaint("a red circle", picture(), mask(), **arguments)
-    assert_close(got, expected, "StableDiffusionInpaintPipeline with clip_skip=1 embeddings")
+@pytest.mark.parametrize("task", ["text_to_image", "image_to_image", "inpaint"])
+def test_every_task_encodes_prompt_and_negative_prompt_alike(task, ours, monkeypatch):
+    """clip_skip and prompt_weighting reach encode_text for the prompt, the negative prompt and the empty chunks
+    that pad the shorter of them (whose states the tests above compare with diffusers')."""
+    sd, calls = ours("sd1"), []
+    encode_text = sd.encode_text
+    monkeypatch.setattr(sd, "encode_text", lambda prompt, **options: calls.append((prompt, options))
+                        or encode_text(prompt, **options))
+    inputs = {"text_to_image": (), "image_to_image": (picture(),), "inpaint": (picture(), mask())}[task]
+    getattr(sd, task)("a (cat:1.2)", *inputs, negative_prompt="x " * 80, long_prompts=True, clip_skip=1,
+                      prompt_weighting=True, num_steps=2, seed=0, verbose=False)
+    assert [prompt for prompt, _ in calls] == ["a (cat:1.2)", "x " * 80, ""]  # "": the prompt's second chunk
+    assert all((options["clip_skip"], options["prompt_weighting"]) == (1, True) for _, options in calls)
 
 
 def test_generate_image_encodes_the_negative_prompt_alike(ours):
