@@ -3,6 +3,7 @@ against diffusers' training objective, LoRA training end to end (its step agains
 .ci/run also runs the two stage tests on the JAX and torch backends."""
 import json
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -121,7 +122,8 @@ def test_loss_equals_diffusers_training_objective(kind, reference, ours):
     timesteps, tokens = np.array([5, 500, 990]), sd.tokenize(["a red circle", "", "a blue square on a gray background"])
     trainer = DiffusionTrainer(sd.text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod, sd.tokenize("")[0],
                                prediction_type=prediction_type)
-    loss = trainer.compute_loss(y_pred=trainer.prediction_and_target(latents, noise, timesteps.astype("int32"), tokens))
+    inputs = [keras.ops.convert_to_tensor(x) for x in (latents, noise, timesteps.astype("int32"), tokens)]
+    loss = keras.ops.convert_to_numpy(trainer.compute_loss(y_pred=trainer.prediction_and_target(*inputs)))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     latents, noise, t = nchw(latents), nchw(noise), torch.from_numpy(timesteps)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
