@@ -379,12 +379,13 @@ def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=
 
 
 def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TARGETS, train_text_encoder=False,
-               epochs=10, batch_size=16, learning_rate=1e-4, work_dir=None, seed=0, verbose="auto"):
+               epochs=10, batch_size=16, learning_rate=1e-4, caption_dropout=0.0, work_dir=None, seed=0,
+               verbose="auto"):
     """Trains a LoRA of a checkpoint's UNet (and text encoder) with `fit` on a folder of captioned images and
     writes it as a diffusers LoRA file (`lora.write`), which `StableDiffusion.load_lora` and diffusers'
     `load_lora_weights` read. As diffusers' `train_text_to_image_lora.py` at its defaults: Keras' LoRA layers
-    (`lora.enable`) on the UNet's attention projections, the loss of `DiffusionTrainer` without caption
-    dropout or offset noise, no EMA, AdamW as torch's (`TORCH_ADAMW`), gradients clipped to norm 1; here
+    (`lora.enable`) on the UNet's attention projections, the loss of `DiffusionTrainer` without offset noise
+    (and by default without caption dropout), no EMA, AdamW as torch's (`TORCH_ADAMW`), gradients clipped to norm 1; here
     the learning rate decays (cosine) to a tenth.
 
     Args:
@@ -395,6 +396,8 @@ def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TAR
         targets: the UNet modules to adapt, names or suffixes (see `lora.enable`).
         train_text_encoder: also adapt the text encoder's attention projections (`TEXT_TARGETS`).
         epochs, batch_size, learning_rate: of the training; learning_rate is the peak.
+        caption_dropout: the fraction of captions replaced by "", which keeps the unconditional prediction
+            that classifier-free guidance uses from drifting (models trained with it: the demo model, 10%).
         work_dir: the folder of the resumable backup (`Backup`), default `.OUTPUT.work` beside `output`:
             a rerun with the same folder resumes.
         seed: seeds the training noise, timesteps and shuffling.
@@ -411,6 +414,8 @@ def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TAR
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf):
         raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
+    if not 0 <= caption_dropout <= 1:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}.")
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of module names, got {targets!r}.")
     data_folder(data)
@@ -425,7 +430,7 @@ def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TAR
     latents = encode_latents(sd.encoder, images, sd.decoder.scaling_factor)
     loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs, batch_size, learning_rate,
                            backup_dir=work_dir or output.with_name(f".{output.name}.work"), seed=seed,
-                           ema_momentum=None, verbose=verbose, caption_dropout=0.0, offset_noise=0.0,
+                           ema_momentum=None, verbose=verbose, caption_dropout=caption_dropout, offset_noise=0.0,
                            adamw=TORCH_ADAMW)
     output.parent.mkdir(parents=True, exist_ok=True)
     lora.write(output, {"unet": sd.diffusion_model, "text_encoder": sd.text_encoder})
@@ -448,6 +453,7 @@ def main_lora(argv):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, help="fraction of captions dropped (default: 0)")
     parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
@@ -462,7 +468,8 @@ def main_lora(argv):
     try:
         result = train_lora(args.checkpoint, args.data, args.output, rank=args.rank, alpha=args.alpha,
                             targets=args.targets, train_text_encoder=args.train_text_encoder, epochs=args.epochs,
-                            batch_size=args.batch_size, learning_rate=args.learning_rate, work_dir=args.work_dir,
+                            batch_size=args.batch_size, learning_rate=args.learning_rate,
+                            caption_dropout=args.caption_dropout, work_dir=args.work_dir,
                             seed=args.seed, verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
     except (OSError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
