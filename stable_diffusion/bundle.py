@@ -50,14 +50,15 @@ def save(sd, path, *, overwrite=False):
         sd.tokenizer.save(staging / "tokenizer")
 
 
-def write_safetensors(path, tensors, metadata=METADATA):
+def write_safetensors(path, tensors, metadata=METADATA, alignment=ALIGNMENT):
     """Writes `tensors` ({key: Keras variable or numpy array}, each read when written, a variable with
-    `variable.numpy()`) as a safetensors file in which every tensor starts on a 64-byte boundary."""
+    `variable.numpy()`) as a safetensors file in which every tensor starts on an `alignment`-byte boundary
+    (1: no `__padding__` tensors, for readers that take every tensor for a weight)."""
     header, values, end = {"__metadata__": metadata}, [], 0
     for key, tensor in tensors.items():
         dtype, shape = np.dtype(tensor.dtype), tuple(tensor.shape)
-        if end % ALIGNMENT:
-            gap = -end % ALIGNMENT
+        if end % alignment:
+            gap = -end % alignment
             header[f"{PADDING}{len(values)}"] = dict(dtype="U8", shape=[gap], data_offsets=[end, end + gap])
             values.append((np.zeros(gap, np.uint8), np.uint8))
             end += gap
@@ -66,7 +67,7 @@ def write_safetensors(path, tensors, metadata=METADATA):
         values.append((tensor, dtype))
         end += size
     encoded = json.dumps(header).encode()
-    encoded += b" " * (-(8 + len(encoded)) % ALIGNMENT)  # the data starts on a boundary too
+    encoded += b" " * (-(8 + len(encoded)) % alignment)  # the data starts on a boundary too
     with open(path, "wb") as file:
         file.write(len(encoded).to_bytes(8, "little") + encoded)
         for tensor, dtype in values:

@@ -14,9 +14,14 @@ names our layers (`weights.variable_key`):
   rank as in PEFT's `LoraConfig`, read from the file's `lora_adapter_metadata` (`lora_alpha`,
   `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)); without it alpha = rank, as diffusers does.
 
+Training goes the other way (`train.train_lora`): `enable` gives chosen Dense and Conv2D layers Keras' own
+LoRA (`layer.enable_lora`: kernel W + alpha / rank * A @ B, A (in, rank) or (kh, kw, in, rank), B (rank, out),
+W frozen) and `write` saves A and B as a diffusers file, the one layout both loaders read.
+
 References: kohya-ss/sd-scripts `networks/lora.py`; diffusers `loaders/lora_conversion_utils.py`
-(`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`) and
-`utils/peft_utils.py` (`get_peft_kwargs`); peft `tuners/lora/layer.py` (`get_delta_weight`, `scaling`).
+(`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`),
+`loaders/lora_base.py` (`write_lora_layers`) and `utils/peft_utils.py` (`get_peft_kwargs`); peft
+`tuners/lora/layer.py` (`get_delta_weight`, `scaling`, `reset_lora_parameters`).
 """
 import json
 import math
@@ -24,14 +29,20 @@ import numbers
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
 
-from . import ldm
+from . import bundle, ldm
 from .weights import listing, named_variables, read_tensor, safetensors_header, to_keras_layout
 
 PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".lora_A.weight": "down",
          ".lora_B.weight": "up"}
 METADATA = "lora_adapter_metadata"  # diffusers: {"unet.lora_alpha": ..., "text_encoder.r": ...} as JSON
+# diffusers component: its modules' prefix in the keys written. "text_model." as transformers 4 names the text
+# encoder's modules, which diffusers strips for transformers 5 (whose CLIPTextModel has no `text_model`).
+COMPONENTS = {"unet": "", "text_encoder": "text_model."}
+# 1x1 convs in SD 1.x UNets, Linear in SD 2.x ones, Dense here: a LoRA of them would fit only one in diffusers.
+EITHER_LAYOUT = ("proj_in", "proj_out")
 
 
 def kernels(model):
@@ -172,3 +183,77 @@ def unload(sd):
     for variable, value in sd.lora_originals.values():
         variable.assign(value)
     sd.lora_originals.clear()
+
+
+def enable(model, targets, *, rank, alpha=None):
+    """Freezes `model` but for a LoRA (Keras' `enable_lora`) of each Dense / Conv2D layer whose module name
+    (`weights.variable_key` without `.weight`) is in `targets` or ends in "." + one of them, as PEFT's
+    `target_modules`; their biases stay frozen, as PEFT's default `bias="none"`. A starts as diffusers'
+    training scripts start it (`init_lora_weights="gaussian"`: normal, std 1 / rank), B at zero.
+
+    Args:
+        model: the text encoder or UNet.
+        targets: module names or suffixes, e.g. `("to_q", "to_k", "to_v", "to_out.0")`.
+        rank, alpha: the LoRA's rank and alpha (default: the rank); its update is alpha / rank * A @ B.
+    Returns:
+        the names of the adapted modules.
+    Raises:
+        ValueError: a target that names no Dense / Conv2D layer, or `proj_in` / `proj_out`.
+    """
+    layers = {layer.name.replace("-", "."): layer for layer in model.layers
+              if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))}
+    matches = lambda module, target: module == target or module.endswith(f".{target}")
+    unmatched = [target for target in targets if not any(matches(module, target) for module in layers)]
+    if unmatched:
+        raise ValueError(f"LoRA targets {unmatched} name no Dense or Conv2D layer of the {model.name} model.")
+    chosen = {module: layer for module, layer in layers.items() if any(matches(module, t) for t in targets)}
+    either = sorted(module for module in chosen if module.rsplit(".", 1)[-1] in EITHER_LAYOUT)
+    if either:
+        raise ValueError(f"LoRA targets {either[:3]} are 1x1 convs in SD 1.x and linear layers in SD 2.x "
+                         f"diffusers UNets; a diffusers file fits only one of them: leave them out.")
+    for layer in model.layers:
+        layer.trainable = False
+    for layer in chosen.values():
+        layer.trainable = True
+        layer.enable_lora(rank, lora_alpha=alpha, a_initializer=keras.initializers.RandomNormal(stddev=1 / rank))
+        if layer.bias is not None:
+            layer.bias.trainable = False
+    return list(chosen)
+
+
+def torch_layout(kernel):
+    """A Keras kernel (in, out) or (kh, kw, in, out) in PyTorch's layout (out, in[, kh, kw])."""
+    return kernel.T if kernel.ndim == 2 else kernel.transpose(3, 2, 0, 1)
+
+
+def write(path, models):
+    """Writes the LoRA layers (`enable`) of `models` as a diffusers LoRA file, as
+    `StableDiffusionPipeline.save_lora_weights` writes PEFT adapters: `unet.<module>.lora_A.weight` (rank, in[,
+    kh, kw]) and `.lora_B.weight` (out, rank[, 1, 1]), float32, `text_encoder.text_model.<module>...` likewise,
+    and each component's `LoraConfig` fields (`r`, `lora_alpha`, `target_modules`: the module names, which
+    PEFT matches as suffixes) as `lora_adapter_metadata`.
+
+    Args:
+        path: the `.safetensors` file to write.
+        models: {"unet": UNet, "text_encoder": text encoder}; one without LoRA layers is left out.
+    Raises:
+        ValueError: the LoRA layers of one model differ in rank or alpha (a config holds one of each).
+    """
+    tensors, config = {}, {}
+    for component, model in models.items():
+        layers = {layer.name.replace("-", "."): layer for layer in model.layers if getattr(layer, "lora_enabled", False)}
+        settings = {(layer.lora_rank, layer.lora_alpha) for layer in layers.values()}
+        if len(settings) > 1:
+            raise ValueError(f"The LoRA layers of the {model.name} model have several (rank, alpha): {settings}.")
+        for module, layer in layers.items():
+            down = torch_layout(np.asarray(layer.lora_kernel_a.numpy(), np.float32))
+            up = torch_layout(np.asarray(layer.lora_kernel_b.numpy(), np.float32))  # (out, rank)
+            name = f"{component}.{COMPONENTS[component]}{module}"
+            tensors[f"{name}.lora_A.weight"] = down
+            tensors[f"{name}.lora_B.weight"] = up.reshape(*up.shape, *[1] * (down.ndim - 2))
+        if layers:
+            (rank, alpha), = settings
+            config.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                           f"{component}.target_modules": sorted(layers)})
+    metadata = {"format": "pt", METADATA: json.dumps(config, indent=2, sort_keys=True)}
+    bundle.write_safetensors(Path(path), tensors, metadata, alignment=1)

@@ -3,18 +3,22 @@ stacked, against diffusers' StableDiffusionPipeline with `load_lora_weights` + `
 SD 1.x and SD 2.x reference pipelines (tolerance: one uint8 level); unloading bit-exact; bad files
 refused, each with one error, the weights unchanged."""
 import copy
+import re
 
+import keras
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldm_reference import invert, unet_table
-from reference import reference_images, relative_difference
-from stable_diffusion import ldm
+from reference import nchw, reference_images, relative_difference
+from stable_diffusion import StableDiffusion, ldm, lora
+from stable_diffusion.train import TEXT_TARGETS, TORCH_ADAMW, DiffusionTrainer, fit
 from stable_diffusion.weights import named_variables
 
 STEPS, PROMPTS, NEGATIVE = 2, ["a red circle"], ["green"]
@@ -263,3 +267,102 @@ def test_unreadable_files_and_bad_scales(loaded, tmp_path):
     with pytest.raises(TypeError, match="positional"):
         sd.load_lora(good, 0.5)
     assert_unchanged(sd, before)
+
+
+# LoRA training (`train.train_lora`): one step of ours against PEFT + torch's AdamW, and what it saves loaded
+# by diffusers. Linear layers, 3x3 and 1x1 convs in the UNet; the text encoder's attention projections.
+STEP_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv_shortcut")
+LEARNING_RATE = 1e-3
+
+
+class FixedDraws(DiffusionTrainer):
+    """A trainer fed its noise and timesteps: inputs (latents, noise, timesteps, token ids)."""
+
+    def call(self, inputs):
+        return self.prediction_and_target(*inputs)
+
+
+def lora_parameters(pipe):
+    """{key in a diffusers LoRA file (`unet.<module>.lora_A.weight`): parameter} of the PEFT adapters in `pipe`."""
+    return {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", prefix + name): parameter
+            for prefix, model in (("unet.", pipe.unet), ("text_encoder.text_model.", pipe.text_encoder))
+            for name, parameter in model.named_parameters() if ".lora_" in name}
+
+
+def torch_step(pipe, latents, tokens, noise, timesteps):
+    """One step of diffusers' `train_text_to_image_lora.py` on `pipe` (its LoRA loaded): loss, backward,
+    gradients clipped to norm 1, torch AdamW with the script's settings but epsilon: Keras adds epsilon to
+    sqrt(v) before the bias correction, torch after it, so at the first step Keras' epsilon 1e-8
+    (`TORCH_ADAMW`) is torch's 1e-8 / sqrt(1 - beta_2), which then differ only where a gradient is
+    within a few 1e-7 of zero."""
+    parameters = lora_parameters(pipe)
+    for model in (pipe.unet, pipe.text_encoder):
+        model.requires_grad_(False)
+    for parameter in parameters.values():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters.values(), lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2,
+                                  eps=TORCH_ADAMW["epsilon"] / np.sqrt(1 - 0.999))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents, noise, timesteps = nchw(latents), nchw(noise), torch.from_numpy(timesteps.astype(np.int64))
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    text = pipe.text_encoder(torch.from_numpy(tokens.astype(np.int64)))[0]
+    loss = F.mse_loss(pipe.unet(noisy, timesteps, text).sample.float(), target.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
+    optimizer.step()
+    return {key: parameter.detach().numpy() for key, parameter in parameters.items()}
+
+
+@pytest.fixture(scope="module")
+def trained_step(reference, tmp_path_factory):
+    """On the SD 2.x pipeline (v-prediction): LoRAs of rank 2, alpha 3 with A as `lora.enable` draws it and B
+    random (nonzero, so that both get gradients), written by `lora.write` ("start.safetensors"); one `fit` step of
+    ours from there, written again ("step.safetensors"); the LoRA weights after one step of diffusers' recipe
+    on the start file."""
+    pipe, folder = reference("sd2")
+    out = tmp_path_factory.mktemp("lora_step")
+    sd = StableDiffusion.from_checkpoint(folder, img_height=64, img_width=64, jit_compile=False)
+    keras.utils.set_random_seed(5)
+    lora.enable(sd.diffusion_model, STEP_TARGETS, rank=2, alpha=3)
+    lora.enable(sd.text_encoder, TEXT_TARGETS, rank=2, alpha=3)
+    rng = np.random.default_rng(6)
+    for layer in (*sd.diffusion_model.layers, *sd.text_encoder.layers):
+        if getattr(layer, "lora_enabled", False):
+            layer.lora_kernel_b.assign(rng.standard_normal(layer.lora_kernel_b.shape).astype("float32") * 0.3)
+    models = {"unet": sd.diffusion_model, "text_encoder": sd.text_encoder}
+    lora.write(out / "start.safetensors", models)
+    latents, noise = rng.standard_normal((2, 2, 8, 8, 4), dtype=np.float32)
+    tokens, timesteps = sd.tokenize(["a red circle", "a blue square on a gray background"]), np.array([37, 811])
+    trainer = FixedDraws(sd.text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod, sd.tokenize("")[0],
+                         prediction_type=sd.scheduler.config["prediction_type"])
+    fit(trainer, (latents, noise, timesteps.astype("int32"), tokens), epochs=1, batch_size=2,
+        learning_rate=LEARNING_RATE, adamw=TORCH_ADAMW, verbose=0)
+    lora.write(out / "step.safetensors", models)
+    theirs = copy.deepcopy(pipe)
+    theirs.load_lora_weights(out / "start.safetensors")
+    return out, torch_step(theirs, latents, tokens, noise, timesteps)
+
+
+def test_one_training_step_equals_peft_and_torch_adamw(trained_step):
+    """The LoRA weights after one step equal PEFT's after torch AdamW's (lr 1e-3, weight decay 1e-2, epsilon: see
+    `torch_step`, gradients clipped to norm 1), from the same start: 99% of them to within 0.1% of the learning
+    rate, all to within 2% (gradients within a few epsilon of zero, where Adam's first step, about
+    lr * g / (|g| + epsilon), magnifies float rounding); the step moves most weights by about the learning rate."""
+    out, expected = trained_step
+    start, got = (load_file(out / f"{name}.safetensors") for name in ("start", "step"))
+    assert got.keys() == expected.keys()
+    assert {key.split(".")[-3] for key in got} == {*STEP_TARGETS[:3], "0", *STEP_TARGETS[4:], *TEXT_TARGETS}
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=0, atol=0.02 * LEARNING_RATE, err_msg=key)
+    differences = np.concatenate([np.abs(got[key].numpy() - value).ravel() for key, value in expected.items()])
+    assert np.quantile(differences, 0.99) < 1e-3 * LEARNING_RATE  # weight decay alone moves them by ~3e-3 lr
+    moved = np.concatenate([np.abs(value - start[key].numpy()).ravel() for key, value in expected.items()])
+    assert np.median(moved) > 0.5 * LEARNING_RATE, "the step hardly moves the weights: the comparison would prove little"
+
+
+def test_trained_lora_loads_in_diffusers_as_in_ours(trained_step, reference, loaded):
+    """What `lora.write` saved after the step: diffusers' `load_lora_weights` and our `load_lora` make the same
+    images (one uint8 level) and text states."""
+    out, _ = trained_step
+    assert_equals_diffusers(loaded("sd2"), reference("sd2")[0], [(out / "step.safetensors", 1.0, {})])
