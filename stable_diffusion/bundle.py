@@ -39,7 +39,11 @@ RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
 
 
 def save(sd, path, overwrite=False):
-    """Writes `sd` as a bundle folder, under a temporary name renamed at the end."""
+    """Writes `sd` as a bundle folder, under a temporary name renamed at the end. A quantized pipeline
+    (`quantization.py`) is refused with a ValueError: bundles hold float weights."""
+    if any(layer.quantization_mode for name in MODELS for layer in getattr(sd, name).layers):
+        raise ValueError('A quantized pipeline cannot be saved (bundles hold float weights): save it unquantized '
+                         'and load the bundle with quantize="int8".')
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")

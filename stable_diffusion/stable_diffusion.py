@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, keras_internals, presets, schedulers, tiling
+from . import bundle, checkpoints, data, keras_internals, presets, quantization, schedulers, tiling
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -36,11 +36,13 @@ class StableDiffusion:
         tokenizer: a `Tokenizer`; default: the bundled CLIP vocabulary, padding with the end token.
         scheduler: the default sampler, one of `schedulers.SCHEDULERS`, built from `config["scheduler"]`.
         dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
+        quantize: "int8": int8 UNet and text encoder, once the weights are loaded (`quantization.py`); default None.
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
 
     def __init__(self, img_height=512, img_width=512, *, jit_compile=True, config=None, tokenizer=None,
-                 scheduler="ddim", dtype=None, weights=None):
+                 scheduler="ddim", dtype=None, quantize=None, weights=None):
+        quantization.check(quantize)
         config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
@@ -55,6 +57,7 @@ class StableDiffusion:
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
+        quantization.apply(self, quantize)
         self.vae_factor, self.vae_tile_size = vae_factor, None
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
@@ -65,21 +68,21 @@ class StableDiffusion:
 
     @classmethod
     def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=True, vae=None,
-                        prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype=None):
+                        prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype=None, quantize=None):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save` (memory-mapped:
         replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
 
         Args:
             path: the checkpoint; default: the small demo model shipped with the package.
             img_height, img_width: image size; default: the size the model was trained at.
-            jit_compile, scheduler, dtype: see `StableDiffusion`.
+            jit_compile, scheduler, dtype, quantize: see `StableDiffusion`.
             vae, prediction_type, use_ema, config: see `checkpoints.read`.
         """
         checkpoint = checkpoints.read(path, vae=vae, prediction_type=prediction_type, use_ema=use_ema, config=config)
         return cls(img_height=checkpoint.img_height if img_height is None else img_height,
                    img_width=checkpoint.img_width if img_width is None else img_width, jit_compile=jit_compile,
                    config=checkpoint.config, tokenizer=checkpoint.tokenizer, scheduler=scheduler, dtype=dtype,
-                   weights=checkpoint)
+                   quantize=quantize, weights=checkpoint)
 
     @classmethod
     def from_preset(cls, name, *, img_height=None, img_width=None, jit_compile=True, scheduler="ddim", dtype=None):
@@ -94,7 +97,7 @@ class StableDiffusion:
 
     def save(self, path, *, overwrite=False):
         """Saves a bundle folder for `from_checkpoint` (`bundle.py`): config, a `.safetensors` per model,
-        tokenizer; the folder appears only once complete."""
+        tokenizer; the folder appears only once complete. A quantized pipeline (`quantize=`) raises a ValueError."""
         bundle.save(self, path, overwrite=overwrite)
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
