@@ -82,6 +82,8 @@ def build_parser():
                         help=f"{CHECKPOINTS} (default: the built-in demo model)")
     parser.add_argument("--xla", action="store_true", help="compile with XLA: a slower start, for faster "
                         "steps on large models and many images")
+    parser.add_argument("--int8", action="store_true", help="int8 weights and activations in the UNet and text "
+                        "encoder: less memory, faster on some CPUs, images close to float32 (see quantization.py)")
     parser.add_argument("--vae-tiling", type=int, metavar="PIXELS", help="decode images larger than this "
                         "in overlapping tiles of this size, to bound memory (e.g. 512; see enable_vae_tiling)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -134,7 +136,7 @@ def main(argv=None):
         parser.error(problem)
     try:
         sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.height, img_width=args.width,
-                                             jit_compile=args.xla)
+                                             jit_compile=args.xla, quantize="int8" if args.int8 else None)
         if args.vae_tiling is not None:
             sd.enable_vae_tiling(args.vae_tiling)
     except FileNotFoundError as error:
@@ -166,7 +168,7 @@ def main(argv=None):
     editing = dict(init_image=args.init_image, mask=args.mask, strength=args.strength)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                     guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
-                    model=str(args.checkpoint or "built-in demo"),
+                    model=str(args.checkpoint or "built-in demo") + (", int8" if args.int8 else ""),
                     **{key: value for key, value in editing.items() if value is not None})
     for index, (image, path) in enumerate(zip(images, output_paths(args.output, args.batch_size))):
         info = PngInfo()

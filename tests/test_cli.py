@@ -156,6 +156,15 @@ def test_vae_tiling(bundle, workdir, capsys):
     assert "tile_size must be a multiple of" in err
 
 
+def test_int8(bundle, workdir):
+    main(["a cat", "--checkpoint", str(bundle), "--steps", "2", "--seed", "4", "--int8"])
+    expected = StableDiffusion.from_checkpoint(bundle, jit_compile=False, quantize="int8").text_to_image(
+        "a cat", num_steps=2, seed=4, verbose=False)
+    with Image.open(workdir / "out.png") as image:
+        assert image.text["model"] == f"{bundle}, int8"
+        np.testing.assert_array_equal(np.asarray(image), expected[0])
+
+
 def test_incomplete_bundle(bundle, workdir, capsys):
     broken = workdir.parent / "broken"
     shutil.copytree(bundle, broken)
