@@ -13,6 +13,7 @@ training or tuning run uses, on which a recipe is judged.
     python -m benchmarks.adherence --held-out           # the built-in demo model, the held-out set
     python -m benchmarks.adherence --checkpoint PATH --num-images 20 --steps 20
     python -m benchmarks.adherence --int8               # quantize="int8" (stable_diffusion/quantization.py)
+    python -m benchmarks.adherence --lora diamond.safetensors   # the demo model with a LoRA merged in
 """
 import argparse
 import importlib
@@ -122,6 +123,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="default: the built-in demo model")
+    parser.add_argument("--lora", help="a LoRA file merged into the model (`StableDiffusion.load_lora`)")
     parser.add_argument("--held-out", action="store_true", help=f"the held-out set: prompts and seeds from "
                         f"{HELD_OUT_SEED}, which no training or tuning uses; 300 images unless --num-images")
     parser.add_argument("--num-images", type=int, help="default: 100, or 300 with --held-out")
@@ -154,6 +156,8 @@ def main(argv=None):
     start = time.perf_counter()
     sd = StableDiffusion.from_checkpoint(args.checkpoint, jit_compile=args.xla,
                                          quantize="int8" if args.int8 else None)
+    if args.lora:
+        sd.load_lora(args.lora)
     captions = prompts(args.num_images, args.seed)
     sd.text_to_image(captions[0], seed=args.seed, verbose=False, **settings)
     load_seconds = time.perf_counter() - start
@@ -161,8 +165,8 @@ def main(argv=None):
     scores = scores_by_size(generate(sd, captions, args.batch_size, args.seed, **settings), captions)
     minutes = (time.perf_counter() - start) / 60
 
-    model = "assets/demo" if args.checkpoint is None else args.checkpoint
-    targets = TARGETS[args.held_out] if args.checkpoint is None else None
+    model = ("assets/demo" if args.checkpoint is None else args.checkpoint) + (f" + LoRA {args.lora}" if args.lora else "")
+    targets = TARGETS[args.held_out] if args.checkpoint is None and not args.lora else None
     command = shlex.join(["python", "-m", "benchmarks.adherence", *(sys.argv[1:] if argv is None else argv)])
     entry = "\n".join([
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {model}, {args.num_images} prompts"

@@ -20,15 +20,14 @@ are the file's pages, read from disk when first used, and writes to them stay pr
 """
 import json
 import mmap
-import shutil
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .tokenizer import Tokenizer
-from .weights import (SAFETENSORS_DTYPES, Tensors, keras_layout, load_weights, named_variables, read_json,
-                      safetensors_header)
+from .weights import (SAFETENSORS_DTYPES, CheckpointError, Tensors, keras_layout, load_weights, named_variables,
+                      read_json, safetensors_header)
 
 FORMAT, OLD_FORMAT, CONFIG = "keras-stable-diffusion/2", "keras-stable-diffusion/1", "config.json"
 METADATA = {"format": FORMAT, "layout": "keras"}
@@ -38,40 +37,31 @@ DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items
 RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
 
 
-def save(sd, path, overwrite=False):
-    """Writes `sd` as a bundle folder, under a temporary name renamed at the end. A quantized pipeline
-    (`quantization.py`) is refused with a ValueError: bundles hold float weights."""
+def save(sd, path, *, overwrite=False):
+    """`StableDiffusion.save`: writes `sd` as a bundle folder for `from_checkpoint`: config, a `.safetensors` per
+    model, tokenizer; under a temporary name renamed once complete (`files.staged`). FileExistsError if `path`
+    exists, unless `overwrite`; ValueError for a quantized pipeline (`quantization.py`): bundles hold float weights."""
     if any(layer.quantization_mode for name in MODELS for layer in getattr(sd, name).layers):
         raise ValueError('A quantized pipeline cannot be saved (bundles hold float weights): save it unquantized '
                          'and load the bundle with quantize="int8".')
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    staging = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with files.staged(path, overwrite=overwrite) as staging:
+        staging.mkdir(parents=True)
         config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
         for name in MODELS:
             write_safetensors(staging / f"{name}.safetensors", named_variables(getattr(sd, name)))
         sd.tokenizer.save(staging / "tokenizer")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
 
 
-def write_safetensors(path, tensors, metadata=METADATA):
+def write_safetensors(path, tensors, metadata=METADATA, alignment=ALIGNMENT):
     """Writes `tensors` ({key: Keras variable or numpy array}, each read when written, a variable with
-    `variable.numpy()`) as a safetensors file in which every tensor starts on a 64-byte boundary."""
+    `variable.numpy()`) as a safetensors file in which every tensor starts on an `alignment`-byte boundary
+    (1: no `__padding__` tensors, for readers that take every tensor for a weight)."""
     header, values, end = {"__metadata__": metadata}, [], 0
     for key, tensor in tensors.items():
         dtype, shape = np.dtype(tensor.dtype), tuple(tensor.shape)
-        if end % ALIGNMENT:
-            gap = -end % ALIGNMENT
+        if end % alignment:
+            gap = -end % alignment
             header[f"{PADDING}{len(values)}"] = dict(dtype="U8", shape=[gap], data_offsets=[end, end + gap])
             values.append((np.zeros(gap, np.uint8), np.uint8))
             end += gap
@@ -80,7 +70,7 @@ def write_safetensors(path, tensors, metadata=METADATA):
         values.append((tensor, dtype))
         end += size
     encoded = json.dumps(header).encode()
-    encoded += b" " * (-(8 + len(encoded)) % ALIGNMENT)  # the data starts on a boundary too
+    encoded += b" " * (-(8 + len(encoded)) % alignment)  # the data starts on a boundary too
     with open(path, "wb") as file:
         file.write(len(encoded).to_bytes(8, "little") + encoded)
         for tensor, dtype in values:
@@ -94,10 +84,15 @@ def read(folder):
     config = read_json(folder / CONFIG)
     found = config.pop("format", None)
     if found == OLD_FORMAT:
-        raise ValueError(f"{folder} is a {OLD_FORMAT} bundle (Keras .weights.h5 files), a format this version "
-                         f"no longer reads. Convert its original checkpoint again: {RECONVERT}")
+        raise CheckpointError(f"{folder} is a {OLD_FORMAT} bundle (Keras .weights.h5 files), a format this "
+                              f"version no longer reads. Convert its original checkpoint again: {RECONVERT}")
     if found != FORMAT:
-        raise ValueError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
+        raise CheckpointError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
+    height, width = config.pop("img_height", None), config.pop("img_width", None)
+    names = sorted([*MODELS, "scheduler"])
+    if sorted(set(config) - {"grammar"}) != names or not all(isinstance(value, dict) for value in config.values()):
+        raise CheckpointError(f"{folder / CONFIG} does not hold an object of settings for each of {names} "
+                              f"(and img_height, img_width, format, optionally grammar) but {config!r:.200}.")
     files = {name: folder / f"{name}.safetensors" for name in MODELS}
     for file in files.values():
         if not file.exists():
@@ -110,9 +105,9 @@ def read(folder):
 
     parts = {names: partial(load, names=names)  # the VAE one part, as `checkpoints.read(vae=...)` replaces it
              for names in (("text_encoder",), ("diffusion_model",), ("encoder", "decoder"))}
-    height, width = config.pop("img_height"), config.pop("img_width")
     return dict(config=config, tokenizer=Tokenizer.from_folder(folder / "tokenizer"), img_height=height,
-                img_width=width, parts=parts)
+                img_width=width, parts=parts, sources=dict.fromkeys([*config, "size"], folder / CONFIG),
+                tensors=tensors)
 
 
 def open_weights(path):
@@ -120,8 +115,8 @@ def open_weights(path):
     read when first used, and writes stay private."""
     entries, metadata = safetensors_header(path)
     if {key: metadata.get(key) for key in METADATA} != METADATA:
-        raise ValueError(f"{path} is not a {FORMAT} weights file: its __metadata__ is {metadata}, "
-                         f"not {METADATA}.")
+        raise CheckpointError(f"{path} is not a {FORMAT} weights file: its __metadata__ is {metadata}, "
+                              f"not {METADATA}.")
     with open(path, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
 

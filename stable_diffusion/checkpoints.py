@@ -2,14 +2,16 @@
 format: `diffusers_folder.py` (folders as `save_pretrained` writes them), `ldm.py` (original single-file
 SD 1.x / 2.x `.safetensors` / `.ckpt`) or `bundle.py` (ours, `StableDiffusion.save`). Each gives the
 model configs, the tokenizer, the default image size and loaders that set the models' variables
-through the one strict name mapping of `weights.py`.
+through the one strict name mapping of `weights.py`; `settings.py` checks the configs before any model
+is built.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bundle, diffusers_folder, ldm
+from . import bundle, diffusers_folder, ldm, settings
 from .presets import asset
 from .tokenizer import Tokenizer
+from .weights import CheckpointError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -23,6 +25,8 @@ class Checkpoint:
     img_height: int
     img_width: int
     parts: dict  # {model names: load(models)}, e.g. {("encoder", "decoder"): ...}
+    sources: dict = field(default_factory=dict)  # {config name, or "size": the file it comes from}
+    tensors: dict = field(default_factory=dict)  # {model name: the `weights.Tensors` it loads}
 
     def load_into(self, sd):
         """Assigns the weights of `sd`'s models."""
@@ -60,16 +64,20 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
     elif path.is_dir() and (path / bundle.CONFIG).exists():
         checkpoint = Checkpoint(**bundle.read(path))
     else:
-        raise ValueError(f"{path} is not a checkpoint this library reads: expected a diffusers folder "
-                         f"(with model_index.json), a saved bundle (with {bundle.CONFIG}) or a "
-                         f"{' / '.join(ldm.SINGLE_FILES)} file.")
+        raise CheckpointError(f"{path} is not a checkpoint this library reads: expected a diffusers folder "
+                              f"(with model_index.json), a saved bundle (with {bundle.CONFIG}) or a "
+                              f"{' / '.join(ldm.SINGLE_FILES)} file.")
     if vae is not None:
-        vae_config, checkpoint.parts[("encoder", "decoder")] = ldm.read_vae(Path(vae))
+        vae_config, checkpoint.parts[("encoder", "decoder")], tensors = ldm.read_vae(Path(vae))
         checkpoint.config.update(vae_config)
+        checkpoint.sources.update(encoder=Path(vae), decoder=Path(vae))
+        checkpoint.tensors.update(encoder=tensors, decoder=tensors)
     if prediction_type is not None:
         checkpoint.config["scheduler"] = dict(checkpoint.config["scheduler"], prediction_type=prediction_type)
-    for name, settings in (config or {}).items():
+    for name, overrides in (config or {}).items():
         if name not in checkpoint.config:
             raise ValueError(f"config has settings for {name!r}; the models are {sorted(checkpoint.config)}.")
-        checkpoint.config[name] = dict(checkpoint.config[name], **settings)
+        checkpoint.config[name] = dict(checkpoint.config[name], **overrides)
+        checkpoint.sources[name] = f"{checkpoint.sources[name]} (with config={{{name!r}: ...}})"
+    settings.check(checkpoint)
     return checkpoint

@@ -35,6 +35,9 @@ BACKGROUNDS = {
     "gray": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes drawn and read back (`draw_shape`, `parse_caption`, `adherence.classify`) that `random_caption` never
+# draws, so its datasets stay as they were: for teaching a model trained on them a new one (a LoRA).
+NEW_SHAPES = ("diamond",)  # a square turned 45 degrees, its corners on the middles of the box's sides
 SIZES = ("small", "large")
 
 # Side of the shape's bounding box as a fraction of the image side; `None` is "no size word".
@@ -52,7 +55,7 @@ def _captions(grammar):
     return re.compile("a (?:{} )?{} {} on a {} background".format(*map(slot, GRAMMAR)))
 
 
-_CAPTION = _captions(GRAMMAR)
+_CAPTION = _captions(dict(GRAMMAR, shape=[*SHAPES, *NEW_SHAPES]))
 
 
 def format_caption(attributes):
@@ -65,7 +68,8 @@ def format_caption(attributes):
 
 
 def parse_caption(caption):
-    """Reads the attributes back from a caption; `size` is None when the caption names none.
+    """Reads the attributes back from a caption (of `GRAMMAR`, or a shape of `NEW_SHAPES`); `size` is None when
+    the caption names none.
 
     Raises:
         ValueError: if the caption is not in the grammar.
@@ -107,10 +111,10 @@ def warn_outside_grammar(prompt, grammar):
     per set of unknown words.
 
     Args:
-        prompt: a string or a list of strings.
+        prompt: a string or a list of strings (anything else, e.g. encoded prompts, is not checked).
         grammar: {slot: words}, as `GRAMMAR`; a model's `config["grammar"]`.
     """
-    for text in [prompt] if isinstance(prompt, str) else prompt:
+    for text in [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, (list, tuple)) else []:
         reason = outside_grammar(text, grammar) if grammar else None
         if reason:
             known = "; ".join(f"{name}: {', '.join(words)}" for name, words in grammar.items())
@@ -167,8 +171,11 @@ def draw_shape(attributes, rng, image_size=64):
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     elif attributes["shape"] == "triangle":  # Upright isosceles: apex centred on the top edge.
         draw.polygon(((x0, y1), (x1, y1), ((x0 + x1) / 2, y0)), fill=fill)
+    elif attributes["shape"] == "diamond":
+        middle_x, middle_y = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon(((middle_x, y0), (x1, middle_y), (middle_x, y1), (x0, middle_y)), fill=fill)
     else:
-        raise ValueError(f"Unknown shape {attributes['shape']!r}; expected one of {SHAPES}.")
+        raise ValueError(f"Unknown shape {attributes['shape']!r}; expected one of {SHAPES + NEW_SHAPES}.")
     return np.asarray(image)
 
 

@@ -7,7 +7,7 @@ transformers `CLIPTextConfig`.
 """
 from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
-from .weights import Tensors, read_json, strict_loader
+from .weights import CheckpointError, Tensors, read_json, strict_loader
 
 # diffusers' DDIMScheduler defaults, for keys a checkpoint's scheduler config leaves out.
 DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -17,21 +17,37 @@ DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
 
 def read(folder):
     """The fields of a `checkpoints.Checkpoint` of the diffusers folder `folder`."""
-    unet = read_json(folder / "unet" / "config.json")
-    vae = read_json(folder / "vae" / "config.json")
-    text = read_json(folder / "text_encoder" / "config.json")
-    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-    config = dict(text_encoder=text_encoder_config(text), diffusion_model=unet_config(unet), **vae_configs(vae),
-                  scheduler={**DDIM_DEFAULTS, **{k: v for k, v in scheduler.items() if not k.startswith("_")}})
+    unet_config_file, vae_config_file = folder / "unet" / "config.json", folder / "vae" / "config.json"
+    sources = dict(text_encoder=folder / "text_encoder" / "config.json", diffusion_model=unet_config_file,
+                   decoder=vae_config_file, encoder=vae_config_file, size=unet_config_file,
+                   scheduler=folder / "scheduler" / "scheduler_config.json")
+    config = dict(text_encoder=translated(sources["text_encoder"], text_encoder_config),
+                  diffusion_model=translated(sources["diffusion_model"], unet_config),
+                  **translated(sources["decoder"], vae_configs),
+                  scheduler={**DDIM_DEFAULTS, **{k: v for k, v in read_json(sources["scheduler"]).items()
+                                                 if not k.startswith("_")}})
+    sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
     tokenizer_folder = folder / "tokenizer"
     tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder.exists() else Tokenizer.from_vendored()
-    parts = {("text_encoder",): strict_loader(find_weights(folder / "text_encoder",
-                                                          lambda k: k.removeprefix("text_model.")),
-                                             ("embeddings.position_ids",)),
-             ("diffusion_model",): strict_loader(find_weights(folder / "unet")),
-             ("encoder", "decoder"): strict_loader(find_weights(folder / "vae"))}
-    size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-    return dict(config=config, tokenizer=tokenizer, img_height=size, img_width=size, parts=parts)
+    text, unet, vae = (find_weights(folder / "text_encoder", lambda k: k.removeprefix("text_model.")),
+                       find_weights(folder / "unet"), find_weights(folder / "vae"))
+    parts = {("text_encoder",): strict_loader(text, ("embeddings.position_ids",)),
+             ("diffusion_model",): strict_loader(unet), ("encoder", "decoder"): strict_loader(vae)}
+    size = sample_size * 2 ** (len(config["decoder"]["channels"]) - 1)
+    return dict(config=config, tokenizer=tokenizer, img_height=size, img_width=size, parts=parts, sources=sources,
+                tensors=dict(text_encoder=text, diffusion_model=unet, encoder=vae, decoder=vae))
+
+
+def translated(path, translate):
+    """`translate(config)` of the JSON config at `path`: CheckpointError naming the file for a missing
+    key, a value of another type or an unsupported configuration."""
+    config = read_json(path)
+    try:
+        return translate(config)
+    except KeyError as error:
+        raise CheckpointError(f"{path} lacks the key {error}.") from error
+    except (AttributeError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from error
 
 
 def find_weights(folder, rename=lambda key: key):
@@ -42,7 +58,7 @@ def find_weights(folder, rename=lambda key: key):
             if single.exists():
                 return Tensors.from_safetensors([single], rename)
             if index.exists():
-                shards = sorted(set(read_json(index)["weight_map"].values()))
+                shards = sorted(set(translated(index, lambda c: [str(shard) for shard in c["weight_map"].values()])))
                 return Tensors.from_safetensors([folder / shard for shard in shards], rename)
     raise FileNotFoundError(f"No .safetensors weights in {folder}.")
 

@@ -22,9 +22,9 @@ def load_images(image, size, name="image"):
         raise ValueError(f"{name} must be uint8 (H, W, 3) or (B, H, W, 3), a PIL image or a path; "
                          f"got {image.dtype} {image.shape}.")
     if image.shape[1:3] != tuple(size):
-        raise ValueError(f"{name} is {image.shape[2]}x{image.shape[1]} pixels but this pipeline makes "
-                         f"{size[1]}x{size[0]} images; resize it, or load the pipeline "
-                         f"with img_height={image.shape[1]}, img_width={image.shape[2]}.")
+        raise ValueError(f"{name} is {pixels(image.shape[1:3])} but this pipeline makes {pixels(size)} images; "
+                         f"resize it, or load the pipeline with img_height={image.shape[1]}, "
+                         f"img_width={image.shape[2]}.")
     return image.astype("float32") / 255.0 * 2.0 - 1.0  # as diffusers' VaeImageProcessor
 
 
@@ -36,14 +36,21 @@ def load_masks(mask, size):
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
     mask = np.asarray(mask)
+    if mask.ndim in (3, 4) and mask.shape[-1] in (1, 3, 4):  # not a width (a multiple of 8): channels
+        raise ValueError(f"mask must have one channel, (H, W) or (B, H, W); got {mask.dtype} {mask.shape}, "
+                         f"channels last: pass one channel, or a PIL image or a path (read as grayscale).")
     mask = mask[None] if mask.ndim == 2 else mask
     if mask.dtype not in (np.uint8, bool) or mask.ndim != 3:
         raise ValueError(f"mask must be uint8 or bool (H, W) or (B, H, W), a PIL image or a path; "
                          f"got {mask.dtype} {mask.shape}.")
     if mask.shape[1:3] != tuple(size):
-        raise ValueError(f"mask is {mask.shape[2]}x{mask.shape[1]} pixels but image is {size[1]}x{size[0]}; "
-                         f"they must match.")
+        raise ValueError(f"mask is {pixels(mask.shape[1:3])} but image is {pixels(size)}; they must match.")
     return (mask.astype("float32") / (1 if mask.dtype == bool else 255) >= 0.5)[..., None].astype("float32")
+
+
+def pixels(size):
+    """(height, width) in words: "64x48 pixels (height x width)"."""
+    return f"{size[0]}x{size[1]} pixels (height x width)"
 
 
 def open_image(path, name):

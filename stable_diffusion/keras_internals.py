@@ -9,6 +9,9 @@ Keras or keras-hub lacks it; the rest of the package uses public APIs only.
 - `CLIPBytePairTokenizer`: overrides keras-hub's private `_set_vocabulary_and_merges_tf` and
   `_maybe_initialized_tf` to build the TensorFlow lookup tables on first use. Fallback: keras-hub's
   `CLIPTokenizer` as it is, which builds them with every tokenizer.
+- `openvino_graph`: a model called on the OpenVINO backend's private `OpenVINOKerasTensor`, as Keras'
+  OpenVINO trainer does, to get its OpenVINO graph. Fallback: none (`runtime.py` then keeps Keras'
+  own `predict_on_batch`).
 - Quantizing (`garbage_collected_once`): Keras' `Layer.__delattr__` runs a full `gc.collect()` each time a
   layer drops a variable, as `Dense.quantize` drops its float kernel. No fallback needed: without the
   block, quantizing is as correct, only slower.
@@ -105,3 +108,19 @@ def clip_tokenizer(vocabulary, merges):
     if all(hasattr(keras_hub.models.CLIPTokenizer, name) for name in TOKENIZER_METHODS):
         return CLIPBytePairTokenizer(vocabulary, merges)
     return keras_hub.models.CLIPTokenizer(vocabulary, merges)  # public
+
+
+def openvino_graph(model, inputs):
+    """The `openvino.Model` of `model` (OpenVINO backend) on parameters of the shapes and dtypes of the
+    numpy arrays `inputs` (one per model input), or None where this Keras lacks the class it needs."""
+    try:  # private: the symbolic tensor of Keras' OpenVINO backend
+        from keras.src.backend.openvino.core import OpenVINOKerasTensor
+    except ImportError:
+        return None
+    import openvino
+    from openvino import opset16
+
+    parameters = [opset16.parameter(x.shape, openvino.Type(x.dtype)) for x in inputs]
+    tensors = [OpenVINOKerasTensor(parameter.output(0)) for parameter in parameters]
+    outputs = model(tensors if len(tensors) > 1 else tensors[0])
+    return openvino.Model([opset16.result(output.output) for output in keras.tree.flatten(outputs)], parameters)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from . import ckpt
 from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
-from .weights import Tensors, strict_loader
+from .weights import CheckpointError, Tensors, strict_loader
 
 UNET, VAE, CLIP, OPEN_CLIP, EMA = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.",
                                    "cond_stage_model.model.", "model_ema.")
@@ -196,26 +196,32 @@ def prefixed(names, prefix):
 
 
 def family_of(shapes, source):
-    """"sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP ViT-H); ValueError for other layouts."""
+    """"sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP ViT-H); CheckpointError for other layouts."""
     for prefix, name in UNSUPPORTED.items():
         if any(key.startswith(prefix) for key in shapes):
-            raise ValueError(f"{source} is a {name} checkpoint ({prefix}* keys); only Stable Diffusion 1.x "
-                             f"and 2.x single files are supported.")
+            raise CheckpointError(f"{source} is a {name} checkpoint ({prefix}* keys); only Stable Diffusion "
+                                  f"1.x and 2.x single files are supported.")
     if not any(key.startswith(UNET) for key in shapes):
-        raise ValueError(f"{source} has no {UNET}* tensors: not a Stable Diffusion 1.x / 2.x checkpoint.")
+        raise CheckpointError(f"{source} has no {UNET}* tensors: not a Stable Diffusion 1.x / 2.x checkpoint.")
     if any(key.startswith(CLIP) for key in shapes):
         return "sd1"
     if any(key.startswith(OPEN_CLIP) for key in shapes):
         return "sd2"
-    raise ValueError(f"{source} has no text encoder ({CLIP}* or {OPEN_CLIP}* tensors).")
+    raise CheckpointError(f"{source} has no text encoder ({CLIP}* or {OPEN_CLIP}* tensors).")
+
+
+def describe(error):
+    """A KeyError as the key missing, another error (of a shape of too few dimensions) as a wrong shape."""
+    return f"no {error}" if isinstance(error, KeyError) else f"a tensor of the wrong shape: {error}"
 
 
 def vae_plan(s, source):
     """(Decoder / Encoder configs, names) of VAE shapes without their prefix."""
     try:
         config = vae_configs(s)
-    except KeyError as error:
-        raise ValueError(f"{source}: the VAE tensors do not have the latent-diffusion layout (no {error}).") from error
+    except (KeyError, IndexError) as error:
+        raise CheckpointError(f"{source}: the VAE tensors do not have the latent-diffusion layout "
+                              f"({describe(error)}).") from error
     return config, map_keys(s, vae_table(len(config["decoder"]["channels"]), config["decoder"]["layers_per_block"]))
 
 
@@ -233,12 +239,12 @@ def plan(shapes, source, use_ema=None, with_vae=True):
     text_prefix = CLIP if family == "sd1" else OPEN_CLIP
     use_ema = use_ema is not False and any(key.startswith(EMA) and key not in KNOWN_UNUSED for key in shapes)
     if with_vae and not any(key.startswith(VAE) for key in shapes):
-        raise ValueError(f"{source} has no VAE ({VAE}* tensors); pass a VAE file with vae=PATH.")
+        raise CheckpointError(f"{source} has no VAE ({VAE}* tensors); pass a VAE file with vae=PATH.")
     components = (UNET, text_prefix, VAE, EMA)
     unknown = [key for key in shapes if key not in KNOWN_UNUSED and not key.startswith(components)]
     if unknown:
-        raise ValueError(f"{source} holds tensors of no SD 1.x / 2.x component: {unknown[:5]}"
-                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        raise CheckpointError(f"{source} holds tensors of no SD 1.x / 2.x component: {unknown[:5]}"
+                              + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
     try:
         unet = unet_config(strip(shapes, UNET), family)
         text = strip(shapes, text_prefix)
@@ -247,15 +253,17 @@ def plan(shapes, source, use_ema=None, with_vae=True):
         else:
             text_names = map_keys(text, open_clip_table(count(text, "transformer.resblocks.", 2)))
         text_config = text_encoder_config({new: text[key] for new, (key, part) in text_names.items()}, family)
-    except KeyError as error:
-        raise ValueError(f"{source}: the tensors do not have the SD 1.x / 2.x layout (no {error}).") from error
+    except (KeyError, IndexError, ValueError) as error:
+        raise CheckpointError(f"{source}: the tensors do not have the SD 1.x / 2.x layout "
+                              f"({describe(error)}).") from error
     unet_names = prefixed(map_keys(strip(shapes, UNET), unet_table(len(unet["channels"]), unet["layers_per_block"],
                                                                    unet["attention_levels"])), UNET)
     if use_ema:  # LDM's EMA copy names each parameter without its dots: model_ema.diffusion_modelinput_blocks00weight
         unet_names = {new: (EMA + "".join(key.split(".")[1:]), part) for new, (key, part) in unet_names.items()}
         missing = [key for key, _ in unet_names.values() if key not in shapes]
         if missing:
-            raise ValueError(f"{source}: the EMA weights lack {missing[:5]}; pass use_ema=False for the others.")
+            raise CheckpointError(f"{source}: the EMA weights lack {missing[:5]}; pass use_ema=False for the "
+                                  f"others.")
     config = dict(text_encoder=text_config, diffusion_model=unet)
     names = {("text_encoder",): prefixed(text_names, text_prefix), ("diffusion_model",): unet_names}
     if with_vae:
@@ -271,7 +279,7 @@ def standalone_vae_plan(shapes, source):
     prefix = VAE if any(key.startswith(VAE) for key in shapes) else ""
     s = {key: shape for key, shape in strip(shapes, prefix).items() if key not in KNOWN_UNUSED}
     if not any(key.startswith("decoder.") for key in s):
-        raise ValueError(f"{source} is not a VAE checkpoint: no {prefix}decoder.* tensors.")
+        raise CheckpointError(f"{source} is not a VAE checkpoint: no {prefix}decoder.* tensors.")
     config, names = vae_plan(s, source)
     return config, prefixed(names, prefix)
 
@@ -287,10 +295,10 @@ def open_single_file(path):
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
     others = [key for key, value in data.items() if not isinstance(value, ckpt.Tensor) and key not in CKPT_METADATA]
     if others:
-        raise ValueError(f"{path} holds entries that are not tensors: {others[:5]}.")
+        raise CheckpointError(f"{path} holds entries that are not tensors: {others[:5]}.")
     tensors = {key: value for key, value in data.items() if isinstance(value, ckpt.Tensor)}
     readers, shapes = {k: t.read for k, t in tensors.items()}, {k: t.shape for k, t in tensors.items()}
     return Tensors(readers, shapes, str(path)), global_step
@@ -306,15 +314,21 @@ def read(path, with_vae=True, prediction_type=None, use_ema=None):
         prediction_type = "epsilon" if base else "v_prediction"
     size = 768 if prediction_type == "v_prediction" else 512
     config = dict(found.config, scheduler=dict(SCHEDULER, prediction_type=prediction_type))
-    parts = {models: strict_loader(tensors.subset(names)) for models, names in found.names.items()}
+    parts, tensors_of = {}, {}
+    for models, names in found.names.items():
+        subset = tensors.subset(names)
+        parts[models] = strict_loader(subset)
+        tensors_of.update(dict.fromkeys(models, subset))
     return dict(config=config, tokenizer=Tokenizer.from_vendored(PAD_TOKENS[found.family]), img_height=size,
-                img_width=size, parts=parts)
+                img_width=size, parts=parts, sources=dict.fromkeys([*config, "size"], path), tensors=tensors_of)
 
 
 def read_vae(path):
-    """(Decoder / Encoder configs, loader) of a VAE file in the original layout."""
+    """(Decoder / Encoder configs, loader, the `weights.Tensors` it loads) of a VAE file in the original
+    layout."""
     if not (path.is_file() and path.suffix in SINGLE_FILES):
         raise ValueError(f"vae must be a {' / '.join(SINGLE_FILES)} file, got {path}.")
     tensors, _ = open_single_file(path)
     config, names = standalone_vae_plan(tensors.shapes, path)
-    return config, strict_loader(tensors.subset(names))
+    subset = tensors.subset(names)
+    return config, strict_loader(subset), subset

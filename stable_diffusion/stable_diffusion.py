@@ -12,15 +12,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import bundle, checkpoints, data, keras_internals, presets, quantization, schedulers, tiling
+from . import (arguments, bundle, checkpoints, data, embeddings, emphasis, export, keras_internals, lora, presets,
+               progress, quantization, runtime, schedulers, tiling)
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
 from .images import broadcast, load_images, load_masks
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, skipping
 from .tokenizer import Tokenizer
 
-MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
 Setup = collections.namedtuple("Setup", "context negative sampler draw_noise noise")  # see `_prepare`
 
 
@@ -29,7 +29,8 @@ class StableDiffusion:
 
     Args:
         img_height, img_width: image size in pixels, multiples of 8.
-        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager).
+        jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager);
+            default: on JAX only, as TensorFlow graphs start faster (see README, "XLA or not"); see `runtime.py`.
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
             "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
@@ -40,16 +41,15 @@ class StableDiffusion:
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
 
-    def __init__(self, img_height=512, img_width=512, *, jit_compile=True, config=None, tokenizer=None,
+    def __init__(self, img_height=512, img_width=512, *, jit_compile=None, config=None, tokenizer=None,
                  scheduler="ddim", dtype=None, quantize=None, weights=None):
-        quantization.check(quantize)
-        config = {name: dict((config or {}).get(name, {})) for name in (*MODELS, "scheduler", "grammar")}
+        config = {name: dict((config or {}).get(name, {})) for name in (*bundle.MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
-            if not isinstance(size, int) or size <= 0 or size % 8 or size % (vae_factor * unet_factor):
-                raise ValueError(f"{name} must be a positive multiple of 8 (of {vae_factor * unet_factor} "
-                                 f"for this model's VAE and UNet depth), got {size!r}.")
+            arguments.check_image_size(name, size, vae_factor * unet_factor)
+        arguments.check_memory(config, img_height, img_width)  # denoising one image
+        quantization.check(quantize)
         self.config, self.img_height, self.img_width = config, img_height, img_width
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
         with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
@@ -58,65 +58,71 @@ class StableDiffusion:
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
         quantization.apply(self, quantize)
-        self.vae_factor, self.vae_tile_size = vae_factor, None
+        self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, (None,) * 3, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
-        for model in (self.text_encoder, self.denoise_step, self.decoder):
-            model.compile(jit_compile=jit_compile and keras.backend.backend() != "torch")
+        runtime.compile_models(self, jit_compile=jit_compile)
 
     @classmethod
-    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=True, vae=None,
-                        prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype=None, quantize=None):
+    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, vae=None, prediction_type=None,
+                        use_ema=None, config=None, **options):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save` (memory-mapped:
         replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
 
         Args:
             path: the checkpoint; default: the small demo model shipped with the package.
             img_height, img_width: image size; default: the size the model was trained at.
-            jit_compile, scheduler, dtype, quantize: see `StableDiffusion`.
             vae, prediction_type, use_ema, config: see `checkpoints.read`.
+            options: `jit_compile`, `scheduler`, `dtype`, `quantize`: see `StableDiffusion`.
         """
         checkpoint = checkpoints.read(path, vae=vae, prediction_type=prediction_type, use_ema=use_ema, config=config)
         return cls(img_height=checkpoint.img_height if img_height is None else img_height,
-                   img_width=checkpoint.img_width if img_width is None else img_width, jit_compile=jit_compile,
-                   config=checkpoint.config, tokenizer=checkpoint.tokenizer, scheduler=scheduler, dtype=dtype,
-                   quantize=quantize, weights=checkpoint)
+                   img_width=checkpoint.img_width if img_width is None else img_width, config=checkpoint.config,
+                   tokenizer=checkpoint.tokenizer, weights=checkpoint, **options)
 
     @classmethod
-    def from_preset(cls, name, *, img_height=None, img_width=None, jit_compile=True, scheduler="ddim", dtype=None):
-        """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into the
-        Keras cache and converted once into a bundle there, which later calls load. Args: see `from_checkpoint`."""
+    def from_preset(cls, name, **options):
+        """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into the Keras cache
+        and converted once into a bundle there, which later calls load. Keyword options: see `from_checkpoint`."""
         converted = presets.preset_bundle(name)
         if not converted.exists():
-            path, options = presets.download_preset(name)
-            cls.from_checkpoint(path, jit_compile=False, **options).save(converted)
-        return cls.from_checkpoint(converted, img_height=img_height, img_width=img_width, jit_compile=jit_compile,
-                                   scheduler=scheduler, dtype=dtype)
+            path, download_options = presets.download_preset(name)
+            cls.from_checkpoint(path, jit_compile=False, **download_options).save(converted)
+        return cls.from_checkpoint(converted, **options)
 
-    def save(self, path, *, overwrite=False):
-        """Saves a bundle folder for `from_checkpoint` (`bundle.py`): config, a `.safetensors` per model,
-        tokenizer; the folder appears only once complete. A quantized pipeline (`quantize=`) raises a ValueError."""
-        bundle.save(self, path, overwrite=overwrite)
+    # Methods whose code lives with the file format it reads or writes: `sd.save(path, *, overwrite=False)`,
+    # `sd.load_lora(path, *, scale=1.0)`, `sd.unload_lora()`, `sd.load_textual_inversion(path, *, token=None)`.
+    save, load_lora, unload_lora, load_textual_inversion = bundle.save, lora.load, lora.unload, embeddings.load
+    export = export.export  # `sd.export(folder, *, format="tf_saved_model")`: static-shape models for `exported.py`
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
         """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""
         return self.tokenizer(prompt, long_prompts=long_prompts, min_chunks=min_chunks)
 
-    def encode_text(self, prompt, *, long_prompts=False, min_chunks=1):
-        """CLIP hidden states (B, 77, dim) of prompts; with `long_prompts` (B, 77 k, dim), chunk by chunk."""
-        tokens = self.tokenize(prompt, long_prompts=long_prompts, min_chunks=min_chunks)
-        states = self.text_encoder.predict_on_batch(tokens.reshape(-1, self.tokenizer.sequence_length))
-        return np.asarray(states).reshape(tokens.shape[0], -1, states.shape[-1])
+    def encode_text(self, prompt, *, long_prompts=False, clip_skip=None, prompt_weighting=False, min_chunks=1):
+        """CLIP hidden states (B, 77, dim) of prompts; with `long_prompts` (B, 77 k, dim); see `text_to_image`."""
+        tokens, weights = self.tokenizer(prompt, long_prompts=long_prompts, prompt_weighting=prompt_weighting,
+                                         min_chunks=min_chunks, return_weights=True)
+        if clip_skip and self.skipped[:2] != (self.text_encoder, clip_skip):  # the model of the last clip_skip, kept
+            self.skipped = (self.text_encoder, clip_skip, skipping(self.text_encoder, clip_skip))
+            self.skipped[2].compile(jit_compile=self.text_encoder.jit_compile)
+        encoder = self.skipped[2] if clip_skip else self.text_encoder
+        states = np.asarray(encoder.predict_on_batch(tokens.reshape(-1, self.tokenizer.sequence_length)))
+        states = emphasis.weigh(states, weights.reshape(states.shape[:2])) if prompt_weighting else states
+        return states.reshape(tokens.shape[0], -1, states.shape[-1])
 
+    @arguments.checked
     def text_to_image(self, prompt, *, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                      long_prompts=False, callback=None, return_latents=False, verbose=True):
+                      long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
+                      verbose=True):
         """Generates images for a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
-            prompt: a string, or a list of strings (one image each); warns of words outside the model's grammar.
+            prompt: a string, or a list of strings (one image each), or their `encode_text` output (B or 1, 77 k,
+                dim) (`generate_image`, KerasCV's name for that use); warns of words outside the model's grammar.
             negative_prompt: what to steer away from: a string, or one per image; default "".
             batch_size: images per prompt string.
             num_steps: sampler steps.
@@ -126,32 +132,30 @@ class StableDiffusion:
             scheduler: the sampler for this call (see `StableDiffusion`); default: the pipeline's.
             long_prompts: encode prompts longer than 77 tokens in chunks (see `tokenize`) instead of
                 truncating them; the shorter of prompt and negative prompt gets empty chunks.
+            clip_skip: condition on CLIP's hidden state this many layers before the last (1: the penultimate;
+                None, 0: the last), for prompt and negative prompt alike (`text_encoder.skipping`).
+            prompt_weighting: read A1111's emphasis, `(word:1.3)`, in prompt and negative prompt (`emphasis.py`).
+                An encoded prompt must have been encoded with the same `clip_skip` and `prompt_weighting`.
             callback: called as `callback(step, timestep, latents)` after every step.
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
-            verbose: show a progress bar.
+            verbose: report progress on stderr.
+        Bad arguments raise ValueError, naming them, before any model work (`arguments.py`).
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
-        return self.generate_image(
-            self.encode_text(prompt, long_prompts=long_prompts), negative_prompt=negative_prompt,
-            batch_size=batch_size, num_steps=num_steps, unconditional_guidance_scale=unconditional_guidance_scale,
-            seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-            callback=callback, return_latents=return_latents, verbose=verbose)
-
-    def generate_image(self, encoded_text, *, negative_prompt=None, batch_size=1, num_steps=50,
-                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                       long_prompts=False, callback=None, return_latents=False, verbose=True):
-        """Generates images from `encode_text` output (B or 1, 77 k, dim); see `text_to_image`."""
-        setup = self._prepare(encoded_text, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
-                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler,
-                              long_prompts=long_prompts)
+        setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting)
         latents = self.denoise(setup.noise * setup.sampler.init_noise_sigma, setup,
                                guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
+    generate_image = text_to_image  # KerasCV's name, for `encode_text` output
+
+    @arguments.checked
     def image_to_image(self, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                       long_prompts=False, callback=None, return_latents=False, verbose=True, strength=0.8,
-                       sample_latents=False):
+                       long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
+                       verbose=True, strength=0.8, sample_latents=False):
         """Redraws a picture after a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
@@ -162,18 +166,19 @@ class StableDiffusion:
             Other arguments: see `text_to_image`.
         """
         images = load_images(image, (self.img_height, self.img_width))
-        setup = self._prepare(self.encode_text(prompt, long_prompts=long_prompts), negative_prompt=negative_prompt,
-                              batch_size=batch_size, num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise,
-                              scheduler=scheduler, long_prompts=long_prompts, strength=strength)
+        setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
         latents = setup.sampler.add_noise(self.encode_images(images, setup, sample=sample_latents), setup.noise)
         latents = self.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback,
                                verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
+    @arguments.checked
     def inpaint(self, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_steps=50,
-                unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
-                long_prompts=False, callback=None, return_latents=False, verbose=True, strength=1.0,
-                sample_latents=False):
+                unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None, long_prompts=False,
+                clip_skip=None, prompt_weighting=False, callback=None, return_latents=False, verbose=True,
+                strength=1.0, sample_latents=False):
         """Repaints the white part of `mask` in `image` after a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
@@ -184,9 +189,9 @@ class StableDiffusion:
         """
         images = load_images(image, (self.img_height, self.img_width))
         masks = load_masks(mask, images.shape[1:3])
-        setup = self._prepare(self.encode_text(prompt, long_prompts=long_prompts), negative_prompt=negative_prompt,
-                              batch_size=batch_size, num_steps=num_steps, seed=seed, diffusion_noise=diffusion_noise,
-                              scheduler=scheduler, long_prompts=long_prompts, strength=strength)
+        setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                              seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
         sampler, noise = setup.sampler, setup.noise
         known = self.encode_images(images, setup, sample=sample_latents)
         latents = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise)
@@ -203,22 +208,21 @@ class StableDiffusion:
                                conditioning=conditioning, after_step=after_step, verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
-    def _prepare(self, encoded_text, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
-                 long_prompts, strength=1.0):
+    def _prepare(self, prompt, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
+                 long_prompts, clip_skip, prompt_weighting, strength=1.0):
         """What every task starts from (arguments: see `text_to_image`): prompt and negative prompt states (B, L, dim),
         a fresh sampler, draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        context = np.asarray(encoded_text, dtype="float32").reshape(-1, *np.shape(encoded_text)[-2:])
-        if len(context) not in (1, batch_size) and batch_size != 1:
-            raise ValueError(f"batch_size={batch_size} does not match {len(context)} encoded prompts.")
+        encode = lambda text, **options: self.encode_text(text, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+                                                          **options)
+        encoded = encode(prompt, long_prompts=long_prompts) if np.ndim(prompt) < 2 else prompt  # strings: encode
+        context = np.asarray(encoded, dtype="float32").reshape(-1, *np.shape(encoded)[-2:])
         batch_size, chunk = max(batch_size, len(context)), self.tokenizer.sequence_length
         context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
-        negative = broadcast(self.encode_text("" if negative_prompt is None else negative_prompt,
-                                              long_prompts=long_prompts or context.shape[1] > chunk,
-                                              min_chunks=context.shape[1] // chunk), batch_size, "negative prompts")
+        negative = broadcast(encode("" if negative_prompt is None else negative_prompt,
+                                    long_prompts=long_prompts or context.shape[1] > chunk,
+                                    min_chunks=context.shape[1] // chunk), batch_size, "negative prompts")
         if negative.shape[1] > context.shape[1]:  # pad the prompt with empty chunks
-            empty = self.encode_text("", long_prompts=True, min_chunks=(negative.shape[1] - context.shape[1]) // chunk)
+            empty = encode("", long_prompts=True, min_chunks=(negative.shape[1] - context.shape[1]) // chunk)
             context = np.concatenate([context, np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
         sampler = schedulers.create(scheduler or self.scheduler_name, self.config["scheduler"])
         sampler.set_timesteps(num_steps, strength=strength)
@@ -227,8 +231,6 @@ class StableDiffusion:
         draw_noise = lambda: np.stack([g.standard_normal(self.latent_shape, dtype=np.float32) for g in generators])
         noise = draw_noise()  # drawn either way, so that later draws do not depend on diffusion_noise
         given = noise if diffusion_noise is None else np.asarray(diffusion_noise, dtype="float32")
-        if given.shape not in (noise.shape, noise.shape[1:], (1, *noise.shape[1:])):
-            raise ValueError(f"diffusion_noise must have shape {noise.shape}, got {given.shape}.")
         return Setup(context, negative, sampler, draw_noise, np.broadcast_to(given, noise.shape))
 
     def denoise(self, latents, setup, *, guidance, callback=None, conditioning=None, after_step=None, verbose=True):
@@ -236,8 +238,7 @@ class StableDiffusion:
         latents. `conditioning`: extra UNet input channels (an inpainting UNet's mask and masked-image latents);
         `after_step(latents)` follows each update (inpainting's blending); see `text_to_image` for the rest."""
         sampler, per_image = setup.sampler, lambda value: np.full((len(latents),), value, dtype="float32")
-        progress = keras.utils.Progbar(len(sampler.timesteps), verbose=int(verbose))
-        for step, t in enumerate(sampler.timesteps):
+        for step, t in enumerate(progress.report(sampler.timesteps, "denoising", verbose)):
             model_input = sampler.scale_model_input(latents)
             if conditioning is not None:
                 model_input = np.concatenate([model_input, conditioning], axis=-1)
@@ -247,7 +248,6 @@ class StableDiffusion:
             latents = after_step(latents) if after_step else latents
             if callback:
                 callback(step, t, latents)
-            progress.update(step + 1)
         return latents
 
     def _build_denoise_step(self):

@@ -9,10 +9,7 @@ from keras import layers, ops
 
 from .blocks import attention
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
-    "gelu": lambda x: ops.gelu(x, approximate=False),
-}
+ACTIVATIONS = {"quick_gelu": lambda x: x * ops.sigmoid(1.702 * x), "gelu": lambda x: ops.gelu(x, approximate=False)}
 
 
 class TextEncoder(keras.Model):
@@ -35,7 +32,7 @@ class TextEncoder(keras.Model):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         tokens = keras.Input((max_length,), dtype="int32", name="tokens")
         x = layers.Embedding(vocab_size, width, name="embeddings-token_embedding", dtype=dtype)(tokens)
-        positions = ops.zeros_like(tokens) + ops.arange(max_length, dtype="int32")  # (B, L): 0 .. L - 1
+        positions = ops.cumsum(ops.ones_like(tokens), axis=1) - 1  # (B, L): 0 .. L - 1, no captured constant
         x = x + layers.Embedding(max_length, width, name="embeddings-position_embedding", dtype=dtype)(positions)
         for i in range(num_layers):  # pre-LN blocks with causal self-attention
             block = f"encoder-layers-{i}"
@@ -47,3 +44,17 @@ class TextEncoder(keras.Model):
             x = x + layers.Dense(width, name=f"{block}-mlp-fc2", dtype=dtype)(ACTIVATIONS[activation](h))
         x = layers.LayerNormalization(epsilon=1e-5, name="final_layer_norm", dtype=dtype)(x)
         super().__init__(tokens, x, name=name)
+
+
+def skipping(encoder, k):
+    """A model sharing the layers of `encoder` (or of a copy with more token rows): token ids -> the hidden state `k`
+    (1 .. blocks) blocks before the last, final-layer-normed: diffusers' `clip_skip`, `hidden_states[-1 - k]`."""
+    blocks = [layer for layer in encoder.layers if layer.name.endswith("layer_norm1")]  # the first of each block
+    if type(k) is not int or not 0 < k <= len(blocks):
+        raise ValueError(f"clip_skip must be None or an integer from 0 to {len(blocks)}, got {k!r}.")
+    inputs = []  # of the blocks, in order, as the graph is copied
+
+    def call(layer, x, *args, **kwargs):  # the final layer norm takes block N - k's input
+        inputs.extend([x] if layer in blocks else [])
+        return layer(inputs[-k] if layer.name == "final_layer_norm" else x, *args, **kwargs)
+    return keras.models.clone_model(encoder, clone_function=lambda layer: layer, call_function=call)

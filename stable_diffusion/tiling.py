@@ -14,8 +14,7 @@ def checked_tile_size(tile_size, factor):
     """`tile_size` (pixels) if it is None or a multiple of `factor` (image pixels per latent) of at
     least 4 latents; ValueError otherwise."""
     if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 4 * factor or tile_size % factor):
-        raise ValueError(f"tile_size must be a multiple of {factor} pixels, at least {4 * factor}, or None; "
-                         f"got {tile_size!r}.")
+        raise ValueError(f"tile_size must be a multiple of {factor} pixels, at least {4 * factor}, got {tile_size!r}.")
     return tile_size
 
 

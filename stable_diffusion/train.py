@@ -1,6 +1,7 @@
 """Training with Keras `fit`: a small Stable Diffusion from scratch on the synthetic shapes of
-`data.py` (the demo model in `assets/demo`), or fine-tuning a checkpoint's UNet on a folder of
-captioned images.
+`data.py` (the demo model in `assets/demo`), fine-tuning a checkpoint's UNet on a folder of
+captioned images, or training a LoRA of it there (`train_lora`, Hu et al., 2022), saved as a
+diffusers LoRA file.
 
 Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
 al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
@@ -8,13 +9,19 @@ DDPM (Ho et al., 2020) over pre-encoded latents, with 10% of the captions droppe
 classifier-free guidance (Ho & Salimans, 2022), offset noise (Guttenberg, 2023, "Diffusion with
 Offset Noise") and EMA weights; stage 3 fine-tunes the decoder alone, the latent space fixed. The
 trainers are `keras.Model`s whose `call` draws the noise with `keras.random` and whose
-`compute_loss` holds the loss, so `fit` runs them on every backend.
+`compute_loss` holds the loss, so `fit` runs them on every backend. The diffusion loss is diffusers'
+(`train_text_to_image.py`): `F.mse_loss(unet(noisy, t, text).sample, target)`, the target the noise
+or, for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
 
     python -m stable_diffusion.train --output demo
     python -m stable_diffusion.train --checkpoint demo --data FOLDER --output OUT
+    python -m stable_diffusion.train lora --checkpoint C --data FOLDER --output OUT.safetensors
+                                          (its options: python -m stable_diffusion.train lora --help)
 """
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
 import keras
@@ -22,13 +29,20 @@ import numpy as np
 from keras import ops
 from PIL import Image
 
+from . import lora
+from .bundle import write_safetensors
 from .data import GRAMMAR, make_dataset
 from .decoder import Decoder
 from .encoder import Encoder
 from .stable_diffusion import StableDiffusion
-from .weights import Tensors, keras_layout, load_weights, named_variables
+from .weights import Tensors, keras_layout, load_weights, named_variables, read_tensor, safetensors_header
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# LoRA training as diffusers' scripts do it: the UNet's attention projections (train_text_to_image_lora.py),
+# the text encoder's with --train_text_encoder (train_dreambooth_lora.py), torch's AdamW with weight decay 1e-2.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TORCH_ADAMW = dict(weight_decay=1e-2, epsilon=1e-8)
 
 # The demo model: 64x64 images, 16x16x4 latents, a 2-layer CLIP of width 32.
 DEMO_CONFIG = {
@@ -70,8 +84,9 @@ class VAETrainer(keras.Model):
 
 
 class DiffusionTrainer(keras.Model):
-    """Stage 2: (latents (B, h, w, C) scaled to about unit variance, token ids (B, 77)) -> the UNet's
-    noise prediction and the noise; loss: their mean squared error.
+    """Stage 2, fine-tuning, LoRA: (latents (B, h, w, C) scaled to about unit variance, token ids (B, 77)) ->
+    the UNet's prediction and its target (`prediction_and_target`) for drawn noise, timesteps and caption
+    dropout; loss: their mean squared error.
 
     Args:
         text_encoder, diffusion_model: the models to train (set `trainable=False` to freeze one).
@@ -80,16 +95,18 @@ class DiffusionTrainer(keras.Model):
         caption_dropout: fraction of captions dropped, for classifier-free guidance.
         offset_noise: std of a per-image, per-channel constant added to the noise.
         seed: seeds noise, timesteps and caption dropout.
+        prediction_type: what the UNet predicts, "epsilon" (the noise) or "v_prediction" (the velocity).
     """
 
     def __init__(self, text_encoder, diffusion_model, alphas_cumprod, empty_tokens, caption_dropout=0.1,
-                 offset_noise=0.1, seed=None, **kwargs):
+                 offset_noise=0.1, seed=None, prediction_type="epsilon", **kwargs):
         super().__init__(**kwargs)
         self.text_encoder, self.diffusion_model = text_encoder, diffusion_model
         self.alphas_cumprod = np.asarray(alphas_cumprod, dtype="float32")
         self.empty_tokens = np.asarray(empty_tokens, dtype="int32").reshape(1, -1)
         self.caption_dropout, self.offset_noise = caption_dropout, offset_noise
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.prediction_type = prediction_type
 
     def call(self, inputs):
         latents, tokens = inputs
@@ -97,16 +114,72 @@ class DiffusionTrainer(keras.Model):
         noise = keras.random.normal(ops.shape(latents), seed=self.seed_generator)
         noise = noise + self.offset_noise * keras.random.normal((batch, 1, 1, channels), seed=self.seed_generator)
         timesteps = keras.random.randint((batch,), 0, len(self.alphas_cumprod), seed=self.seed_generator)
-        alpha = ops.take(ops.convert_to_tensor(self.alphas_cumprod), timesteps)[:, None, None, None]
-        noisy = ops.sqrt(alpha) * latents + ops.sqrt(1.0 - alpha) * noise  # q(x_t | x_0)
         dropped = keras.random.uniform((batch, 1), seed=self.seed_generator) < self.caption_dropout
         tokens = ops.where(dropped, ops.convert_to_tensor(self.empty_tokens), tokens)
+        return self.prediction_and_target(latents, noise, timesteps, tokens)
+
+    def prediction_and_target(self, latents, noise, timesteps, tokens):
+        """The UNet's output (B, h, w, C) for `latents` noised with `noise` (B, h, w, C) to the integer
+        `timesteps` (B,) (q(x_t | x_0), diffusers' `add_noise`), given token ids (B, 77), and what it should
+        be: the noise, or the velocity sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) latents (`get_velocity`)."""
+        alpha = ops.take(ops.convert_to_tensor(self.alphas_cumprod), timesteps)[:, None, None, None]
+        noisy = ops.sqrt(alpha) * latents + ops.sqrt(1.0 - alpha) * noise
         prediction = self.diffusion_model([noisy, ops.cast(timesteps, "float32"), self.text_encoder(tokens)])
-        return prediction, noise
+        if self.prediction_type == "epsilon":
+            return prediction, noise
+        return prediction, ops.sqrt(alpha) * noise - ops.sqrt(1.0 - alpha) * latents
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        prediction, noise = y_pred
-        return ops.mean(ops.square(prediction - noise))
+        prediction, target = y_pred
+        return ops.mean(ops.square(prediction - target))
+
+
+class Backup(keras.callbacks.Callback):
+    """Resumable training: after each epoch, writes what training changes (the trainable variables, the
+    optimizer's variables and the trainer's seed generator), by variable path, with the epochs done, to
+    `folder/backup.safetensors`; `restore` reads them back, and the file goes once training completes.
+    Keras' `BackupAndRestore` saves the model's weights, in which a LoRA layer stores its merged kernel and
+    no LoRA weights (they load back as zeros), and every frozen weight.
+
+    Args:
+        folder: where the backup goes, created when first written.
+        trainer: a compiled, built trainer with a `seed_generator`, its optimizer built.
+    """
+
+    def __init__(self, folder, trainer):
+        super().__init__()
+        self.path = Path(folder) / "backup.safetensors"
+        # Keyed by path, less the optimizer's name, which Keras numbers by the optimizers made before.
+        optimizer = {"optimizer/" + variable.path.split("/", 1)[-1]: variable for variable in trainer.optimizer.variables}
+        model = {variable.path: variable for variable in trainer.trainable_variables}
+        self.variables = {**model, **optimizer, "seed_generator": trainer.seed_generator.state}
+        if len(self.variables) != len(model) + len(optimizer) + 1 or len(model) != len(trainer.trainable_variables):
+            raise ValueError(f"The {trainer.name} trainer's variables have repeated paths; a backup needs unique ones.")
+
+    def restore(self):
+        """Assigns the backed-up values, if there is a backup; returns the epochs it had done (else 0).
+        ValueError if it holds other variables than this training's (another model, rank or optimizer)."""
+        if not self.path.exists():
+            return 0
+        entries, metadata = safetensors_header(self.path)
+        shapes = {key: tuple(variable.shape) for key, variable in self.variables.items()}
+        if {key: entry["shape"] for key, entry in entries.items()} != shapes:
+            raise ValueError(f"{self.path} is the backup of another training (other variables); remove it or "
+                             f"train in another folder.")
+        for key, variable in self.variables.items():
+            variable.assign(read_tensor(self.path, entries[key]))
+        return int(metadata["epochs"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        write_safetensors(partial, self.variables, {"epochs": str(epoch + 1)}, alignment=1)
+        partial.replace(self.path)
+
+    def on_train_end(self, logs=None):
+        self.path.unlink(missing_ok=True)
+        if self.path.parent.exists() and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
 
 
 def to_unit_range(images):
@@ -114,17 +187,22 @@ def to_unit_range(images):
     return ops.cast(images, "float32") / 127.5 - 1.0
 
 
-def optimizer(learning_rate, total_steps, ema_momentum=None):
+def optimizer(learning_rate, total_steps, ema_momentum=None, adamw=None):
     """AdamW with cosine decay to a tenth of `learning_rate`, gradients clipped to norm 1, and an
-    exponential moving average of the weights unless `ema_momentum` is None."""
+    exponential moving average of the weights unless `ema_momentum` is None; `adamw`: other AdamW
+    arguments (e.g. `TORCH_ADAMW`; default: Keras' weight decay 0.004 and epsilon 1e-7). Keras adds
+    epsilon to sqrt(v) before the bias correction (Kingma & Ba's epsilon-hat), torch after it: with the
+    same epsilon, the steps differ only where a gradient is within a few epsilon / sqrt(1 - beta_2^t)
+    of zero."""
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1), alpha=0.1)
     return keras.optimizers.AdamW(schedule, global_clipnorm=1.0, use_ema=ema_momentum is not None,
-                                  ema_momentum=ema_momentum or 0.99)
+                                  ema_momentum=ema_momentum or 0.99, **(adamw or {}))
 
 
 def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_momentum=None, verbose="auto",
-        jit_compile=None):
-    """Compiles and fits a trainer on x (arrays, shuffled each epoch); resumes from `backup_dir`.
+        jit_compile=None, adamw=None):
+    """Compiles and fits a trainer on x (arrays, shuffled each epoch), with a `Backup` in `backup_dir`,
+    from which a rerun resumes; `ema_momentum`, `adamw`: see `optimizer`.
 
     Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
     the EMA weights are copied into the trained variables at the end.
@@ -134,11 +212,12 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
     if jit_compile is None:
         jit_compile = keras.backend.backend() == "jax"
     steps = epochs * -(-len(x[0] if isinstance(x, tuple) else x) // batch_size)
-    trainer.compile(optimizer=optimizer(learning_rate, steps, ema_momentum), jit_compile=jit_compile)
-    trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, as BackupAndRestore needs
-    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir))] if backup_dir else []
-    history = trainer.fit(x, epochs=epochs, batch_size=batch_size, shuffle=True, callbacks=callbacks,
-                          verbose=verbose)
+    trainer.compile(optimizer=optimizer(learning_rate, steps, ema_momentum, adamw), jit_compile=jit_compile)
+    trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, and the optimizer, as Backup needs
+    trainer.optimizer.build(trainer.trainable_variables)
+    backup = Backup(backup_dir, trainer) if backup_dir else None
+    history = trainer.fit(x, epochs=epochs, batch_size=batch_size, shuffle=True, callbacks=[backup] if backup else [],
+                          verbose=verbose, initial_epoch=backup.restore() if backup else 0)
     if ema_momentum is not None:
         trainer.optimizer.finalize_variable_values(trainer.trainable_variables)
     return history.history["loss"][-1] if history.history else None
@@ -157,17 +236,18 @@ def copy_weights(source, target):
     load_weights([target], Tensors.from_arrays(arrays, source.name), layout=keras_layout)
 
 
-def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, train_text_encoder=True,
-                    backup_dir=None, seed=None, ema_momentum=0.99, verbose="auto"):
-    """Fits sd's UNet (and text encoder) on scaled latents and token ids, ending on the EMA weights
-    (momentum 0.99: an average over about the last 100 steps, for runs of a few thousand steps).
+def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, backup_dir=None, seed=None,
+                    ema_momentum=0.99, verbose="auto", caption_dropout=0.1, offset_noise=0.1, adamw=None):
+    """Fits the trainable variables of sd's UNet and text encoder (freeze either with `trainable=False`) on
+    scaled latents and token ids, against the target of the scheduler's prediction type, ending on the EMA
+    weights (momentum 0.99: an average over about the last 100 steps, for runs of a few thousand steps;
+    None: no EMA). `caption_dropout`, `offset_noise`: see `DiffusionTrainer`; `adamw`: see `optimizer`.
     Returns the last epoch's loss."""
-    sd.text_encoder.trainable = train_text_encoder
     trainer = DiffusionTrainer(sd.text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod,
-                               sd.tokenize("")[0], seed=seed)
-    loss = fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, ema_momentum, verbose)
-    sd.text_encoder.trainable = True
-    return loss
+                               sd.tokenize("")[0], caption_dropout, offset_noise, seed,
+                               sd.scheduler.config["prediction_type"])
+    return fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, ema_momentum, verbose,
+               adamw=adamw)
 
 
 def run_stage(work_dir, name, models, train):
@@ -239,6 +319,14 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_
     return dict(losses, scaling_factor=scaling_factor, num_images=num_images)
 
 
+def data_folder(folder):
+    """`folder` as a Path; FileNotFoundError if it is not a directory."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Training data folder {folder} does not exist.")
+    return folder
+
+
 def load_folder(folder, img_height, img_width):
     """Images and captions of a folder: `captions.jsonl` (`{"file_name", "text"}` per line, as
     `data.write_folder` writes) or one `.txt` caption beside each image.
@@ -246,9 +334,7 @@ def load_folder(folder, img_height, img_width):
     Returns:
         uint8 images (N, img_height, img_width, 3) and N captions.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Training data folder {folder} does not exist.")
+    folder = data_folder(folder)
     listing = folder / "captions.jsonl"
     if listing.exists():
         rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
@@ -285,13 +371,115 @@ def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=
     images, captions = load_folder(data, sd.img_height, sd.img_width)
     keras.utils.set_random_seed(seed)
     latents = encode_latents(sd.encoder, images, sd.decoder.scaling_factor)
+    sd.text_encoder.trainable = False
     loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs, batch_size, learning_rate,
-                           train_text_encoder=False, backup_dir=work_dir, seed=seed, verbose=verbose)
+                           backup_dir=work_dir, seed=seed, verbose=verbose)
     sd.save(output, overwrite=True)
     return dict(diffusion_loss=loss, num_images=len(images))
 
 
+def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TARGETS, train_text_encoder=False,
+               epochs=10, batch_size=16, learning_rate=1e-4, caption_dropout=0.0, work_dir=None, seed=0,
+               verbose="auto"):
+    """Trains a LoRA of a checkpoint's UNet (and text encoder) with `fit` on a folder of captioned images and
+    writes it as a diffusers LoRA file (`lora.write`), which `StableDiffusion.load_lora` and diffusers'
+    `load_lora_weights` read. As diffusers' `train_text_to_image_lora.py` at its defaults: Keras' LoRA layers
+    (`lora.enable`) on the UNet's attention projections, the loss of `DiffusionTrainer` without offset noise
+    (and by default without caption dropout), no EMA, AdamW as torch's (`TORCH_ADAMW`), gradients clipped to norm 1; here
+    the learning rate decays (cosine) to a tenth.
+
+    Args:
+        checkpoint: what `StableDiffusion.from_checkpoint` reads; None: the demo model.
+        data: a folder of captioned images at the checkpoint's image size (see `load_folder`).
+        output: the `.safetensors` file to write.
+        rank, alpha: of every LoRA; alpha default: the rank (updates of alpha / rank * A @ B).
+        targets: the UNet modules to adapt, names or suffixes (see `lora.enable`).
+        train_text_encoder: also adapt the text encoder's attention projections (`TEXT_TARGETS`).
+        epochs, batch_size, learning_rate: of the training; learning_rate is the peak.
+        caption_dropout: the fraction of captions replaced by "", which keeps the unconditional prediction
+            that classifier-free guidance uses from drifting (models trained with it: the demo model, 10%).
+        work_dir: the folder of the resumable backup (`Backup`), default `.OUTPUT.work` beside `output`:
+            a rerun with the same folder resumes.
+        seed: seeds the training noise, timesteps and shuffling.
+    Returns:
+        dict with the final loss, the number of images and the number of adapted modules.
+    Raises:
+        ValueError, FileNotFoundError: for bad arguments (before loading anything), targets that fit no
+            layer, data that does not fit the model (`load_folder`).
+    """
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output must be a .safetensors file, got {str(output)!r}.")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf):
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
+    if not 0 <= caption_dropout <= 1:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}.")
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"targets must be a non-empty sequence of module names, got {targets!r}.")
+    data_folder(data)
+    sd = StableDiffusion.from_checkpoint(checkpoint)
+    images, captions = load_folder(data, sd.img_height, sd.img_width)
+    keras.utils.set_random_seed(seed)  # A's initial values too
+    modules = lora.enable(sd.diffusion_model, targets, rank=rank, alpha=alpha)
+    if train_text_encoder:
+        modules += lora.enable(sd.text_encoder, TEXT_TARGETS, rank=rank, alpha=alpha)
+    else:
+        sd.text_encoder.trainable = False
+    latents = encode_latents(sd.encoder, images, sd.decoder.scaling_factor)
+    loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs, batch_size, learning_rate,
+                           backup_dir=work_dir or output.with_name(f".{output.name}.work"), seed=seed,
+                           ema_momentum=None, verbose=verbose, caption_dropout=caption_dropout, offset_noise=0.0,
+                           adamw=TORCH_ADAMW)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lora.write(output, {"unet": sd.diffusion_model, "text_encoder": sd.text_encoder})
+    return dict(loss=loss, num_images=len(images), modules=len(modules))
+
+
+def main_lora(argv):
+    """`python -m stable_diffusion.train lora ...`: `train_lora` from the command line."""
+    parser = argparse.ArgumentParser(prog="python -m stable_diffusion.train lora",
+                                     description=train_lora.__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="the model to adapt (default: the built-in demo model)")
+    parser.add_argument("--data", required=True, help="folder of images with captions.jsonl or .txt captions")
+    parser.add_argument("--output", required=True, type=Path, help="the LoRA .safetensors file to write")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    parser.add_argument("--targets", nargs="+", default=UNET_TARGETS, metavar="MODULE",
+                        help=f"UNet modules to adapt, names or suffixes (default: {' '.join(UNET_TARGETS)})")
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help=f"also adapt the text encoder's {', '.join(TEXT_TARGETS)}")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, help="fraction of captions dropped (default: 0)")
+    parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
+    args = parser.parse_args(argv)
+    numbers = dict(rank=args.rank, alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size,
+                   learning_rate=args.learning_rate)
+    for flag, value in numbers.items():
+        if value is not None and not 0 < value < math.inf:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive number, got {value}.")
+    if args.output.suffix != ".safetensors":
+        parser.error(f"--output must name a .safetensors file, got {str(args.output)!r}.")
+    try:
+        result = train_lora(args.checkpoint, args.data, args.output, rank=args.rank, alpha=args.alpha,
+                            targets=args.targets, train_text_encoder=args.train_text_encoder, epochs=args.epochs,
+                            batch_size=args.batch_size, learning_rate=args.learning_rate,
+                            caption_dropout=args.caption_dropout, work_dir=args.work_dir,
+                            seed=args.seed, verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
+    except (OSError, ValueError) as error:
+        parser.exit(1, f"error: {error}\n")
+    print(json.dumps(result))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lora"]:
+        return main_lora(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="bundle folder to write")
     parser.add_argument("--checkpoint", help="fine-tune this checkpoint's UNet (with --data)")

@@ -12,6 +12,7 @@ little-endian header size, a JSON header `{key: {dtype, shape, data_offsets}, "_
 and the tensors' bytes, contiguous, offsets relative to the end of the header.
 """
 import json
+import math
 from collections.abc import Mapping
 from functools import partial
 
@@ -22,8 +23,12 @@ from .keras_internals import set_variable
 
 KEY_SUFFIX = {"kernel": "weight", "gamma": "weight", "embeddings": "weight", "bias": "bias", "beta": "bias"}
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                      "BOOL": np.bool_}
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+                      "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file this package cannot read: the message names the file and says what is wrong."""
 
 
 def to_keras_layout(variable_name, tensor, shape):
@@ -51,22 +56,31 @@ def named_variables(model):
 
 
 def read_json(path):
-    """A checkpoint's JSON file; FileNotFoundError saying the checkpoint is incomplete if it is missing."""
+    """A checkpoint's JSON object; FileNotFoundError saying the checkpoint is incomplete if the file is
+    missing, CheckpointError naming it if it does not hold a JSON object in UTF-8."""
     if not path.exists():
         raise FileNotFoundError(f"Missing {path}: the checkpoint is incomplete.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(document).__name__}, not an object.")
+    return document
+
+
+def numpy_holds(shape, itemsize):
+    """Whether numpy makes arrays of `shape`: their size in bytes, zero dimensions aside, fits an int64."""
+    return math.prod(n or 1 for n in shape) * itemsize < 2**63
 
 
 def safetensors_header(path):
     """(entries, metadata) of the safetensors file `path`: `entries[key]` gives a tensor's numpy `dtype`,
     `shape` and `offset` in the file. The header is checked against the file: known dtypes, sizes that
-    fit the shapes, tensors contiguous and ending where the file ends; a ValueError naming the file
+    fit the shapes, tensors contiguous and ending where the file ends; a CheckpointError naming the file
     says what is wrong otherwise."""
     def unreadable(reason):
-        return ValueError(f"{path} is not a readable safetensors file: {reason}.")
+        return CheckpointError(f"{path} is not a readable safetensors file: {reason}.")
 
     size = path.stat().st_size
     with open(path, "rb") as file:
@@ -75,7 +89,7 @@ def safetensors_header(path):
             raise unreadable(f"its header size says {length} bytes, the file has {size}")
         try:
             header = json.loads(file.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise unreadable(f"its header is not JSON ({error})") from error
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise unreadable("its header is not a JSON object with an object as __metadata__")
@@ -84,8 +98,8 @@ def safetensors_header(path):
         try:
             dtype, shape = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), entry["shape"]
             begin, end = entry["data_offsets"]
-            valid = (all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end))
-                     and end - begin == dtype.itemsize * int(np.prod(shape)))
+            valid = (all(type(n) is int and n >= 0 for n in (*shape, begin, end))
+                     and end - begin == dtype.itemsize * math.prod(shape) and numpy_holds(shape, dtype.itemsize))
         except (KeyError, TypeError, ValueError):
             valid = False
         if not valid:
@@ -145,6 +159,8 @@ class Tensors(Mapping):
             shape = self.shapes[key]
             if part is None:
                 readers[new], shapes[new] = self._readers[key], shape
+            elif not shape or shape[0] % 3:
+                raise CheckpointError(f"{self.source}: {key} has the shape {shape}, not one of fused q/k/v thirds.")
             else:
                 n = shape[0] // 3
                 readers[new] = lambda key=key, part=part, n=n: self[key][part * n:(part + 1) * n]
@@ -165,7 +181,7 @@ class Tensors(Mapping):
 
 
 def load_weights(models, tensors, unused_prefixes=(), layout=to_keras_layout):
-    """Sets every variable of `models` from `tensors`, strictly; raises ValueError listing problems.
+    """Sets every variable of `models` from `tensors`, strictly; raises CheckpointError listing problems.
     `layout(variable name, tensor, variable shape)` brings a tensor into the variable's layout."""
     plan, problems, used = [], [], set()
     for layer in (layer for model in models for layer in model.layers):
@@ -183,13 +199,18 @@ def load_weights(models, tensors, unused_prefixes=(), layout=to_keras_layout):
     unused = [k for k in tensors if k not in used and not k.startswith(tuple(unused_prefixes))]
     problems += [f"unexpected tensor {key}" for key in unused]
     if problems:
-        listed = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         names = " + ".join(model.name for model in models)
-        raise ValueError(f"{tensors.source} does not fit the {names} model:\n  {listed}")
+        raise CheckpointError(f"{tensors.source} does not fit the {names} model:{listing(problems)}")
     for variable, key in plan:
         value = layout(variable.name, tensors[key], variable.shape)
         handed_over = tensors.owned and value.dtype == variable.dtype
         set_variable(variable, value if handed_over else aligned_copy(value, variable.dtype))
+
+
+def listing(problems, limit=10):
+    """The first `limit` of `problems`, one per indented line, each after a newline."""
+    more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
+    return "".join(f"\n  {problem}" for problem in problems[:limit] + more)
 
 
 def strict_loader(tensors, unused_prefixes=()):

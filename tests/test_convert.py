@@ -141,14 +141,16 @@ def test_text_to_image_equals_diffusers(kind, suffix, bench):
 
 
 def test_defaults_follow_diffusers(bench):
-    sd1 = checkpoints.read(bench.file("sd1", ".safetensors"))
-    sd2 = checkpoints.read(bench.file("sd2", ".ckpt"))
+    sd1_settings, sd2_settings = (ldm_reference.overrides(bench.pipe(kind)) for kind in ("sd1", "sd2"))  # tiny widths
+    sd1 = checkpoints.read(bench.file("sd1", ".safetensors"), config=sd1_settings)
+    sd2 = checkpoints.read(bench.file("sd2", ".ckpt"), config=sd2_settings)
     assert (sd1.config["scheduler"]["prediction_type"], sd1.img_height, sd1.tokenizer.pad_token_id) == ("epsilon", 512, 49407)
     assert (sd2.config["scheduler"]["prediction_type"], sd2.img_height, sd2.tokenizer.pad_token_id) == ("v_prediction", 768, 0)
-    assert checkpoints.read(bench.file("sd2", ".ckpt"), prediction_type="epsilon").img_height == 512
+    epsilon = checkpoints.read(bench.file("sd2", ".ckpt"), prediction_type="epsilon", config=sd2_settings)
+    assert epsilon.img_height == 512
     state = ldm_reference.ldm_state_dict(bench.pipe("sd2"), "sd2")  # SD 2.0-base's global step
     base = ldm_reference.write(state, bench.root / "base.ckpt", global_step=ldm.SD2_BASE_GLOBAL_STEP)
-    assert checkpoints.read(base).config["scheduler"]["prediction_type"] == "epsilon"
+    assert checkpoints.read(base, config=sd2_settings).config["scheduler"]["prediction_type"] == "epsilon"
     assert sd2.config["scheduler"] == dict(ldm.SCHEDULER, prediction_type="v_prediction")
 
 

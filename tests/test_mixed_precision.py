@@ -7,7 +7,7 @@ import pytest
 
 from reference import psnr
 from stable_diffusion import StableDiffusion
-from stable_diffusion.stable_diffusion import MODELS
+from stable_diffusion.bundle import MODELS
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,8 @@ def test_long_prompts_equal_diffusers_with_chunked_embeddings(reference, ours):
     with pytest.warns(UserWarning, match="truncated"):
         assert sd.encode_text(prompt).shape == (1, 77, 32)
     setup = sd._prepare(sd.encode_text("a cat", long_prompts=True), negative_prompt=prompt, batch_size=1, num_steps=1,
-                        seed=0, diffusion_noise=None, scheduler=None, long_prompts=True)
+                        seed=0, diffusion_noise=None, scheduler=None, long_prompts=True, clip_skip=None,
+                        prompt_weighting=False)
     assert setup.context.shape == setup.negative.shape == (1, 154, 32)  # the shorter prompt padded with an empty chunk
     np.testing.assert_allclose(setup.context[:, 77:], chunked_embeddings("", 1).numpy(), atol=1e-5)
 
@@ -130,7 +131,7 @@ def test_bad_generation_arguments(arguments, message, ours):
 
 def test_generation_methods_share_one_keyword_only_order():
     """The prompt (and picture, mask) positional, every other argument keyword-only, in one order."""
-    methods = dict(text_to_image=["prompt"], generate_image=["encoded_text"], image_to_image=["prompt", "image"],
+    methods = dict(text_to_image=["prompt"], generate_image=["prompt"], image_to_image=["prompt", "image"],
                    inpaint=["prompt", "image", "mask"])
     signatures = {name: inspect.signature(getattr(StableDiffusion, name)).parameters for name in methods}
     for name, positional in methods.items():

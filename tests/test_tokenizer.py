@@ -6,6 +6,7 @@ Tolerance: ids must be equal, for both pad tokens (SD 1.x "<|endoftext|>", SD 2.
 reference turns every "!" of a prompt into id 0, diffusers issue #4153, and so must we).
 """
 
+import copy
 import json
 import os
 import random
@@ -218,7 +219,7 @@ def test_long_prompts_in_chunks(tokenizer, recwarn):
 
 @pytest.mark.parametrize("bad", [None, 3, b"bytes", [], ["ok", 7], ["ok", None]])
 def test_rejects_non_strings(tokenizer, bad):
-    with pytest.raises(ValueError, match="Expected"):
+    with pytest.raises(ValueError, match=r"prompt must (be a string or a non-empty list of strings|hold strings only), got"):
         tokenizer(bad)
 
 
@@ -253,6 +254,45 @@ def test_save_round_trip(tmp_path, tokenizers):
     assert reference.pad_token == tokenizer.pad_token and reference.model_max_length == 77
     expected = reference(prompts, padding="max_length", truncation=True, max_length=77).input_ids
     assert loaded(prompts).tolist() == expected
+
+
+ADDED = ["<Cat-Toy>", "mytok", "mytok_1", "my tok"]  # textual-inversion tokens; mytok_1: mytok's second vector
+ADDED_PROMPTS = ["a <Cat-Toy> b", "A <CAT-TOY>b", "x<cat-toy>y!!", "café<cat-toy>", "my  tok, MY\ttok!",
+                 "a mytok, mytok.", "<cat-toy> mytok " * 30, "a photo of a cat"]
+
+
+def test_added_tokens_equal_transformers(tmp_path, tokenizers):
+    """transformers' added tokens (matched whole in the normalized text); an added token t stands for t, t_1, ...
+    as diffusers' `maybe_convert_prompt` makes it; the tokens survive `save` for us and for transformers."""
+    tokenizer, reference = tokenizers
+    ours, reference = Tokenizer(tokenizer.vocabulary, tokenizer.merges, tokenizer.pad_token_id), copy.copy(reference)
+    reference.add_tokens(ADDED)
+    ours.add_tokens({token: reference.convert_tokens_to_ids(token) for token in ADDED})
+    converted = [prompt.replace("mytok", "mytok mytok_1") for prompt in ADDED_PROMPTS]  # as diffusers converts
+    expected = reference(converted, padding="max_length", truncation=True, max_length=77).input_ids
+    with pytest.warns(UserWarning, match="truncated"):
+        assert ours(ADDED_PROMPTS).tolist() == expected
+    ours.save(tmp_path)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert Tokenizer.from_folder(tmp_path)(ADDED_PROMPTS).tolist() == expected
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    assert again(converted, padding="max_length", truncation=True, max_length=77).input_ids == expected
+    reference.save_pretrained(tmp_path / "transformers")
+    assert Tokenizer.from_folder(tmp_path / "transformers").added_tokens == ours.added_tokens
+    assert tokenizer.added_tokens == {}, "the fixture's tokenizer changed"
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ({"a</w>": 49408}, "'a</w>' is already in"),
+    ({"<|endoftext|>": 49408}, "already in"),
+    ({"<tok>": 49408, "<TOK>": 49409}, "'<TOK>' is already in"),
+    ({" ": 49408}, "non-empty string"),
+])
+def test_add_tokens_refuses_taken_tokens_adding_none(tokenizer, tokens, message):
+    ours = Tokenizer(tokenizer.vocabulary, tokenizer.merges)
+    with pytest.raises(ValueError, match=message):
+        ours.add_tokens(tokens)
+    assert ours.added_tokens == {}
 
 
 @pytest.mark.parametrize("missing", ["vocab.json", "merges.txt", "tokenizer_config.json"])

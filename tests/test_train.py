@@ -1,17 +1,24 @@
-"""Training: a few `fit` steps of each stage on tiny models, fine-tuning a saved bundle, data folders.
+"""Training: a few `fit` steps of each stage on tiny models, fine-tuning a saved bundle, data folders, the loss
+against diffusers' training objective, LoRA training end to end (its step against PEFT: test_lora.py).
 .ci/run also runs the two stage tests on the JAX and torch backends."""
 import json
 
+import keras
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
-from reference import TINY_CONFIG
+from reference import TINY_CONFIG, nchw
 from stable_diffusion import StableDiffusion
 from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.encoder import Encoder
-from stable_diffusion.train import VAETrainer, fine_tune, fit, load_folder, train_demo, train_diffusion
+from stable_diffusion.train import (Backup, DiffusionTrainer, VAETrainer, fine_tune, fit, load_folder, main,
+                                    train_demo, train_diffusion, train_lora)
 
 SIZE = 16
 
@@ -101,3 +108,82 @@ def test_bad_data_folders_raise(tmp_path):
     with pytest.raises(ValueError, match="no .txt caption"):
         load_folder(tmp_path / "empty", 32, 32)
 
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])  # epsilon and v-prediction
+def test_loss_equals_diffusers_training_objective(kind, reference, ours):
+    """For the same latents, noise, timesteps and captions, `DiffusionTrainer`'s loss equals diffusers'
+    `train_text_to_image.py`: F.mse_loss(unet(add_noise(latents, noise, t), t, text).sample, target), the target the
+    noise or `get_velocity` (relative tolerance 1e-5)."""
+    pipe, sd = reference(kind)[0], ours(kind)
+    prediction_type = sd.scheduler.config["prediction_type"]
+    assert prediction_type == ("epsilon" if kind == "sd1" else "v_prediction")
+    latents, noise = np.random.default_rng(3).standard_normal((2, 3, 8, 8, 4), dtype=np.float32)
+    timesteps, tokens = np.array([5, 500, 990]), sd.tokenize(["a red circle", "", "a blue square on a gray background"])
+    trainer = DiffusionTrainer(sd.text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod, sd.tokenize("")[0],
+                               prediction_type=prediction_type)
+    inputs = [keras.ops.convert_to_tensor(x) for x in (latents, noise, timesteps.astype("int32"), tokens)]
+    loss = keras.ops.convert_to_numpy(trainer.compute_loss(y_pred=trainer.prediction_and_target(*inputs)))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents, noise, t = nchw(latents), nchw(noise), torch.from_numpy(timesteps)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    with torch.no_grad():
+        text = pipe.text_encoder(torch.from_numpy(tokens.astype(np.int64)))[0]
+        expected = F.mse_loss(pipe.unet(scheduler.add_noise(latents, noise, t), t, text).sample, target).item()
+    wrong = F.mse_loss(noise if prediction_type != "epsilon" else scheduler.get_velocity(latents, noise, t), target)
+    assert abs(float(loss) - expected) <= 1e-5 * expected
+    assert abs(wrong.item() - expected) > 0.01 * expected, "the two targets give about the same loss"
+
+
+@pytest.mark.training
+def test_train_lora_resumes_and_its_cli_writes_a_loadable_file(tmp_path, monkeypatch, capsys):
+    """A run stopped after its first epoch and rerun with the same work folder ends where an uninterrupted run
+    ends (one image, so shuffling plays no part); the backup goes once done. The CLI writes a file that
+    `load_lora` merges."""
+    StableDiffusion(32, 32, config=TINY_CONFIG).save(tmp_path / "base")
+    write_folder(tmp_path / "data", *make_dataset(1, seed=2, image_size=32))
+    options = dict(targets=("to_q", "to_v", "conv1"), train_text_encoder=True, epochs=3, batch_size=1,
+                   learning_rate=1e-2, verbose=0)
+    train_lora(tmp_path / "base", tmp_path / "data", tmp_path / "whole.safetensors", work_dir=tmp_path / "w1", **options)
+    save = Backup.on_epoch_end
+
+    def stop_after_first_epoch(self, epoch, logs=None):
+        save(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Backup, "on_epoch_end", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(tmp_path / "base", tmp_path / "data", tmp_path / "resumed.safetensors", work_dir=tmp_path / "w2",
+                   **options)
+    assert (tmp_path / "w2" / "backup.safetensors").exists()
+    monkeypatch.undo()
+    train_lora(tmp_path / "base", tmp_path / "data", tmp_path / "resumed.safetensors", work_dir=tmp_path / "w2",
+               **options)
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
+    whole, resumed = (load_file(tmp_path / f"{name}.safetensors") for name in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and len(whole) == 2 * (16 + 8 + 4)  # q, v of 8 attentions; 8 conv1; text
+    for key, value in whole.items():
+        np.testing.assert_allclose(resumed[key].numpy(), value.numpy(), rtol=1e-5, atol=1e-7, err_msg=key)
+
+    main(["lora", "--checkpoint", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--output",
+          str(tmp_path / "cli.safetensors"), "--epochs", "1", "--rank", "2", "--verbose", "0"])
+    assert json.loads(capsys.readouterr().out)["modules"] == 32  # q, k, v, out of 8 attentions
+    sd = StableDiffusion.from_checkpoint(tmp_path / "base")
+    before = snapshot(sd.diffusion_model)
+    sd.load_lora(tmp_path / "cli.safetensors")
+    assert changed(before, sd.diffusion_model)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lora", "--data", "D", "--output", "lora.ckpt"], "--output must name a .safetensors file"),
+    (["lora", "--data", "D", "--output", "o.safetensors", "--rank", "0"], "--rank must be a positive number"),
+    (["lora", "--data", "D", "--output", "o.safetensors", "--alpha", "nan"], "--alpha must be a positive number"),
+    (["lora", "--data", "MISSING", "--output", "o.safetensors"], "error: Training data folder MISSING does not exist"),
+    (["--output", "o", "--checkpoint", "C"], "--checkpoint and --data go together"),  # the fine-tuning CLI
+])
+def test_train_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code != 0
+    assert message in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""Textual-inversion embeddings (Gal et al., 2022): new words for the CLIP text encoder, from the files people publish.
+
+Files (`read`):
+- diffusers `learned_embeds.safetensors` (or `.bin`): `{token: (width,) or (n, width)}`;
+- A1111 `.pt` (or `.bin`): `{"string_to_param": {"*": (n, width)}, "name": ..., ...}`;
+- A1111 `.safetensors`: `{"emb_params": (n, width)}`.
+Pickled files are read without PyTorch by `ckpt.read`, which refuses unexecuted anything but tensors and plain
+containers. The token is the diffusers file's key, or for A1111 files the file's name without its extension (the
+name A1111 prompts use), unless `token=` names another.
+
+Loading (`load`): an embedding of n vectors for token t adds the tokens t, t_1, ..., t_{n-1}, as diffusers does (t
+in a prompt stands for all of them: `Tokenizer.expand`), with the ids of n rows appended to the text encoder's token
+embedding: a new Embedding layer replaces the old one in a copy of the text encoder's graph that shares every other
+layer, and so its weights (LoRAs merged into them stay undoable), as transformers' `resize_token_embeddings`.
+
+References: diffusers `loaders/textual_inversion.py` (`load_textual_inversion`); AUTOMATIC1111/stable-diffusion-webui
+`modules/textual_inversion/textual_inversion.py` (`create_embedding_from_data`).
+"""
+import copy
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from . import ckpt
+from .weights import read_tensor, safetensors_header
+
+TOKEN_EMBEDDING = "embeddings-token_embedding"  # the text encoder's token embedding layer
+
+
+def read(path, token=None):
+    """(token, vectors) of the embedding file at `path` (see the module docstring): vectors float32 (n, width).
+
+    Raises ValueError naming the file if it is unreadable or holds something other than one embedding.
+    """
+    path = Path(path)
+    data = ({key: read_tensor(path, entry) for key, entry in safetensors_header(path)[0].items()}
+            if path.suffix == ".safetensors" else ckpt.read(path))
+    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111 .pt
+        name, values = path.stem, list(data["string_to_param"].values())
+    elif isinstance(data, dict) and len(data) == 1:  # A1111 .safetensors, or diffusers {token: vectors}
+        name, values = (path.stem if "emb_params" in data else next(iter(data))), list(data.values())
+    else:
+        name, values = None, []
+    values = [value.read() if isinstance(value, ckpt.Tensor) else value for value in values]
+    if len(values) != 1 or not isinstance(values[0], np.ndarray) or values[0].ndim not in (1, 2) or not values[0].size:
+        found = sorted(map(str, data))[:8] if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a textual-inversion embedding: expected one tensor (n, width) under "
+                         f"string_to_param (A1111 .pt), emb_params (A1111 .safetensors) or a token (diffusers); "
+                         f"found {found}.")
+    vectors = np.asarray(values[0], "float32").reshape(-1, values[0].shape[-1])
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{path} holds an embedding with values that are not finite (a damaged file?).")
+    return (name if token is None else token), vectors
+
+
+def load(sd, path, *, token=None):
+    """`StableDiffusion.load_textual_inversion`: adds the textual-inversion embedding at `path` to `sd` (a `StableDiffusion`): its tokens to the tokenizer,
+    its vectors to the text encoder's token embedding (see the module docstring).
+
+    Args:
+        path: an A1111 `.pt` / `.safetensors` or diffusers `learned_embeds.safetensors` / `.bin` file.
+        token: the token prompts use for it; default: the file's (see the module docstring).
+
+    Raises ValueError, leaving `sd` unchanged, if `token` is not a non-empty string, the file holds no embedding,
+    its width is not the text encoder's, or a token it adds is in the tokenizer already.
+    """
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise ValueError(f"token must be None or a non-empty string, got {token!r}.")
+    token, vectors = read(path, token)
+    old = sd.text_encoder.get_layer(TOKEN_EMBEDDING)
+    table = keras.ops.convert_to_numpy(old.embeddings)  # (rows, width)
+    rows, width = table.shape
+    if vectors.shape[1] != width:
+        raise ValueError(f"{path} holds an embedding of width {vectors.shape[1]}; this model's text encoder is "
+                         f"{width} wide (SD 1.x: 768, SD 2.x: 1024): the embedding was made for another model.")
+    names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
+    tokenizer = copy.copy(sd.tokenizer)  # `add_tokens` changes the copy only
+    try:
+        tokenizer.add_tokens(dict(zip(names, range(rows, rows + len(vectors)))))
+    except ValueError as error:
+        raise ValueError(f"Cannot add {path}: {error} Pass token=... to give the embedding another name.") from None
+    table = np.concatenate([table, vectors.astype(table.dtype)])
+    new = keras.layers.Embedding(*table.shape, weights=[table], name=old.name, dtype=old.dtype_policy)
+    grown = keras.models.clone_model(sd.text_encoder, clone_function=lambda layer: new if layer is old else layer)
+    grown.compile(jit_compile=sd.text_encoder.jit_compile)
+    sd.config = dict(sd.config, text_encoder=dict(sd.config["text_encoder"], vocab_size=len(table)))
+    sd.text_encoder, sd.tokenizer = grown, tokenizer

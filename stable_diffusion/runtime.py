@@ -1,0 +1,89 @@
+"""How the pipeline's models are compiled on each backend, and the caches on disk that spare a second process
+the compilation:
+
+- TensorFlow and JAX: `Model.compile(jit_compile=...)` (XLA); JAX keeps what it compiles in XLA's persistent
+  compilation cache (`jax_compilation_cache_dir`, every compilation however short), unless the process set one.
+- torch: eager.
+- OpenVINO (inference only: CPU): each model's `predict_on_batch` runs an OpenVINO model compiled once per
+  input shapes, in float32 (the CPU plugin otherwise computes in bfloat16 on CPUs that have it), kept in memory
+  and in OpenVINO's model cache (`CACHE_DIR`), which a later process reads instead of compiling.
+
+The caches live in $KERAS_SD_CACHE (an empty value: none), by default `~/.keras/cache/stable_diffusion`
+(under $KERAS_HOME if set), in one folder per backend.
+"""
+import functools
+import os
+
+import keras
+import numpy as np
+
+from . import keras_internals, presets
+
+CACHE_VARIABLE = "KERAS_SD_CACHE"
+
+
+def cache_dir(backend):
+    """The folder of `backend`'s compiled models (see the module docstring), or None if caching is off."""
+    root = os.environ.get(CACHE_VARIABLE, presets.cache_dir().parent / "cache" / "stable_diffusion")
+    return os.path.join(root, backend) if root else None
+
+
+def compile_models(sd, *, jit_compile):
+    """Prepares the models of the pipeline `sd` for its backend (see the module docstring); `jit_compile` None:
+    XLA on JAX only (TensorFlow graphs start faster; README, "XLA or not")."""
+    backend = keras.backend.backend()
+    jit_compile = backend == "jax" if jit_compile is None else jit_compile
+    for model in (sd.text_encoder, sd.denoise_step, sd.decoder):
+        model.compile(jit_compile=jit_compile and backend != "torch")
+    if backend == "jax" and jit_compile and cache_dir("jax"):
+        import jax
+
+        if jax.config.jax_compilation_cache_dir is None:
+            jax.config.update("jax_compilation_cache_dir", cache_dir("jax"))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if backend == "openvino":
+        for model in (sd.text_encoder, sd.diffusion_model, sd.denoise_step, sd.decoder, sd.encoder):
+            model.predict_on_batch = OpenVINOPredictor(model)
+
+
+class OpenVINOPredictor:
+    """`model.predict_on_batch` on OpenVINO: numpy inputs -> numpy outputs, compiled per input shapes and
+    dtypes in float32, in OpenVINO's model cache; compiled again once the model's weights are assigned."""
+
+    def __init__(self, model):
+        self.model, self.compiled, self.weights = model, {}, []
+
+    def __call__(self, x):
+        inputs = [np.asarray(value) for value in keras.tree.flatten(x)]
+        weights = [variable.value for variable in self.model.variables]  # held: their ids stay theirs
+        if list(map(id, weights)) != list(map(id, self.weights)):
+            self.compiled, self.weights = {}, weights
+        key = tuple((value.shape, value.dtype.str) for value in inputs)
+        if key not in self.compiled:
+            graph = keras_internals.openvino_graph(self.model, inputs)
+            if graph is None:  # this Keras lacks what it takes: its own predict_on_batch
+                return type(self.model).predict_on_batch(self.model, x)
+            self.compiled[key] = compile_openvino(graph)
+        outputs = self.compiled[key](inputs).to_tuple()
+        return outputs[0] if len(outputs) == 1 else list(outputs)
+
+
+
+def compile_openvino(graph):
+    """The OpenVINO CPU plugin's compiled model of the `openvino.Model` `graph`, in float32, read from the cache
+    on disk if there, else compiled and written there."""
+    for index, operation in enumerate(graph.get_ordered_ops()):  # the cache's key: names, not a global count
+        operation.set_friendly_name(str(index))
+        for port, output in enumerate(operation.outputs()):
+            output.get_tensor().set_names({f"{index}.{port}"})
+    folder = cache_dir("openvino")
+    return openvino_core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                         **({"CACHE_DIR": folder} if folder else {})})
+
+
+@functools.cache
+def openvino_core():
+    """The process's `openvino.Core`."""
+    import openvino
+
+    return openvino.Core()

@@ -1,0 +1,121 @@
+"""The settings a checkpoint gives the models, the scheduler, the image size and the prompts' grammar,
+checked before anything is built (`check`), so that a damaged or foreign file gives one CheckpointError naming it rather than an
+error from deep inside Keras, a model that takes minutes to build, or an allocation of a size the file
+does not hold.
+
+The form of each setting is that of its default in the model's signature; what the weights hold bounds
+the sizes and gives the block counts; the rest is what the models need of their settings (heads and
+norm groups dividing the channels, one value per level) and what the scheduler accepts.
+"""
+import inspect
+import math
+
+from . import data, ldm, schedulers
+from .decoder import Decoder
+from .diffusion_model import DiffusionModel
+from .encoder import Encoder
+from .text_encoder import ACTIVATIONS, TextEncoder
+from .weights import CheckpointError
+
+MODELS = {"text_encoder": TextEncoder, "diffusion_model": DiffusionModel, "decoder": Decoder, "encoder": Encoder}
+SET_BY_THE_PIPELINE = ("latent_height", "latent_width", "img_height", "img_width", "dtype", "name")
+# Settings that count blocks, and the keys that show the count in the weights: their prefix, followed by
+# the block number, and the blocks the model has beyond the setting. A model of another count would
+# fail only in loading, after taking long to build.
+BLOCK_COUNTS = {("text_encoder", "num_layers"): ("encoder.layers.", 0),
+                ("diffusion_model", "layers_per_block"): ("down_blocks.0.resnets.", 0),
+                ("diffusion_model", "transformer_depth"): ("mid_block.attentions.0.transformer_blocks.", 0),
+                ("encoder", "layers_per_block"): ("encoder.down_blocks.0.resnets.", 0),
+                ("decoder", "layers_per_block"): ("decoder.up_blocks.0.resnets.", 1)}
+MAX_SIZE = 2**16  # image sizes and training timesteps: far above any of the family's (768 px, 1000 steps)
+
+
+def fits(value, default):
+    """Whether `value` has the form of a setting whose default is `default`: a bool, a positive int (or 0
+    where the default is 0), a finite number, a string, or a non-empty list of what the tuple holds."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return type(value) is int and value >= min(default, 1)
+    if isinstance(default, float):
+        return type(value) in (int, float) and math.isfinite(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(fits(v, default[0]) for v in value)
+
+
+def arguments(name, settings):
+    """The arguments model `name` is built with: its defaults, updated with `settings`."""
+    return {key: p.default for key, p in inspect.signature(MODELS[name]).parameters.items()} | settings
+
+
+def check_model(name, settings, tensors, source):
+    """CheckpointError naming `source` (or the weights file) unless model `name` can be built with
+    `settings` and take the weights `tensors`: known settings, of the form of their defaults, sizes
+    within the weights' largest dimension, the block counts of the weights, heads and norm groups that
+    divide the channels, one value per level, a known activation."""
+    def refuse(reason):
+        raise CheckpointError(f"{source}: {name} {reason}.")
+
+    defaults = arguments(name, {})
+    largest = max((n for shape in tensors.shapes.values() for n in shape), default=0)
+    for key, value in settings.items():
+        if key not in defaults or key in SET_BY_THE_PIPELINE:
+            refuse(f"has no setting {key!r}")
+        per_level = key == "num_heads" and isinstance(value, (list, tuple))  # one per level, or one for all
+        if not fits(value, (defaults[key],) if per_level else defaults[key]):
+            refuse(f"{key}={value!r:.80} does not have the form of its default {defaults[key]!r}")
+        if any(type(n) is int and n > largest for n in (value if isinstance(value, (list, tuple)) else [value])):
+            refuse(f"{key}={value!r:.80} is larger than any dimension of its weights ({tensors.source})")
+    given = arguments(name, settings)
+    for (model, key), (prefix, beyond) in BLOCK_COUNTS.items():
+        found = ldm.count(tensors.shapes, prefix, prefix.count("."))
+        if model == name and not found:  # the weights of another model
+            raise CheckpointError(f"{tensors.source} does not fit the {name} model: it has no {prefix}* tensors.")
+        if model == name and given[key] != found - beyond:
+            refuse(f"{key}={given[key]}, its weights ({tensors.source}) have {found - beyond}")
+    channels = list(given.get("channels", [given.get("width")]))  # the text encoder: one level of its width
+    heads, groups = given.get("num_heads", 1), given.get("norm_groups", 1)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels)
+    if len(heads) != len(channels) or len(given.get("attention_levels", channels)) != len(channels):
+        refuse(f"num_heads and attention_levels do not give one value per level of its channels {channels}")
+    if any(c % h or c % groups for c, h in zip(channels, heads)):
+        refuse(f"channels {channels} are not multiples of num_heads {heads} and norm_groups {groups}")
+    if given.get("activation", "gelu") not in ACTIVATIONS:
+        refuse(f"activation {given['activation']!r} is not one of {sorted(ACTIVATIONS)}")
+
+
+def check_scheduler(settings, source):
+    """CheckpointError naming `source` unless the scheduler can be built from `settings` (a diffusers
+    scheduler config): the settings it takes of the form of their defaults, ints at most `MAX_SIZE`."""
+    defaults = inspect.signature(schedulers.Scheduler).parameters
+    for key, value in settings.items():
+        default = defaults[key].default if key in defaults and key != "config" else None
+        if default is not None and not (fits(value, default) and (type(value) is not int or value <= MAX_SIZE)):
+            raise CheckpointError(f"{source}: the scheduler's {key}={value!r:.80} does not have the form of its "
+                                  f"default {default!r} (at most {MAX_SIZE}).")
+    try:
+        schedulers.create("ddim", settings)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: the scheduler cannot be built: {error}") from error
+
+
+def check(checkpoint):
+    """Refuses the settings of a `checkpoints.Checkpoint` the models or the scheduler cannot be built from
+    or the weights cannot fit, and image sizes the models do not take: CheckpointError naming the file
+    the setting comes from (`checkpoint.sources`)."""
+    config, sources = checkpoint.config, checkpoint.sources
+    for name in MODELS:
+        check_model(name, config[name], checkpoint.tensors[name], sources[name])
+    check_scheduler(config["scheduler"], sources["scheduler"])
+    grammar = config.get("grammar", {})
+    if grammar and not (sorted(grammar) == sorted(data.GRAMMAR) and all(
+            isinstance(words, list) and all(isinstance(word, str) for word in words) for words in grammar.values())):
+        raise CheckpointError(f"{sources['grammar']}: the grammar {grammar!r:.80} is not a list of words for each "
+                              f"of the slots {list(data.GRAMMAR)}.")
+    levels = [len(arguments(name, config[name])["channels"]) for name in ("decoder", "diffusion_model")]
+    factor = 2 ** (sum(levels) - 2)  # the VAE's and the UNet's downsampling
+    for size in (checkpoint.img_height, checkpoint.img_width):
+        if not (type(size) is int and 0 < size <= MAX_SIZE and size % 8 == 0 and size % factor == 0):
+            raise CheckpointError(f"{sources['size']}: the image size {size!r:.60} is not a positive multiple "
+                                  f"of 8 and of {factor} (the VAE's and UNet's downsampling) up to {MAX_SIZE}.")
