@@ -280,7 +280,7 @@ class DPMSolverScheduler(Scheduler):
 
     def update(self, c, model_output, latents, memory, noise, xp):
         clean = c["clean_latents"] * latents + c["clean_output"] * model_output
-        extrapolated = clean + c["extrapolate"] * (clean - memory[0])  # second order: D = clean + (clean - previous) / 2r
+        extrapolated = clean + c["extrapolate"] * (clean - memory[0])  # D = clean + (clean - previous) / 2r
         return c["latents"] * latents + c["clean"] * extrapolated, (clean,)
 
 
@@ -291,7 +291,7 @@ def vp(sigma):
 
 
 def denoising(sigma, prediction_type):
-    """(a, b): the predicted clean latents are a x + b model_output, where x = x_0 + sigma eps (the VP latents / alpha_t)."""
+    """(a, b): the predicted clean latents are a x + b model_output, where x = x_0 + sigma eps (VP latents / alpha_t)."""
     if prediction_type == "epsilon":
         return 1.0, -sigma
     return 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
