@@ -43,18 +43,15 @@ class CompiledLoop:
     def __call__(self, latents, setup, *, guidance, conditioning=None, after_step=None, verbose=True):
         """The clean latents (B, h, w, C), as `StableDiffusion.denoise` (`after_step`: None or a
         `schedulers.Repaint`); progress on stderr once, at the end, if `verbose`."""
-        sampler, start = setup.sampler, time.perf_counter()
-        steps = range(sampler.index, len(sampler.all_timesteps))
-        rows = [dict(timestep=sampler.all_timesteps[i], input_scale=sampler.input_scale(i), **sampler.coefficients(i),
-                     **(dict(zip(("signal", "level"), after_step.levels(i + 1))) if after_step else {})) for i in steps]
+        sampler, steps, start = setup.sampler, len(setup.sampler.timesteps), time.perf_counter()
         inputs = dict(latents=latents, context=setup.context, negative=setup.negative,
                       guidance=np.full((len(latents),), guidance, dtype="float32"),
-                      tables={name: np.float32([row[name] for row in rows]) for name in rows[0]})
+                      tables=step_tables(sampler, after_step))
         if sampler.ancestral:
-            inputs["noise"] = np.stack([setup.draw_noise() for _ in steps])  # (steps, B, h, w, C)
+            inputs["noise"] = np.stack([setup.draw_noise() for _ in range(steps)])  # (steps, B, h, w, C)
         if conditioning is not None:
             inputs["conditioning"] = conditioning
-        if after_step:
+        if after_step is not None:
             inputs["repaint"] = dict(mask=after_step.mask, known=after_step.known, noise=after_step.noise)
         key = (type(sampler), sampler.ancestral, tuple(sorted(sampler.config.items())))  # what its rule reads
         if key not in self.loops:
@@ -62,8 +59,19 @@ class CompiledLoop:
             self.loops[key].compile(jit_compile=True)
         latents = self.loops[key].predict_on_batch(inputs)
         if verbose:
-            progress.write("denoising", len(steps), len(steps), start)
+            progress.write("denoising", steps, steps, start)
         return latents
+
+
+def step_tables(sampler, repaint=None):
+    """The rest of `sampler`'s run as float32 tables {name: (steps,)}: per step its timestep, the UNet input's scale
+    (`input_scale`), its `coefficients` and, given a `schedulers.Repaint`, the blend's levels after the step."""
+    rows = []
+    for index in range(sampler.index, len(sampler.all_timesteps)):
+        levels = dict(zip(("signal", "level"), repaint.levels(index + 1))) if repaint else {}
+        rows.append(dict(timestep=sampler.all_timesteps[index], input_scale=sampler.input_scale(index),
+                         **sampler.coefficients(index), **levels))
+    return {name: np.float32([row[name] for row in rows]) for name in rows[0]}
 
 
 class Loop(keras.Model):
@@ -93,7 +101,7 @@ class Loop(keras.Model):
             latents, memory = self.update(c, ops.cast(output, "float32"), latents, memory, noise, ops)
             if "repaint" in inputs:
                 latents = schedulers.Repaint.blend(latents, **inputs["repaint"], signal=c["signal"], level=c["level"])
-            return latents, tuple(memory)
+            return latents, memory
 
         memory = (ops.zeros_like(inputs["latents"]),) * self.memory_size
         return ops.fori_loop(0, ops.shape(tables["timestep"])[0], step, (inputs["latents"], memory))[0]

@@ -291,7 +291,7 @@ def vp(sigma):
 
 
 def denoising(sigma, prediction_type):
-    """(a, b): the predicted clean latents are a x + b model_output, where x = x_0 + sigma eps (VP latents / alpha_t)."""
+    """(a, b): the predicted clean latents are a x + b model_output, x = x_0 + sigma eps (VP latents / alpha_t)."""
     if prediction_type == "epsilon":
         return 1.0, -sigma
     return 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5

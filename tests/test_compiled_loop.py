@@ -25,13 +25,14 @@ LATENTS, EXTRA = (2, 4, 4, 3), 2  # stand-in latents (B, h, w, C); an inpainting
 def stand_in_step(extra_channels=0):
     """A compiled Keras model with the inputs of `StableDiffusion.denoise_step` (latents with `extra_channels`,
     context, negative, timestep, guidance) and a smooth function of them in place of the guided UNet."""
-    latents, context, negative = keras.Input((*LATENTS[1:3], LATENTS[3] + extra_channels)), keras.Input((2, 3)), \
-        keras.Input((2, 3))
-    timestep, guidance = keras.Input(()), keras.Input(())
+    latents = keras.Input((*LATENTS[1:3], LATENTS[3] + extra_channels))
+    context, negative, timestep, guidance = keras.Input((2, 3)), keras.Input((2, 3)), keras.Input(()), keras.Input(())
     x = latents[..., :LATENTS[3]]
-    x = x + ops.mean(latents[..., LATENTS[3]:], axis=-1, keepdims=True) if extra_channels else x
-    pull = guidance * ops.mean(context - negative, axis=(1, 2))
-    output = ops.tanh(x) * (0.5 + timestep / 1000)[:, None, None, None] + 0.1 * ops.cos(3 * x) + pull[:, None, None, None]
+    if extra_channels:
+        x = x + ops.mean(latents[..., LATENTS[3]:], axis=-1, keepdims=True)
+    scale = (0.5 + timestep / 1000)[:, None, None, None]
+    pull = (guidance * ops.mean(context - negative, axis=(1, 2)))[:, None, None, None]
+    output = ops.tanh(x) * scale + 0.1 * ops.cos(3 * x) + pull
     model = keras.Model([latents, context, negative, timestep, guidance], output)
     model.compile(jit_compile=BACKEND in COMPILES)
     return model
