@@ -17,6 +17,8 @@ or, for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
     python -m stable_diffusion.train --checkpoint demo --data FOLDER --output OUT
     python -m stable_diffusion.train lora --checkpoint C --data FOLDER --output OUT.safetensors
                                           (its options: python -m stable_diffusion.train lora --help)
+    python -m stable_diffusion.train dreambooth --checkpoint C --data FOLDER --instance-prompt P --class-prompt Q
+                                                --output OUT                      (see `dreambooth.py`)
 """
 import argparse
 import json
@@ -340,7 +342,7 @@ def load_folder(folder, img_height, img_width):
         rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
         pairs = [(folder / row["file_name"], row["text"]) for row in rows]
     else:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder)
         missing = [f.name for f in files if not f.with_suffix(".txt").exists()]
         if missing:
             raise ValueError(f"{folder} has no captions.jsonl and no .txt caption for {missing[:5]}.")
@@ -348,16 +350,25 @@ def load_folder(folder, img_height, img_width):
     if not pairs:
         raise ValueError(f"{folder} holds no captioned images ({', '.join(IMAGE_SUFFIXES)} with "
                          f"captions.jsonl or .txt captions).")
-    images = []
-    for path, _ in pairs:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is listed in {listing} but missing.")
-        image = np.asarray(Image.open(path).convert("RGB"))
+    missing = [str(path) for path, _ in pairs if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is listed in {listing} but missing.")
+    return read_images([path for path, _ in pairs], img_height, img_width), [caption for _, caption in pairs]
+
+
+def image_files(folder):
+    """The image files of a folder (`IMAGE_SUFFIXES`), sorted by name."""
+    return sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_images(paths, img_height, img_width):
+    """uint8 RGB images (N, img_height, img_width, 3) of image files; ValueError for one of another size."""
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    for path, image in zip(paths, images):
         if image.shape[:2] != (img_height, img_width):
             raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels; the model takes "
                              f"{img_width}x{img_height} images.")
-        images.append(image)
-    return np.stack(images), [caption for _, caption in pairs]
+    return np.stack(images)
 
 
 def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=1e-4, work_dir=None,
@@ -480,6 +491,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lora"]:
         return main_lora(argv[1:])
+    if argv[:1] == ["dreambooth"]:
+        from . import dreambooth  # which builds on this module
+
+        return dreambooth.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="bundle folder to write")
     parser.add_argument("--checkpoint", help="fine-tune this checkpoint's UNet (with --data)")
