@@ -29,8 +29,8 @@ from PIL import Image
 from . import lora, progress
 from .arguments import integer
 from .stable_diffusion import StableDiffusion
-from .train import (IMAGE_SUFFIXES, TEXT_TARGETS, TORCH_ADAMW, UNET_TARGETS, DiffusionTrainer, encode_latents, fit,
-                    image_files, read_images)
+from .train import (IMAGE_SUFFIXES, TEXT_TARGETS, TORCH_ADAMW, UNET_TARGETS, DiffusionTrainer, check_batch_size,
+                    encode_latents, fit, image_files, read_images)
 
 LEARNING_RATES = {"full": 5e-6, "lora": 1e-4}  # diffusers' train_dreambooth.py; our LoRA training's default
 # `train_dreambooth`'s keywords as the command line's flags, for its error messages.
@@ -75,7 +75,8 @@ def class_images(sd, folder, prompt, count, *, batch_size, seed, verbose=True):
     for start in progress.report(starts, f"class images into {folder}", verbose):
         images = sd.text_to_image(prompt, batch_size=min(batch_size, count - start), seed=seed + start, verbose=False)
         for index, image in enumerate(images, start):
-            Image.fromarray(image).save(folder / f"class_{index:05d}_{hashlib.sha1(image.tobytes()).hexdigest()[:8]}.png")
+            digest = hashlib.sha1(image.tobytes()).hexdigest()[:8]
+            Image.fromarray(image).save(folder / f"class_{index:05d}_{digest}.png")
     return read_images(image_files(folder)[:count], sd.img_height, sd.img_width)
 
 
@@ -130,9 +131,9 @@ def train_dreambooth(checkpoint, instance_data, output, *, instance_prompt, clas
     for name, prompt in dict(instance_prompt=instance_prompt, class_prompt=class_prompt).items():
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{name} must be a non-empty string, got {prompt!r}.")
-    num_class_images, epochs, batch_size, seed = (integer(value, name, minimum) for value, name, minimum in (
-        (num_class_images, "num_class_images", 1), (epochs, "epochs", 1), (batch_size, "batch_size", 1),
-        (seed, "seed", 0)))
+    num_class_images, epochs, seed = (integer(value, name, minimum) for value, name, minimum in (
+        (num_class_images, "num_class_images", 1), (epochs, "epochs", 1), (seed, "seed", 0)))
+    batch_size = check_batch_size(batch_size)
     lora_rank = None if lora_rank is None else integer(lora_rank, "lora_rank", 1)
     prior_loss_weight = positive_number(prior_loss_weight, "prior_loss_weight", zero=True)
     learning_rate = positive_number(LEARNING_RATES["lora" if lora_rank else "full"] if learning_rate is None

@@ -1,7 +1,8 @@
 """Training with Keras `fit`: a small Stable Diffusion from scratch on the synthetic shapes of
 `data.py` (the demo model in `assets/demo`), fine-tuning a checkpoint's UNet on a folder of
 captioned images, or training a LoRA of it there (`train_lora`, Hu et al., 2022), saved as a
-diffusers LoRA file.
+diffusers LoRA file; DreamBooth builds on it (`dreambooth.py`). Under a `keras.distribution` (e.g.
+`DataParallel` on JAX) every batch is split across the devices (`fit`).
 
 Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
 al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
@@ -32,6 +33,7 @@ from keras import ops
 from PIL import Image
 
 from . import lora
+from .arguments import integer
 from .bundle import write_safetensors
 from .data import GRAMMAR, make_dataset
 from .decoder import Decoder
@@ -201,10 +203,38 @@ def optimizer(learning_rate, total_steps, ema_momentum=None, adamw=None):
                                   ema_momentum=ema_momentum or 0.99, **(adamw or {}))
 
 
+def batch_shards():
+    """The number of parts each batch is split into by the `keras.distribution` set (e.g. `DataParallel` over
+    several devices), 1 without one."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    return mesh.shape[mesh.axis_names.index(distribution.batch_dim_name)]
+
+
+def check_batch_size(batch_size):
+    """`batch_size` as an int, if it is an integer >= 1 that the distribution set splits evenly (`batch_shards`)."""
+    batch_size, shards = integer(batch_size, "batch_size", 1), batch_shards()
+    if batch_size % shards:
+        raise ValueError(f"batch_size must be a multiple of {shards}, the parts the distribution splits batches "
+                         f"into, got {batch_size}.")
+    return batch_size
+
+
+def padded(array, multiple):
+    """`array` with rows from its start repeated after its end up to a multiple of `multiple` rows (as
+    Accelerate evens out the batches of several devices)."""
+    rows = -(-len(array) // multiple) * multiple
+    return array if rows == len(array) else array[np.arange(rows) % len(array)]
+
+
 def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_momentum=None, verbose="auto",
         jit_compile=None, adamw=None):
     """Compiles and fits a trainer on x (arrays, shuffled each epoch), with a `Backup` in `backup_dir`,
-    from which a rerun resumes; `ema_momentum`, `adamw`: see `optimizer`.
+    from which a rerun resumes; `ema_momentum`, `adamw`: see `optimizer`. Under a `keras.distribution`
+    that splits batches in n parts (`batch_shards`), x is `padded` to a multiple of n rows, so that every
+    batch splits; ValueError if `batch_size` is no multiple of n (`check_batch_size`).
 
     Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
     the EMA weights are copied into the trained variables at the end.
@@ -213,6 +243,8 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
     """
     if jit_compile is None:
         jit_compile = keras.backend.backend() == "jax"
+    check_batch_size(batch_size)
+    x = keras.tree.map_structure(lambda array: padded(array, batch_shards()), x)
     steps = epochs * -(-len(x[0] if isinstance(x, tuple) else x) // batch_size)
     trainer.compile(optimizer=optimizer(learning_rate, steps, ema_momentum, adamw), jit_compile=jit_compile)
     trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, and the optimizer, as Backup needs
@@ -226,9 +258,12 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
 
 
 def encode_latents(encoder, images, scaling_factor=1.0, batch_size=256):
-    """Posterior means of uint8 images, times `scaling_factor`: (N, h, w, C) float32."""
-    moments = encoder.predict(to_unit_range(images), batch_size=batch_size, verbose=0)
-    return np.split(np.asarray(moments), 2, axis=-1)[0] * scaling_factor
+    """Posterior means of uint8 images, times `scaling_factor`: (N, h, w, C) float32. Under a distribution,
+    in batches that split evenly (see `fit`)."""
+    shards = batch_shards()
+    moments = encoder.predict(to_unit_range(padded(images, shards)), batch_size=max(1, batch_size // shards) * shards,
+                              verbose=0)
+    return np.split(np.asarray(moments)[:len(images)], 2, axis=-1)[0] * scaling_factor
 
 
 def copy_weights(source, target):

@@ -120,6 +120,7 @@ ARGS = ["dreambooth", "--checkpoint", "NO_CHECKPOINT", "--data", "subject", "--i
     (["--output", "o", "--lora-rank", "4"], "--output must be a .safetensors file with --lora-rank, got 'o'"),
     (["--output", "o.safetensors", "--lora-rank", "0"], "--lora-rank must be an integer >= 1, got 0"),
     (["--output", "o", "--num-class-images", "0"], "--num-class-images must be an integer >= 1"),
+    (["--output", "o", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--output", "o", "--prior-loss-weight", "nan"], "--prior-loss-weight must be a finite number >= 0"),
     (["--output", "o", "--learning-rate", "-1"], "--learning-rate must be a finite number > 0, got -1.0"),
     (["--output", "o", "--instance-prompt", " "], "--instance-prompt must be a non-empty string"),
