@@ -91,7 +91,7 @@ def positive_number(value, name, zero=False):
 def train_dreambooth(checkpoint, instance_data, output, *, instance_prompt, class_prompt, class_data=None,
                      num_class_images=100, prior_loss_weight=1.0, lora_rank=None, train_text_encoder=False,
                      epochs=16, batch_size=4, learning_rate=None, work_dir=None, seed=0, verbose="auto"):
-    """Teaches a checkpoint one subject by DreamBooth with prior preservation (see the module's docstring) and
+    """Teaches a checkpoint one subject by DreamBooth with prior preservation, as the module's docstring says, and
     saves the fine-tuned model as a bundle (`StableDiffusion.save`), or, with `lora_rank`, LoRAs of it as a
     diffusers LoRA file (`lora.write`, as `train.train_lora` writes).
 
@@ -188,23 +188,27 @@ def in_flag_names(message):
 
 def main(argv):
     """`python -m stable_diffusion.train dreambooth ...`: `train_dreambooth` from the command line."""
-    parser = argparse.ArgumentParser(prog="python -m stable_diffusion.train dreambooth",
-                                     description=train_dreambooth.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stable_diffusion.train dreambooth", description=(
+        "DreamBooth with prior preservation: teaches a checkpoint one subject from a few images and writes the "
+        "fine-tuned model as a bundle, or with --lora-rank LoRAs of it as a diffusers LoRA file."))
     parser.add_argument("--checkpoint", help="the model to teach (default: the built-in demo model)")
     parser.add_argument("--data", required=True, help="folder of the subject's images, at the model's image size")
     parser.add_argument("--instance-prompt", required=True, help='their caption, e.g. "a photo of sks dog"')
     parser.add_argument("--class-prompt", required=True, help='the prompt of the class, e.g. "a photo of dog"')
     parser.add_argument("--class-data", help="folder of class images, the missing ones generated into it "
                                              "(default: .OUTPUT.class_images beside --output)")
-    parser.add_argument("--num-class-images", type=int, default=100)
-    parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument("--num-class-images", type=int, default=100, help="class images (default: 100)")
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0,
+                        help="weight of the class images' loss (default: 1)")
     parser.add_argument("--output", required=True, type=Path,
                         help="the bundle folder to write; with --lora-rank, the LoRA .safetensors file")
     parser.add_argument("--lora-rank", type=int, help=f"train LoRAs of this rank of {', '.join(UNET_TARGETS)} "
                                                       "instead of the whole UNet")
     parser.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder (or LoRAs)")
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=4, help="instance images per step, and as many class images")
+    parser.add_argument("--epochs", type=int, default=16,
+                        help="passes over max(--num-class-images, the images) pairs of images (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="instance images per step, and as many class images (default: 4)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: 5e-6, with --lora-rank 1e-4)")
     parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
     parser.add_argument("--seed", type=int, default=0)

@@ -385,9 +385,9 @@ def load_folder(folder, img_height, img_width):
     if not pairs:
         raise ValueError(f"{folder} holds no captioned images ({', '.join(IMAGE_SUFFIXES)} with "
                          f"captions.jsonl or .txt captions).")
-    missing = [str(path) for path, _ in pairs if not path.exists()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]} is listed in {listing} but missing.")
+    absent = [path for path, _ in pairs if not path.exists()]
+    if absent:
+        raise FileNotFoundError(f"{absent[0]} is listed in {listing} but missing.")
     return read_images([path for path, _ in pairs], img_height, img_width), [caption for _, caption in pairs]
 
 
