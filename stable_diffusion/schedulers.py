@@ -11,10 +11,12 @@ gives the timesteps and updates of that diffusers class built `from_config` of i
 holds one run: `set_timesteps`, then per step `scale_model_input` and `step` (numpy, float32), which
 keep the history the multistep methods need. The UNet call stays in the pipeline's compiled step.
 
-A step is two halves: `coefficients(index)`, its scalars, computed on the host, and `update`, the sampler's
-rule, which mixes the latents, the model output, the `memory` it carries between steps (the multistep
-history) and fresh noise with those scalars in array arithmetic, in float32: in numpy here (`step`), in
-keras.ops inside one compiled program on tables of the coefficients (`compiled_loop.py`).
+A sampler's step is two halves: `coefficients(index)`, a dict of the step's scalars, computed on the host
+(in float64, then rounded to float32), and its one update rule, `update(c, model_output, latents, memory,
+noise, xp)` -> (latents, memory), which mixes the latents, the model output, the `memory` carried between
+steps (`memory_size` latent-shaped arrays: the multistep history) and, for ancestral samplers, fresh `noise`
+with those scalars `c`, in float32 array arithmetic (`xp`: the module with `clip`): numpy here (`step`),
+keras.ops inside one compiled program that reads the coefficients from tables (`compiled_loop.py`).
 """
 import numpy as np
 
