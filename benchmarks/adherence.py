@@ -107,10 +107,11 @@ def machine():
 
 
 def table(scores, targets=None):
-    """A markdown table of `scores_by_size`, a row per group, and a row of `targets` unless None."""
+    """A markdown table of `scores_by_size` (or of rows named by their keys), a row per group, and a row of
+    `targets` unless None."""
     percent = lambda value: "-" if value is None else f"{100 * value:.0f}%"
     rows = [["prompts", "images", "colour", "shape", "background", "size", "all", "blank"], ["---"] * 8]
-    rows += [[GROUPS[group], str(row["count"]), *(percent(row[c]) for c in COLUMNS), str(row["blank"])]
+    rows += [[GROUPS.get(group, group), str(row["count"]), *(percent(row[c]) for c in COLUMNS), str(row["blank"])]
              for group, row in scores.items()]
     if targets:
         rows.append(["target", "", *(f"≥ {percent(targets[c])}" if c in targets else "" for c in COLUMNS),

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.adherence import generate, machine, scores_by_size, table
+from benchmarks.adherence import HELD_OUT_SEED, generate, machine, prompts, scores_by_size, table
 from benchmarks.results import RESULTS, append_entry
 from stable_diffusion import StableDiffusion
-from stable_diffusion.data import NEW_SHAPES, draw_shape, format_caption, make_dataset, random_caption, write_folder
+from stable_diffusion.data import NEW_SHAPES, SHAPES, draw_shape, format_caption, make_dataset, random_caption, write_folder
 from stable_diffusion.train import train_lora
 
 SEED = 25_000
@@ -44,12 +44,18 @@ def new_shapes(shape, count, rng):
     return np.stack([draw_shape(a, rng) for a in attributes]), [format_caption(a) for a in attributes]
 
 
-def training_folder(folder, shape, num_new, num_others):
-    """Writes `num_new` images of `shape` and `num_others` of the grammar, shuffled, to `folder`."""
+def training_folder(folder, shape, num_new, num_others, num_prior=0):
+    """Writes `num_new` images of `shape`, `num_others` of the grammar and `num_prior` the demo model generates
+    from grammar prompts (`prompts(num_prior, SEED + 3)`, image k seeded with SEED + 3 + k: prior preservation,
+    as DreamBooth's class images), shuffled, to `folder`."""
     images, captions = new_shapes(shape, num_new, np.random.default_rng(SEED))
     if num_others:
         others, other_captions = make_dataset(num_others, SEED + 1)
         images, captions = np.concatenate([images, others]), captions + other_captions
+    if num_prior:
+        prior_captions = prompts(num_prior, SEED + 3)
+        prior = generate(StableDiffusion.from_checkpoint(jit_compile=False), prior_captions, 10, SEED + 3)
+        images, captions = np.concatenate([images, prior]), captions + prior_captions
     order = np.random.default_rng(SEED).permutation(len(captions))
     write_folder(folder, images[order], [captions[i] for i in order])
 
@@ -60,6 +66,8 @@ def main(argv=None):
     parser.add_argument("--shape", choices=NEW_SHAPES, required=True, help="the shape to teach")
     parser.add_argument("--new", type=int, default=32, help="images of the new shape to train on")
     parser.add_argument("--others", type=int, default=8, help="images of the grammar's shapes to train on")
+    parser.add_argument("--prior", type=int, default=0, help="images the demo model generates from grammar "
+                        "prompts, trained on too (prior preservation)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", nargs="+", default=TARGETS, metavar="MODULE")
     parser.add_argument("--no-text-encoder", action="store_true", help="adapt the UNet only")
@@ -68,15 +76,17 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--num-images", type=int, default=50, help="images of the new shape to generate and classify")
+    parser.add_argument("--grammar-images", type=int, default=100, help="grammar prompts of the held-out set "
+                        "generated with and without the LoRA")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to append to")
     args = parser.parse_args(argv)
     if args.new + args.others > 40:
         parser.error("--new and --others: at most 40 images in all.")
 
     folder = args.output.with_name(f"{args.output.stem}.data")
-    training_folder(folder, args.shape, args.new, args.others)
     host = machine()  # before training, so the load average is the other jobs'
     start = time.perf_counter()
+    training_folder(folder, args.shape, args.new, args.others, args.prior)
     result = train_lora(None, folder, args.output, rank=args.rank, targets=args.targets,
                         train_text_encoder=not args.no_text_encoder, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, caption_dropout=args.caption_dropout,
@@ -90,11 +100,16 @@ def main(argv=None):
     with warnings.catch_warnings():  # the demo model's grammar has no such shape: the point of the LoRA
         warnings.filterwarnings("ignore", message="This model knows only prompts")
         scores = scores_by_size(generate(sd, captions, 10, SEED + 2), captions)
+        grammar = prompts(args.grammar_images, HELD_OUT_SEED)  # what the LoRA may have cost, read as above
+        after = scores_by_size(generate(sd, grammar, 10, HELD_OUT_SEED), grammar, SHAPES + (args.shape,))
+        sd.unload_lora()
+        before = scores_by_size(generate(sd, grammar, 10, HELD_OUT_SEED), grammar, SHAPES + (args.shape,))
 
-    steps = args.epochs * -(-(args.new + args.others) // args.batch_size)
+    steps = args.epochs * -(-(args.new + args.others + args.prior) // args.batch_size)
     command = shlex.join(["python", "-m", "benchmarks.lora_shape", *(sys.argv[1:] if argv is None else argv)])
     entry = "\n".join([
-        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {args.new} {args.shape}s + {args.others} others, "
+        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {args.new} {args.shape}s + {args.others} others"
+        f"{f' + {args.prior} generated' if args.prior else ''}, "
         f"rank {args.rank}, {steps} steps",
         "",
         f"- Command: `{command}`",
@@ -110,6 +125,11 @@ def main(argv=None):
         f"{args.shape} (target ≥ {TARGET:.0%}).",
         "",
         table(scores),
+        "",
+        f"The grammar, {args.grammar_images} held-out prompts (`benchmarks.adherence --held-out`'s first), read with "
+        f"the grammar's shapes and the {args.shape}: without the LoRA, then with it.",
+        "",
+        table({"without": before["all"], "with": after["all"]}),
     ])
     print(entry)
     append_entry("## Teaching the demo model a new shape (LoRA)", entry, args.results)
