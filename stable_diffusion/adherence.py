@@ -8,7 +8,7 @@ the axes against the diagonals. `score` compares those with what the captions as
 
 import numpy as np
 
-from stable_diffusion.data import BACKGROUNDS, COLORS, parse_caption
+from stable_diffusion.data import BACKGROUNDS, COLORS, NEW_COLORS, parse_caption
 
 # A pixel is foreground when its RGB distance to the background exceeds this. The closest
 # palette pair (purple on gray) is ~94 apart, ~59 after the worst-case jitter of both colours.
@@ -53,8 +53,8 @@ def classify(image):
         image: array (H, W, 3) with values in [0, 255].
 
     Returns:
-        dict with the `color`, `shape` (of `SHAPES` or `NEW_SHAPES`), `background` and `size` names of
-        `data.py`; all but `background` are None when no foreground is found.
+        dict with the `color` (of `COLORS` or `NEW_COLORS`), `shape` (of `SHAPES` or `NEW_SHAPES`), `background`
+        and `size` names of `data.py`; all but `background` are None when no foreground is found.
     """
     pixels = np.asarray(image, dtype=np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -83,7 +83,7 @@ def classify(image):
     # The colour is read from the half of the foreground farthest from the background, away from
     # edges blended with it.
     core = distance[mask] >= np.median(distance[mask])
-    result["color"] = _nearest(COLORS, np.median(pixels[mask][core], axis=0))
+    result["color"] = _nearest({**COLORS, **NEW_COLORS}, np.median(pixels[mask][core], axis=0))
     side = max(height, width) / max(mask.shape)
     result["size"] = "large" if side > LARGE_SIDE else "small"
     return result
