@@ -1,7 +1,8 @@
 """Training with Keras `fit`: a small Stable Diffusion from scratch on the synthetic shapes of
 `data.py` (the demo model in `assets/demo`), fine-tuning a checkpoint's UNet on a folder of
-captioned images, or training a LoRA of it there (`train_lora`, Hu et al., 2022), saved as a
-diffusers LoRA file.
+captioned images, training a LoRA of it there (`train_lora`, Hu et al., 2022), saved as a
+diffusers LoRA file, or teaching it a new word by textual inversion (`train_textual_inversion`, Gal et al.,
+2022), saved as a diffusers `learned_embeds.safetensors`.
 
 Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
 al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
@@ -17,6 +18,8 @@ or, for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
     python -m stable_diffusion.train --checkpoint demo --data FOLDER --output OUT
     python -m stable_diffusion.train lora --checkpoint C --data FOLDER --output OUT.safetensors
                                           (its options: python -m stable_diffusion.train lora --help)
+    python -m stable_diffusion.train textual-inversion --checkpoint C --data FOLDER --token "<pink>"
+                                          --initializer-token red --output learned_embeds.safetensors
 """
 import argparse
 import json
