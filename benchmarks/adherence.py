@@ -12,6 +12,7 @@ training or tuning run uses, on which a recipe is judged.
     python -m benchmarks.adherence                      # the built-in demo model, the tuned set
     python -m benchmarks.adherence --held-out           # the built-in demo model, the held-out set
     python -m benchmarks.adherence --checkpoint PATH --num-images 20 --steps 20
+    python -m benchmarks.adherence --int8               # quantize="int8" (stable_diffusion/quantization.py)
     python -m benchmarks.adherence --lora diamond.safetensors   # the demo model with a LoRA merged in
 """
 import argparse
@@ -133,6 +134,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, help="seeds the prompts and the noise (default: 0, or "
                         f"{HELD_OUT_SEED} with --held-out)")
     parser.add_argument("--xla", action="store_true", help="compile with XLA, as the CLI's --xla")
+    parser.add_argument("--int8", action="store_true", help="int8 UNet and text encoder, as the CLI's --int8")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to append to")
     args = parser.parse_args(argv)
     if args.held_out and args.seed is not None:
@@ -152,7 +154,8 @@ def main(argv=None):
 
     host = machine()  # before the run, so the load average is the other jobs'
     start = time.perf_counter()
-    sd = StableDiffusion.from_checkpoint(args.checkpoint, jit_compile=args.xla)
+    sd = StableDiffusion.from_checkpoint(args.checkpoint, jit_compile=args.xla,
+                                         quantize="int8" if args.int8 else None)
     if args.lora:
         sd.load_lora(args.lora)
     captions = prompts(args.num_images, args.seed)
@@ -167,7 +170,7 @@ def main(argv=None):
     command = shlex.join(["python", "-m", "benchmarks.adherence", *(sys.argv[1:] if argv is None else argv)])
     entry = "\n".join([
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {model}, {args.num_images} prompts"
-        + (", held-out set" if args.held_out else ""),
+        + (", held-out set" if args.held_out else "") + (", int8" if args.int8 else ""),
         "",
         f"- Command: `{command}`",
         f"- Settings: {sd.img_width}x{sd.img_height}, {args.steps} steps, guidance {args.guidance}, "

@@ -1,9 +1,10 @@
-"""Mixed precision against float32: PSNR of the same images (same prompts, seeds and noise).
+"""Mixed precision and int8 against float32: PSNR of the same images (same prompts, seeds and noise).
 
     python -m benchmarks.precision                                   # the demo model, 64x64
     python -m benchmarks.precision --checkpoint /tmp/sd-convert-bench/bundle-safetensors --size 256
+    python -m benchmarks.precision --policies int8                   # `quantize="int8"` (quantization.py)
 
-Generates `--num-images` images in float32, then under each mixed policy, and appends the PSNR of
+Generates `--num-images` images in float32, then under each mixed policy or int8, and appends the PSNR of
 each policy's images against the float32 ones (mean over images, and the worst) and the relative
 error of the final latents (|z - z32| / |z32|, mean over images) to benchmarks/RESULTS.md. The
 latents matter where images do not tell: random full-size weights decode to a nearly flat gray.
@@ -34,8 +35,10 @@ def psnr(a, b):
 
 def generate(checkpoint, size, steps, num_images, policy):
     """Images (N, H, W, 3) uint8, their final latents and seconds per image (after a warm-up image)
-    under `policy`."""
-    sd = StableDiffusion.from_checkpoint(checkpoint, img_height=size, img_width=size, dtype=policy)
+    under `policy`: a dtype policy, or "int8" (float32, quantized)."""
+    int8 = policy == "int8"
+    sd = StableDiffusion.from_checkpoint(checkpoint, img_height=size, img_width=size, dtype=None if int8 else policy,
+                                         quantize="int8" if int8 else None)
     settings = dict(num_steps=steps, verbose=False, return_latents=True)
     sd.decode(sd.text_to_image(PROMPTS[0], seed=0, **settings))  # compiles
     start = time.perf_counter()

@@ -14,7 +14,7 @@ grammar (bit-identical images with and without the embedding loaded).
 
 Seeds: the training images from `default_rng(SEED)`, the pink prompts from `default_rng(SEED + 1)`, pink image k
 seeded with SEED + 1 + k, the grammar prompts from `default_rng(SEED + 2)`: none of them used by the demo model's
-recipe, the adherence benchmark's sets or the diamond run.
+recipe, the adherence benchmark's sets or the LoRA run (`lora_shape.py`).
 """
 import argparse
 import json

@@ -40,7 +40,10 @@ RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
 def save(sd, path, *, overwrite=False):
     """`StableDiffusion.save`: writes `sd` as a bundle folder for `from_checkpoint`: config, a `.safetensors` per
     model, tokenizer; under a temporary name renamed once complete (`files.staged`). FileExistsError if `path`
-    exists, unless `overwrite`."""
+    exists, unless `overwrite`; ValueError for a quantized pipeline (`quantization.py`): bundles hold float weights."""
+    if any(layer.quantization_mode for name in MODELS for layer in getattr(sd, name).layers):
+        raise ValueError('A quantized pipeline cannot be saved (bundles hold float weights): save it unquantized '
+                         'and load the bundle with quantize="int8".')
     with files.staged(path, overwrite=overwrite) as staging:
         staging.mkdir(parents=True)
         config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)

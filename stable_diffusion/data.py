@@ -40,7 +40,9 @@ BACKGROUNDS = {
 SHAPES = ("circle", "square", "triangle")
 # Shapes drawn and read back (`draw_shape`, `parse_caption`, `adherence.classify`) that `random_caption` never
 # draws, so its datasets stay as they were: for teaching a model trained on them a new one (a LoRA).
-NEW_SHAPES = ("diamond",)  # a square turned 45 degrees, its corners on the middles of the box's sides
+# The diamond: a square turned 45 degrees, its corners on the middles of the box's sides; the rectangle: the
+# box's middle half, twice as wide as tall.
+NEW_SHAPES = ("diamond", "rectangle")
 SIZES = ("small", "large")
 
 # Side of the shape's bounding box as a fraction of the image side; `None` is "no size word".
@@ -174,6 +176,8 @@ def draw_shape(attributes, rng, image_size=64):
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     elif attributes["shape"] == "triangle":  # Upright isosceles: apex centred on the top edge.
         draw.polygon(((x0, y1), (x1, y1), ((x0 + x1) / 2, y0)), fill=fill)
+    elif attributes["shape"] == "rectangle":
+        draw.rectangle((x0, y0 + (y1 - y0) / 4, x1, y1 - (y1 - y0) / 4), fill=fill)
     elif attributes["shape"] == "diamond":
         middle_x, middle_y = (x0 + x1) / 2, (y0 + y1) / 2
         draw.polygon(((middle_x, y0), (x1, middle_y), (middle_x, y1), (x0, middle_y)), fill=fill)

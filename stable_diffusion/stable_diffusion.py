@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 
 from . import (arguments, bundle, checkpoints, data, embeddings, emphasis, export, keras_internals, lora, presets,
-               progress, runtime, schedulers, tiling)
+               progress, quantization, runtime, schedulers, tiling)
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -37,17 +37,19 @@ class StableDiffusion:
         tokenizer: a `Tokenizer`; default: the bundled CLIP vocabulary, padding with the end token.
         scheduler: the default sampler, one of `schedulers.SCHEDULERS`, built from `config["scheduler"]`.
         dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
+        quantize: "int8": int8 UNet and text encoder, once the weights are loaded (`quantization.py`); default None.
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
 
     def __init__(self, img_height=512, img_width=512, *, jit_compile=None, config=None, tokenizer=None,
-                 scheduler="ddim", dtype=None, weights=None):
+                 scheduler="ddim", dtype=None, quantize=None, weights=None):
         config = {name: dict((config or {}).get(name, {})) for name in (*bundle.MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
             arguments.check_image_size(name, size, vae_factor * unet_factor)
         arguments.check_memory(config, img_height, img_width)  # denoising one image
+        quantization.check(quantize)
         self.config, self.img_height, self.img_width = config, img_height, img_width
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
         with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
@@ -55,6 +57,7 @@ class StableDiffusion:
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
+        quantization.apply(self, quantize)
         self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, (None,) * 3, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
@@ -63,22 +66,21 @@ class StableDiffusion:
         runtime.compile_models(self, jit_compile=jit_compile)
 
     @classmethod
-    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, jit_compile=None, vae=None,
-                        prediction_type=None, use_ema=None, config=None, scheduler="ddim", dtype=None):
+    def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, vae=None, prediction_type=None,
+                        use_ema=None, config=None, **options):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save` (memory-mapped:
         replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
 
         Args:
             path: the checkpoint; default: the small demo model shipped with the package.
             img_height, img_width: image size; default: the size the model was trained at.
-            jit_compile, scheduler, dtype: see `StableDiffusion`.
             vae, prediction_type, use_ema, config: see `checkpoints.read`.
+            options: `jit_compile`, `scheduler`, `dtype`, `quantize`: see `StableDiffusion`.
         """
         checkpoint = checkpoints.read(path, vae=vae, prediction_type=prediction_type, use_ema=use_ema, config=config)
         return cls(img_height=checkpoint.img_height if img_height is None else img_height,
-                   img_width=checkpoint.img_width if img_width is None else img_width, jit_compile=jit_compile,
-                   config=checkpoint.config, tokenizer=checkpoint.tokenizer, scheduler=scheduler, dtype=dtype,
-                   weights=checkpoint)
+                   img_width=checkpoint.img_width if img_width is None else img_width, config=checkpoint.config,
+                   tokenizer=checkpoint.tokenizer, weights=checkpoint, **options)
 
     @classmethod
     def from_preset(cls, name, **options):
@@ -94,7 +96,6 @@ class StableDiffusion:
     # `sd.load_lora(path, *, scale=1.0)`, `sd.unload_lora()`, `sd.load_textual_inversion(path, *, token=None)`.
     save, load_lora, unload_lora, load_textual_inversion = bundle.save, lora.load, lora.unload, embeddings.load
     export = export.export  # `sd.export(folder, *, format="tf_saved_model")`: static-shape models for `exported.py`
-
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
         """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""

@@ -2,7 +2,8 @@
 `data.py` (the demo model in `assets/demo`), fine-tuning a checkpoint's UNet on a folder of
 captioned images, training a LoRA of it there (`train_lora`, Hu et al., 2022), saved as a
 diffusers LoRA file, or teaching it a new word by textual inversion (`train_textual_inversion`, Gal et al.,
-2022), saved as a diffusers `learned_embeds.safetensors`.
+2022), saved as a diffusers `learned_embeds.safetensors`; DreamBooth builds on it (`dreambooth.py`). Under a
+`keras.distribution` (e.g. `DataParallel` on JAX) every batch is split across the devices (`fit`).
 
 Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
 al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
@@ -20,6 +21,8 @@ or, for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
                                           (its options: python -m stable_diffusion.train lora --help)
     python -m stable_diffusion.train textual-inversion --checkpoint C --data FOLDER --token "<pink>"
                                           --initializer-token red --output learned_embeds.safetensors
+    python -m stable_diffusion.train dreambooth --checkpoint C --data FOLDER --instance-prompt P --class-prompt Q
+                                                --output OUT                      (see `dreambooth.py`)
 """
 import argparse
 import json
@@ -33,7 +36,8 @@ import numpy as np
 from keras import ops
 from PIL import Image
 
-from . import arguments, embeddings, files, lora
+from . import embeddings, files, lora
+from .arguments import integer
 from .bundle import write_safetensors
 from .data import GRAMMAR, make_dataset
 from .decoder import Decoder
@@ -203,10 +207,38 @@ def optimizer(learning_rate, total_steps, ema_momentum=None, adamw=None):
                                   ema_momentum=ema_momentum or 0.99, **(adamw or {}))
 
 
+def batch_shards():
+    """The number of parts each batch is split into by the `keras.distribution` set (e.g. `DataParallel` over
+    several devices), 1 without one."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    return mesh.shape[mesh.axis_names.index(distribution.batch_dim_name)]
+
+
+def check_batch_size(batch_size):
+    """`batch_size` as an int, if it is an integer >= 1 that the distribution set splits evenly (`batch_shards`)."""
+    batch_size, shards = integer(batch_size, "batch_size", 1), batch_shards()
+    if batch_size % shards:
+        raise ValueError(f"batch_size must be a multiple of {shards}, the parts the distribution splits batches "
+                         f"into, got {batch_size}.")
+    return batch_size
+
+
+def padded(array, multiple):
+    """`array` with rows from its start repeated after its end up to a multiple of `multiple` rows (as
+    Accelerate evens out the batches of several devices)."""
+    rows = -(-len(array) // multiple) * multiple
+    return array if rows == len(array) else array[np.arange(rows) % len(array)]
+
+
 def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_momentum=None, verbose="auto",
         jit_compile=None, adamw=None):
     """Compiles and fits a trainer on x (arrays, shuffled each epoch), with a `Backup` in `backup_dir`,
-    from which a rerun resumes; `ema_momentum`, `adamw`: see `optimizer`.
+    from which a rerun resumes; `ema_momentum`, `adamw`: see `optimizer`. Under a `keras.distribution`
+    that splits batches in n parts (`batch_shards`), x is `padded` to a multiple of n rows, so that every
+    batch splits; ValueError if `batch_size` is no multiple of n (`check_batch_size`).
 
     Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
     the EMA weights are copied into the trained variables at the end.
@@ -215,6 +247,8 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
     """
     if jit_compile is None:
         jit_compile = keras.backend.backend() == "jax"
+    check_batch_size(batch_size)
+    x = keras.tree.map_structure(lambda array: padded(array, batch_shards()), x)
     steps = epochs * -(-len(x[0] if isinstance(x, tuple) else x) // batch_size)
     trainer.compile(optimizer=optimizer(learning_rate, steps, ema_momentum, adamw), jit_compile=jit_compile)
     trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, and the optimizer, as Backup needs
@@ -228,9 +262,12 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
 
 
 def encode_latents(encoder, images, scaling_factor=1.0, batch_size=256):
-    """Posterior means of uint8 images, times `scaling_factor`: (N, h, w, C) float32."""
-    moments = encoder.predict(to_unit_range(images), batch_size=batch_size, verbose=0)
-    return np.split(np.asarray(moments), 2, axis=-1)[0] * scaling_factor
+    """Posterior means of uint8 images, times `scaling_factor`: (N, h, w, C) float32. Under a distribution,
+    in batches that split evenly (see `fit`)."""
+    shards = batch_shards()
+    moments = encoder.predict(to_unit_range(padded(images, shards)), batch_size=max(1, batch_size // shards) * shards,
+                              verbose=0)
+    return np.split(np.asarray(moments)[:len(images)], 2, axis=-1)[0] * scaling_factor
 
 
 def copy_weights(source, target):
@@ -344,7 +381,7 @@ def load_folder(folder, img_height, img_width):
         rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
         pairs = [(folder / row["file_name"], row["text"]) for row in rows]
     else:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder)
         missing = [f.name for f in files if not f.with_suffix(".txt").exists()]
         if missing:
             raise ValueError(f"{folder} has no captions.jsonl and no .txt caption for {missing[:5]}.")
@@ -352,16 +389,25 @@ def load_folder(folder, img_height, img_width):
     if not pairs:
         raise ValueError(f"{folder} holds no captioned images ({', '.join(IMAGE_SUFFIXES)} with "
                          f"captions.jsonl or .txt captions).")
-    images = []
-    for path, _ in pairs:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is listed in {listing} but missing.")
-        image = np.asarray(Image.open(path).convert("RGB"))
+    absent = [path for path, _ in pairs if not path.exists()]
+    if absent:
+        raise FileNotFoundError(f"{absent[0]} is listed in {listing} but missing.")
+    return read_images([path for path, _ in pairs], img_height, img_width), [caption for _, caption in pairs]
+
+
+def image_files(folder):
+    """The image files of a folder (`IMAGE_SUFFIXES`), sorted by name."""
+    return sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_images(paths, img_height, img_width):
+    """uint8 RGB images (N, img_height, img_width, 3) of image files; ValueError for one of another size."""
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    for path, image in zip(paths, images):
         if image.shape[:2] != (img_height, img_width):
             raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels; the model takes "
                              f"{img_width}x{img_height} images.")
-        images.append(image)
-    return np.stack(images), [caption for _, caption in pairs]
+    return np.stack(images)
 
 
 def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=1e-4, work_dir=None,
@@ -548,8 +594,8 @@ def train_textual_inversion(checkpoint, data, output, *, token, initializer_toke
     for name, value in (("token", token), ("initializer_token", initializer_token)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
-    num_vectors, epochs, batch_size = (arguments.integer(value, name, 1) for name, value in (
-        ("num_vectors", num_vectors), ("epochs", epochs), ("batch_size", batch_size)))
+    num_vectors, epochs = integer(num_vectors, "num_vectors", 1), integer(epochs, "epochs", 1)
+    batch_size = check_batch_size(batch_size)
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate < math.inf:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
     data_folder(data)
@@ -625,6 +671,10 @@ def main(argv=None):
         return main_lora(argv[1:])
     if argv[:1] == ["textual-inversion"]:
         return main_textual_inversion(argv[1:])
+    if argv[:1] == ["dreambooth"]:
+        from . import dreambooth  # which builds on this module
+
+        return dreambooth.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="bundle folder to write")
     parser.add_argument("--checkpoint", help="fine-tune this checkpoint's UNet (with --data)")

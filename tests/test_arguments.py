@@ -149,8 +149,7 @@ def test_xla_is_off_by_default_on_tensorflow_and_a_third_batch_size_is_not_retra
     RESULTS.md), so the API, like the command line, defaults to TensorFlow graphs, whose steps trace for
     the first shape, once more with relaxed shapes for the second, and never again. (JAX compiles by
     default: without it, it runs op by op.)"""
-    for method in (StableDiffusion, StableDiffusion.from_checkpoint):  # from_preset passes its options on
-        assert inspect.signature(method).parameters["jit_compile"].default is None
+    assert inspect.signature(StableDiffusion).parameters["jit_compile"].default is None  # as from_checkpoint's
     default = StableDiffusion(32, 32, config=TINY_CONFIG)
     compiled = [model.jit_compile for model in (default.text_encoder, default.denoise_step, default.decoder)]
     assert compiled == [keras.backend.backend() == "jax"] * 3

@@ -262,6 +262,15 @@ def test_embedding_files_are_checked_before_the_model_loads(content, message, bu
     assert message in err
 
 
+def test_int8(bundle, workdir):
+    main(["a cat", "--checkpoint", str(bundle), "--steps", "2", "--seed", "4", "--int8"])
+    expected = StableDiffusion.from_checkpoint(bundle, jit_compile=False, quantize="int8").text_to_image(
+        "a cat", num_steps=2, seed=4, verbose=False)
+    with Image.open(workdir / "out.png") as image:
+        assert image.text["model"] == f"{bundle}, int8"
+        np.testing.assert_array_equal(np.asarray(image), expected[0])
+
+
 def test_incomplete_bundle(bundle, workdir, capsys):
     broken = workdir.parent / "broken"
     shutil.copytree(bundle, broken)

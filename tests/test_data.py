@@ -15,6 +15,7 @@ from stable_diffusion.adherence import classify, score
 from stable_diffusion.data import (
     BACKGROUNDS,
     GRAMMAR,
+    NEW_SHAPES,
     SIZE_RANGES,
     draw_shape,
     format_caption,
@@ -97,18 +98,19 @@ def test_parse_caption_rejects_text_outside_the_grammar(caption):
         parse_caption(caption)
 
 
-def test_diamonds_are_read_back_and_leave_the_datasets_as_they_were():
-    """The diamond of `NEW_SHAPES`: parsed, drawn and classified (>= 99% of 300 of every size; the first test
-    shows no grammar shape read as one), a word outside the grammar; `random_caption` never draws it, so
-    datasets are those made before it existed (sha256 of `make_dataset(50, seed=7)`'s pixels and captions,
+@pytest.mark.parametrize("shape", NEW_SHAPES)
+def test_new_shapes_are_read_back_and_leave_the_datasets_as_they_were(shape):
+    """The shapes of `NEW_SHAPES`: parsed, drawn and classified (>= 99% of 300 of every size; the first test
+    shows no grammar shape read as one), words outside the grammar; `random_caption` never draws them, so
+    datasets are those made before they existed (sha256 of `make_dataset(50, seed=7)`'s pixels and captions,
     computed with the code of before, 72adc03)."""
     rng = np.random.default_rng(4)
-    attributes = [dict(random_caption(rng)[1], shape="diamond") for _ in range(300)]
+    attributes = [dict(random_caption(rng)[1], shape=shape) for _ in range(300)]
     images = [draw_shape(a, rng) for a in attributes]
     captions = [format_caption(a) for a in attributes]
     assert all(parse_caption(caption) == a for caption, a in zip(captions, attributes))
     assert score(images, captions)["shape"] >= 0.99
-    assert outside_grammar(captions[0]) == "'diamond' as a shape"
+    assert outside_grammar(captions[0]) == f"'{shape}' as a shape"
     images, captions = make_dataset(50, seed=7)
     digest = hashlib.sha256(images.tobytes() + "|".join(captions).encode()).hexdigest()
     assert digest == "b643c5b273c9e72e94b55470e38549e29ac738f26c0a3f6a2d88c0f10636d9b7"
@@ -116,11 +118,11 @@ def test_diamonds_are_read_back_and_leave_the_datasets_as_they_were():
 
 def test_pink_is_read_back_and_never_drawn_by_random_caption():
     """The pink of `NEW_COLORS`: parsed, drawn and classified (>= 99% of 300 of every shape, size and background,
-    the diamond included; the first test shows no grammar colour read as pink), a word outside the grammar, and
+    the new shapes included; the first test shows no grammar colour read as pink), a word outside the grammar, and
     never drawn by `random_caption` (the datasets' sha256: the test above)."""
     rng = np.random.default_rng(5)
     attributes = [dict(random_caption(rng)[1], color="pink") for _ in range(300)]
-    attributes = [dict(a, shape="diamond") if i % 4 == 0 else a for i, a in enumerate(attributes)]
+    attributes = [dict(a, shape=NEW_SHAPES[i % 4]) if i % 4 < len(NEW_SHAPES) else a for i, a in enumerate(attributes)]
     images = [draw_shape(a, rng) for a in attributes]
     captions = [format_caption(a) for a in attributes]
     assert all(parse_caption(caption) == a for caption, a in zip(captions, attributes))
