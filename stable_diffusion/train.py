@@ -540,7 +540,8 @@ def train_embedding(sd, vectors, latents, tokens, epochs, batch_size, learning_r
         model.trainable = False
     try:
         trainer = DiffusionTrainer(text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod, sd.tokenize("")[0],
-                                   0.0, 0.0, seed, sd.scheduler.config["prediction_type"])
+                                   caption_dropout=0.0, offset_noise=0.0, seed=seed,
+                                   prediction_type=sd.scheduler.config["prediction_type"])
         loss = fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, verbose=verbose,
                    adamw=TORCH_ADAMW)
     finally:
@@ -596,7 +597,8 @@ def train_textual_inversion(checkpoint, data, output, *, token, initializer_toke
             raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
     num_vectors, epochs = integer(num_vectors, "num_vectors", 1), integer(epochs, "epochs", 1)
     batch_size = check_batch_size(batch_size)
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate < math.inf:
+    number = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+    if not number or not 0 < learning_rate < math.inf:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
     data_folder(data)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -660,7 +662,8 @@ def main_textual_inversion(argv):
             learning_rate=args.learning_rate, work_dir=args.work_dir, seed=args.seed,
             verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
     except (OSError, ValueError) as error:  # the API's argument names as flags
-        message = re.sub(r"^(token|initializer_token)\b", lambda name: "--" + name[1].replace("_", "-"), str(error))
+        flag = lambda name: "--" + name[1].replace("_", "-")
+        message = re.sub(r"^(token|initializer_token|batch_size)\b", flag, str(error))
         parser.exit(1, f"error: {message}\n")
     print(json.dumps(result))
 

@@ -199,49 +199,51 @@ def all_variables(sd):
             sd.encoder, sd.decoder) for key, variable in named_variables(model).items()}
 
 
+TAUGHT = dict(epochs=3, batch_size=1, learning_rate=1e-2, seed=0, verbose=0)  # one caption: no shuffling
+
+
 @pytest.fixture(scope="module")
-def taught():
-    """A tiny model, the tokens of captions naming "<new>" (2 vectors from "red"), its variables, and one image of a
-    prompt without the token, all before `train_embedding`."""
+def taught(tmp_path_factory):
+    """A tiny model, a caption naming "<new>" (2 vectors from "red") as tokens with latents, the model's variables
+    and an image of a prompt without the token, all before `train_embedding` (`TAUGHT`, a backup folder), and
+    what it returned."""
     sd = StableDiffusion(32, 32, config=TINY_CONFIG, jit_compile=False)
-    tokenizer = embeddings.with_tokens(sd.tokenizer, "<new>", 2, first_id=49408)
-    tokens = tokenizer(["a <new> circle on a white background", "a large <new> square"])
-    return sd, tokens, all_variables(sd), sd.text_to_image("a red circle", num_steps=10, seed=0, verbose=False)
+    tokens = embeddings.with_tokens(sd.tokenizer, "<new>", 2, first_id=49408)(["a <new> circle on a white background"])
+    latents = np.random.default_rng(0).standard_normal((1, 16, 16, 4)).astype("float32")
+    before = all_variables(sd), sd.text_to_image("a red circle", num_steps=10, seed=0, verbose=False)
+    backup = tmp_path_factory.mktemp("taught") / "backup"
+    return sd, tokens, latents, before, train_embedding(sd, initial_vectors(sd, "red", 2), latents, tokens,
+                                                        backup_dir=backup, **TAUGHT), backup
 
 
 def test_textual_inversion_trains_the_new_rows_alone(taught, tmp_path):
     """`train_embedding` moves the new token's rows, each its own way, and nothing else: every variable of the four
     models bit-identical, the pipeline's text encoder, tokenizer and trainable flags as they were. Loaded, the rows
     change the states of prompts with the token; prompts without it make bit-identical images."""
-    sd, tokens, before, image = taught
-    text_encoder, tokenizer = sd.text_encoder, sd.tokenizer
+    sd, _, _, (variables, image), (trained, loss), backup = taught
     vectors = initial_vectors(sd, "red", 2)
     np.testing.assert_array_equal(vectors[1], named_variables(sd.text_encoder)[TOKEN_TABLE].numpy()[736])  # red</w>
-    latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype("float32")
-    trained, loss = train_embedding(sd, vectors, latents, tokens, epochs=2, batch_size=2, learning_rate=1e-2, seed=0,
-                                    verbose=0)
-    assert np.isfinite(loss) and trained.shape == (2, 8)
+    assert np.isfinite(loss) and trained.shape == (2, 8) and not backup.exists()
     assert np.abs(trained - vectors).min() > 1e-3 and np.abs(trained[0] - trained[1]).max() > 1e-3
-    assert sd.text_encoder is text_encoder and sd.tokenizer is tokenizer
     assert sd.text_encoder.trainable and sd.diffusion_model.trainable
     after = all_variables(sd)
-    assert after.keys() == before.keys()
-    for key, value in before.items():
+    assert after.keys() == variables.keys()
+    for key, value in variables.items():
         np.testing.assert_array_equal(after[key], value, err_msg=key)
 
+    text_encoder, tokenizer, config = sd.text_encoder, sd.tokenizer, sd.config
     write_safetensors(tmp_path / "new.safetensors", {"<new>": trained}, alignment=1)
     sd.load_textual_inversion(tmp_path / "new.safetensors")
     np.testing.assert_array_equal(sd.text_to_image("a red circle", num_steps=10, seed=0, verbose=False), image)
     assert np.abs(sd.encode_text("a <new> circle") - sd.encode_text("a red circle")).max() > 1e-3
+    sd.text_encoder, sd.tokenizer, sd.config = text_encoder, tokenizer, config  # for the next test
 
 
 def test_textual_inversion_resumes(taught, tmp_path, monkeypatch):
     """A run of `train_embedding` stopped after its first epoch and rerun with the same backup folder ends where
-    an uninterrupted run ends (one caption, so shuffling plays no part); the backup goes once done."""
-    sd, tokens, _, _ = taught
-    vectors, latents = initial_vectors(sd, "red", 2), np.ones((1, 16, 16, 4), "float32")
-    options = dict(epochs=3, batch_size=1, learning_rate=1e-2, seed=0, verbose=0)
-    whole, _ = train_embedding(sd, vectors, latents, tokens[:1], backup_dir=tmp_path / "w1", **options)
+    the uninterrupted run of `taught` ended."""
+    sd, tokens, latents, _, (whole, _), _ = taught
+    vectors = initial_vectors(sd, "red", 2)
     save = Backup.on_epoch_end
 
     def stop_after_first_epoch(self, epoch, logs=None):
@@ -250,11 +252,11 @@ def test_textual_inversion_resumes(taught, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Backup, "on_epoch_end", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_embedding(sd, vectors, latents, tokens[:1], backup_dir=tmp_path / "w2", **options)
-    assert (tmp_path / "w2" / "backup.safetensors").exists()
+        train_embedding(sd, vectors, latents, tokens, backup_dir=tmp_path / "backup", **TAUGHT)
+    assert (tmp_path / "backup" / "backup.safetensors").exists()
     monkeypatch.undo()
-    resumed, _ = train_embedding(sd, vectors, latents, tokens[:1], backup_dir=tmp_path / "w2", **options)
-    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
+    resumed, _ = train_embedding(sd, vectors, latents, tokens, backup_dir=tmp_path / "backup", **TAUGHT)
+    assert not (tmp_path / "backup").exists()
     np.testing.assert_allclose(resumed, whole, rtol=1e-5, atol=1e-7)
 
 
