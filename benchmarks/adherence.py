@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks.results import RESULTS, append_entry, cpu
 from stable_diffusion import StableDiffusion
 from stable_diffusion.adherence import classify, score
-from stable_diffusion.data import parse_caption, random_caption
+from stable_diffusion.data import NEW_SHAPES, SHAPES, parse_caption, random_caption
 from stable_diffusion.schedulers import SCHEDULERS
 
 # Seeds of the shipped demo model's recipe (stable_diffusion/assets/README.md, stable_diffusion/train.py):
@@ -59,16 +59,16 @@ def prompts(num_images, seed):
     return [random_caption(rng)[0] for _ in range(num_images)]
 
 
-def scores_by_size(images, captions):
-    """{group of `GROUPS`: `adherence.score` of the group's images, with `count` (its images) and `blank`
-    (those in which `adherence.classify` finds no foreground)}; a group is the prompts naming one size word,
-    naming none, or all."""
+def scores_by_size(images, captions, shapes=None):
+    """{group of `GROUPS`: `adherence.score` of the group's images (with `shapes`, see `adherence.classify`), with
+    `count` (its images) and `blank` (those in which `adherence.classify` finds no foreground)}; a group is the
+    prompts naming one size word, naming none, or all."""
     sizes = [parse_caption(caption)["size"] for caption in captions]
     blank = [classify(image)["shape"] is None for image in images]
     result = {}
     for group in GROUPS:
         members = [i for i, size in enumerate(sizes) if group in (size, "all")]
-        result[group] = dict(score([images[i] for i in members], [captions[i] for i in members]),
+        result[group] = dict(score([images[i] for i in members], [captions[i] for i in members], shapes),
                              count=len(members), blank=sum(blank[i] for i in members))
     return result
 
@@ -124,6 +124,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="default: the built-in demo model")
     parser.add_argument("--lora", help="a LoRA file merged into the model (`StableDiffusion.load_lora`)")
+    parser.add_argument("--all-shapes", action="store_true", help="read the images with the new shapes of "
+                        "data.NEW_SHAPES too, which a LoRA may have taught: how often the model draws them unasked")
     parser.add_argument("--held-out", action="store_true", help=f"the held-out set: prompts and seeds from "
                         f"{HELD_OUT_SEED}, which no training or tuning uses; 300 images unless --num-images")
     parser.add_argument("--num-images", type=int, help="default: 100, or 300 with --held-out")
@@ -162,7 +164,8 @@ def main(argv=None):
     sd.text_to_image(captions[0], seed=args.seed, verbose=False, **settings)
     load_seconds = time.perf_counter() - start
     seconds = time_one_image(sd, captions[0], args.seed, **settings)
-    scores = scores_by_size(generate(sd, captions, args.batch_size, args.seed, **settings), captions)
+    scores = scores_by_size(generate(sd, captions, args.batch_size, args.seed, **settings), captions,
+                            SHAPES + NEW_SHAPES if args.all_shapes else SHAPES)
     minutes = (time.perf_counter() - start) / 60
 
     model = ("assets/demo" if args.checkpoint is None else args.checkpoint) + (f" + LoRA {args.lora}" if args.lora else "")
@@ -176,7 +179,8 @@ def main(argv=None):
         f"- Settings: {sd.img_width}x{sd.img_height}, {args.steps} steps, guidance {args.guidance}, "
         f"{args.scheduler or sd.scheduler_name} sampler, prompts from `data.random_caption` with seed {args.seed}, image k "
         f"seeded with {args.seed} + k, batches of {args.batch_size}; size accuracy over the prompts naming one; "
-        "blank: images in which the classifier finds no foreground.",
+        "blank: images in which the classifier finds no foreground; shapes read: "
+        + ("the grammar's and `data.NEW_SHAPES`" if args.all_shapes else "the grammar's") + ".",
         f"- Machine: {host}",
         f"- Time: one image {seconds:.2f} s (median of 3 warm single-image calls"
         + (f"; target ≤ {targets['seconds']:.0f} s" if targets else "") + f"), load + first image "

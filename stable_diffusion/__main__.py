@@ -115,8 +115,11 @@ def build_parser():
     parser.add_argument("--clip-skip", type=number(int), metavar="K", help="condition on CLIP's hidden state K "
                         "layers before the last (1: the penultimate), for prompt and negative prompt")
     parser.add_argument("--xla", action="store_true", help="compile with XLA on TensorFlow too (always on on "
-                        "JAX): each new image size, batch size or prompt length compiles first (seconds to "
-                        "minutes), then steps run faster; pays off for many images of one shape")
+                        "JAX), all denoising steps as one program: each new image size, batch size, prompt length "
+                        "or step count compiles first (seconds to minutes), then steps run faster; pays off for "
+                        "many images of one shape")
+    parser.add_argument("--numpy-loop", action="store_true", help="with XLA, compile one denoising step and run "
+                        "the steps one by one, the sampler in numpy on the host (progress after each step)")
     parser.add_argument("--int8", action="store_true", help="int8 weights and activations in the UNet and text "
                         "encoder: less memory, faster on some CPUs, images close to float32 (see quantization.py)")
     parser.add_argument("--vae-tiling", type=number(int), metavar="PIXELS", help="decode images larger than this "
@@ -208,7 +211,8 @@ def load(args):
         from .stable_diffusion import StableDiffusion
     try:
         sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.height, img_width=args.width,
-                                             jit_compile=args.xla or None, quantize="int8" if args.int8 else None)
+                                             jit_compile=args.xla or None, compiled_loop=not args.numpy_loop,
+                                             quantize="int8" if args.int8 else None)
     except FileNotFoundError as error:
         if args.checkpoint is None:
             raise ValueError(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "

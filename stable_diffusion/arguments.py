@@ -51,6 +51,14 @@ def check_image_size(name, size, multiple=8):
         raise ValueError(f"{name} must be a positive multiple of 8{depth}, got {size!r}.")
 
 
+def check_compiling(jit_compile, compiled_loop):
+    """Checks the pipeline's compilation switches: jit_compile None, True or False; compiled_loop True or False."""
+    if jit_compile is not None and not isinstance(jit_compile, (bool, np.bool_)):
+        raise ValueError(f"jit_compile must be None, True or False, got {jit_compile!r}.")
+    if not isinstance(compiled_loop, (bool, np.bool_)):
+        raise ValueError(f"compiled_loop must be True or False, got {compiled_loop!r}.")
+
+
 def check_steps(scheduler, config, num_steps, strength=1.0):
     """Checks `num_steps` and `strength` (ValueError) on a sampler `scheduler` made from `config`, and
     warns once when the sampler is used below the step count where it is reliable."""

@@ -60,6 +60,7 @@ class ExportedStableDiffusion:
     text_to_image, generate_image = StableDiffusion.text_to_image, StableDiffusion.generate_image
     image_to_image, inpaint = StableDiffusion.image_to_image, StableDiffusion.inpaint
     _prepare, denoise, encode_images = StableDiffusion._prepare, StableDiffusion.denoise, StableDiffusion.encode_images
+    denoise_loop = None  # the exported step runs once per step (`compiled_loop.instead`)
 
 
 def load_saved_model(path):

@@ -3,6 +3,7 @@ the compilation:
 
 - TensorFlow and JAX: `Model.compile(jit_compile=...)` (XLA); JAX keeps what it compiles in XLA's persistent
   compilation cache (`jax_compilation_cache_dir`, every compilation however short), unless the process set one.
+  With XLA, the denoising loop runs as one compiled program (`compiled_loop.py`) unless `compiled_loop=False`.
 - torch: eager.
 - OpenVINO (inference only: CPU): each model's `predict_on_batch` runs an OpenVINO model compiled once per
   input shapes, in float32 (the CPU plugin otherwise computes in bfloat16 on CPUs that have it), kept in memory
@@ -17,7 +18,7 @@ import os
 import keras
 import numpy as np
 
-from . import keras_internals, presets
+from . import compiled_loop as loop, keras_internals, presets
 
 CACHE_VARIABLE = "KERAS_SD_CACHE"
 
@@ -28,13 +29,16 @@ def cache_dir(backend):
     return os.path.join(root, backend) if root else None
 
 
-def compile_models(sd, *, jit_compile):
-    """Prepares the models of the pipeline `sd` for its backend (see the module docstring); `jit_compile` None:
-    XLA on JAX only (TensorFlow graphs start faster; README, "XLA or not")."""
+def compile_models(sd, *, jit_compile, compiled_loop=True):
+    """Prepares the models of the pipeline `sd` for its backend (see the module docstring) and sets its
+    `denoise_loop`: a `compiled_loop.CompiledLoop`, or None for the numpy loop. `jit_compile` None: XLA on JAX
+    only (TensorFlow graphs start faster; README, "XLA or not")."""
     backend = keras.backend.backend()
     jit_compile = backend == "jax" if jit_compile is None else jit_compile
     for model in (sd.text_encoder, sd.denoise_step, sd.decoder):
         model.compile(jit_compile=jit_compile and backend != "torch")
+    xla = jit_compile and backend in ("jax", "tensorflow")
+    sd.denoise_loop = loop.CompiledLoop(sd.denoise_step) if xla and compiled_loop else None
     if backend == "jax" and jit_compile and cache_dir("jax"):
         import jax
 

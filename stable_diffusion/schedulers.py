@@ -10,6 +10,13 @@ Each takes the keys of a diffusers scheduler config (a checkpoint's, often a `PN
 gives the timesteps and updates of that diffusers class built `from_config` of it. A scheduler object
 holds one run: `set_timesteps`, then per step `scale_model_input` and `step` (numpy, float32), which
 keep the history the multistep methods need. The UNet call stays in the pipeline's compiled step.
+
+A sampler's step is two halves: `coefficients(index)`, a dict of the step's scalars, computed on the host
+(in float64, then rounded to float32), and its one update rule, `update(c, model_output, latents, memory,
+noise, xp)` -> (latents, memory), which mixes the latents, the model output, the `memory` carried between
+steps (`memory_size` latent-shaped arrays: the multistep history) and, for ancestral samplers, fresh `noise`
+with those scalars `c`, in float32 array arithmetic (`xp`: the module with `clip`): numpy here (`step`),
+keras.ops inside one compiled program that reads the coefficients from tables (`compiled_loop.py`).
 """
 import numpy as np
 
@@ -41,6 +48,8 @@ class Scheduler:
     """
     init_noise_sigma = 1.0  # the standard deviation of the initial noise
     reliable_steps = 10  # fewer give poor images (demo model, `benchmarks/few_steps.py`): the pipeline warns
+    memory_size = 0  # latent-shaped arrays that `update` carries from one step to the next
+    ancestral = False  # whether each step adds fresh noise
 
     def __init__(self, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
@@ -89,7 +98,7 @@ class Scheduler:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
         if int(num_steps * strength) < 1:
             raise ValueError(f"strength {strength} leaves no step of {num_steps}; raise strength or num_steps.")
-        self.num_steps, self.history = int(num_steps), []
+        self.num_steps, self.memory = int(num_steps), (np.float32(0),) * self.memory_size
         self.all_timesteps = self.make_timesteps(num_steps)
         self.begin = self.index = num_steps - min(int(num_steps * strength), num_steps)
         self.timesteps = self.all_timesteps[self.begin:]
@@ -98,24 +107,36 @@ class Scheduler:
     def make_timesteps(self, num_steps):
         return self.spaced(num_steps)[::-1].astype(np.int64)
 
+    def input_scale(self, index):
+        """The factor of the latents in the UNet's input at step `index`."""
+        return 1.0
+
     def scale_model_input(self, latents):
         """The UNet's input at the current step (B, h, w, C)."""
-        return latents
+        return latents * np.float32(self.input_scale(self.index))
+
+    def levels(self, index):
+        """(signal, noise): the scales of clean latents and of noise in latents noised to step `index`."""
+        alpha = self.alphas_cumprod[self.all_timesteps[index]]
+        return np.sqrt(alpha), np.sqrt(1 - alpha)
 
     def add_noise(self, latents, noise):
         """Latents (B, h, w, C) noised to the current step's timestep (image-to-image, inpainting)."""
-        alpha = self.alphas_cumprod[self.all_timesteps[self.index]]
-        return np.sqrt(alpha) * latents + np.sqrt(1 - alpha) * noise
+        signal, level = self.levels(self.index)
+        return signal * latents + level * noise
 
     def step(self, model_output, latents, draw_noise):
-        """The latents of the next step; `draw_noise()` gives fresh noise (B, h, w, C) if needed."""
-        latents = self.update(np.asarray(model_output, "float32"), np.asarray(latents, "float32"), draw_noise)
+        """The latents of the next step; `draw_noise()` gives fresh noise (B, h, w, C) if the sampler is `ancestral`."""
+        coefficients = {name: np.float32(value) for name, value in self.coefficients(self.index).items()}
+        noise = draw_noise() if self.ancestral else None
+        latents, self.memory = self.update(coefficients, np.asarray(model_output, "float32"),
+                                           np.asarray(latents, "float32"), self.memory, noise, np)
         self.index += 1
-        return latents.astype("float32")
+        return latents
 
-    def alphas(self):
-        """alpha_bar of the current timestep and of the one DDIM / PLMS step to."""
-        t = self.all_timesteps[self.index]
+    def alphas(self, index):
+        """alpha_bar of step `index`'s timestep and of the one DDIM / PLMS step to."""
+        t = self.all_timesteps[index]
         previous = t - self.config["num_train_timesteps"] // self.num_steps
         return self.alphas_cumprod[t], (self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod)
 
@@ -123,18 +144,22 @@ class Scheduler:
 class DDIMScheduler(Scheduler):
     """Deterministic DDIM (eta = 0) for epsilon- or v-prediction models."""
 
-    def update(self, model_output, latents, draw_noise):
-        alpha, alpha_prev = self.alphas()
-        if self.config["prediction_type"] == "epsilon":
-            noise = model_output
-            clean = (latents - np.sqrt(1 - alpha) * noise) / np.sqrt(alpha)
-        else:
-            clean = np.sqrt(alpha) * latents - np.sqrt(1 - alpha) * model_output
-            noise = np.sqrt(alpha) * model_output + np.sqrt(1 - alpha) * latents
+    def coefficients(self, index):
+        alpha, alpha_prev = (float(alpha) for alpha in self.alphas(index))
+        a, s = alpha**0.5, (1 - alpha) ** 0.5  # latents = a clean + s noise
+        if self.config["prediction_type"] == "epsilon":  # clean and noise as mixes of latents and model output
+            clean, noise = (1 / a, -s / a), (0.0, 1.0)
+        else:  # v = a noise - s clean
+            clean, noise = (a, -s), (s, a)
+        return dict(clean_latents=clean[0], clean_output=clean[1], noise_latents=noise[0], noise_output=noise[1],
+                    next_clean=alpha_prev**0.5, next_noise=(1 - alpha_prev) ** 0.5)
+
+    def update(self, c, model_output, latents, memory, noise, xp):
+        clean = c["clean_latents"] * latents + c["clean_output"] * model_output
+        eps = c["noise_latents"] * latents + c["noise_output"] * model_output
         if self.config["clip_sample"]:
-            limit = self.config["clip_sample_range"]
-            clean = np.clip(clean, -limit, limit)
-        return np.sqrt(alpha_prev) * clean + np.sqrt(1 - alpha_prev) * noise
+            clean = xp.clip(clean, -self.config["clip_sample_range"], self.config["clip_sample_range"])
+        return c["next_clean"] * clean + c["next_noise"] * eps, memory
 
 
 class PNDMScheduler(Scheduler):
@@ -144,32 +169,37 @@ class PNDMScheduler(Scheduler):
     calls the UNet n + 1 times.
     """
     reliable_steps = 40  # its multistep start: on the demo model 0-3% of images right at 5-20 steps, 77% at 40
+    memory_size = 4  # the last three model outputs kept, newest first; the latents before the step
 
     def make_timesteps(self, num_steps):
         steps = self.spaced(num_steps).astype(np.int64)
         return np.concatenate([steps[:-1], steps[-2:-1], steps[-1:]])[::-1]
 
-    def update(self, model_output, latents, draw_noise):
-        counter, history = self.index - self.begin, self.history
-        t = self.all_timesteps[self.index]
-        delta = self.config["num_train_timesteps"] // self.num_steps
-        if counter != 1:
-            history[:] = history[-3:] + [model_output]
-            alpha, alpha_prev = self.alphas()
-        else:  # the repeated timestep: redo the first step with the mean of both predictions
-            t, previous = t + delta, t
-            alpha, alpha_prev = self.alphas_cumprod[t], self.alphas_cumprod[previous]
-        if counter == 0:
-            self.first_latents, eps = latents, model_output
-        elif counter == 1:
-            eps, latents = (model_output + history[-1]) / 2, self.first_latents
-        else:
-            weights = {2: (3, -1), 3: (23, -16, 5), 4: (55, -59, 37, -9)}[len(history)]
-            eps = sum(w * e for w, e in zip(weights, reversed(history))) / {2: 2, 3: 12, 4: 24}[len(history)]
-        if self.config["prediction_type"] == "v_prediction":
-            eps = np.sqrt(alpha) * eps + np.sqrt(1 - alpha) * latents
-        denominator = alpha * np.sqrt(1 - alpha_prev) + np.sqrt(alpha * (1 - alpha) * alpha_prev)
-        return np.sqrt(alpha_prev / alpha) * latents - (alpha_prev - alpha) * eps / denominator
+    def coefficients(self, index):
+        counter, t = index - self.begin, self.all_timesteps[index]
+        if counter == 1:  # the repeated timestep: redo the first step with the mean of both predictions
+            delta = self.config["num_train_timesteps"] // self.num_steps
+            alpha, alpha_prev = self.alphas_cumprod[t + delta], self.alphas_cumprod[t]
+            weights = (0.5, 0.5, 0.0, 0.0)
+        else:  # Adams-Bashforth on the outputs kept, of order 1 to 4 as they accumulate
+            alpha, alpha_prev = self.alphas(index)
+            order = 1 if counter == 0 else min(counter, 4)
+            steps = {1: (1,), 2: (3, -1), 3: (23, -16, 5), 4: (55, -59, 37, -9)}[order]
+            weights = tuple(w / sum(steps) for w in steps) + (0.0,) * (4 - order)
+        alpha, alpha_prev = float(alpha), float(alpha_prev)
+        denominator = alpha * (1 - alpha_prev) ** 0.5 + (alpha * (1 - alpha) * alpha_prev) ** 0.5
+        to_latents, to_noise = (alpha_prev / alpha) ** 0.5, -(alpha_prev - alpha) / denominator
+        if self.config["prediction_type"] == "v_prediction":  # noise = a v + s latents
+            to_latents, to_noise = to_latents + to_noise * (1 - alpha) ** 0.5, to_noise * alpha**0.5
+        return dict(zip(("output", "kept_0", "kept_1", "kept_2"), weights), latents=to_latents, eps=to_noise,
+                    restart=counter == 1, keep=counter != 1)
+
+    def update(self, c, model_output, latents, memory, noise, xp):
+        *kept, before = memory
+        latents = c["restart"] * before + (1 - c["restart"]) * latents  # the repeated step starts where the first did
+        eps = c["output"] * model_output + c["kept_0"] * kept[0] + c["kept_1"] * kept[1] + c["kept_2"] * kept[2]
+        kept = [c["keep"] * new + (1 - c["keep"]) * old for new, old in zip([model_output, *kept], kept)]
+        return c["latents"] * latents + c["eps"] * eps, (*kept, latents)
 
 
 class EulerScheduler(Scheduler):
@@ -190,26 +220,31 @@ class EulerScheduler(Scheduler):
         self.init_noise_sigma = float((max_sigma**2 + 1) ** 0.5 if leading else max_sigma)
         return timesteps
 
-    def scale_model_input(self, latents):
-        return latents / (self.sigmas[self.index] ** 2 + 1) ** 0.5
+    def input_scale(self, index):
+        return 1 / (self.sigmas[index] ** 2 + 1) ** 0.5
 
-    def add_noise(self, latents, noise):
-        return latents + noise * self.sigmas[self.index]
+    def levels(self, index):
+        return 1.0, self.sigmas[index]
 
-    def update(self, model_output, latents, draw_noise):
-        sigma, sigma_next = self.sigmas[self.index], self.sigmas[self.index + 1]
-        clean = denoised(model_output, latents, sigma, self.config["prediction_type"])
-        if not self.ancestral:
-            return latents + (latents - clean) / sigma * (sigma_next - sigma)
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        return latents + (latents - clean) / sigma * (sigma_down - sigma) + draw_noise() * sigma_up
+    def coefficients(self, index):
+        sigma, sigma_next = (float(s) for s in self.sigmas[index:index + 2])
+        clean_latents, clean_output = denoising(sigma, self.config["prediction_type"])
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5 if self.ancestral else 0.0
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5 if self.ancestral else sigma_next
+        return dict(clean_latents=clean_latents, clean_output=clean_output, step=(sigma_down - sigma) / sigma,
+                    noise=sigma_up)
+
+    def update(self, c, model_output, latents, memory, noise, xp):
+        clean = c["clean_latents"] * latents + c["clean_output"] * model_output
+        latents = latents + (latents - clean) * c["step"]  # the derivative (latents - clean) / sigma, times dsigma
+        return (latents + c["noise"] * noise if self.ancestral else latents), memory
 
 
 class DPMSolverScheduler(Scheduler):
     """DPM-Solver++(2M), midpoint form: second order from the last two clean-latent predictions, first
     order on the first step of a run and on the last step (to sigma 0). `karras=True` spaces the
     sigmas as Karras et al. (rho = 7) and rounds their timesteps."""
+    memory_size = 1  # the previous step's clean-latent prediction
 
     def __init__(self, karras=False, **config):
         super().__init__(**{"timestep_spacing": "linspace", **config})  # diffusers' default here
@@ -233,22 +268,22 @@ class DPMSolverScheduler(Scheduler):
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return timesteps
 
-    def add_noise(self, latents, noise):
-        alpha, sigma = vp(self.sigmas[self.index])
-        return alpha * latents + sigma * noise
+    def levels(self, index):
+        return vp(self.sigmas[index])
 
-    def update(self, model_output, latents, draw_noise):
-        s0, s = (float(x) for x in self.sigmas[self.index:self.index + 2])
-        clean = denoised(model_output, latents / vp(s0)[0], s0, self.config["prediction_type"])
-        self.history = [*self.history[-1:], clean]
-        alpha, sigma = vp(s)
-        first_order = len(self.history) == 1 or self.index == len(self.all_timesteps) - 1
-        if first_order:  # exp(-h) = s / s0, since lambda = log(alpha / sigma) = -log(s)
-            return sigma / vp(s0)[1] * latents - alpha * (s / s0 - 1) * clean
-        s1 = float(self.sigmas[self.index - 1])
-        r = np.log(s1 / s0) / np.log(s0 / s)  # h_0 / h
-        d = clean + 0.5 * (clean - self.history[0]) / r
-        return sigma / vp(s0)[1] * latents - alpha * (s / s0 - 1) * d
+    def coefficients(self, index):
+        s0, s = (float(x) for x in self.sigmas[index:index + 2])
+        clean_latents, clean_output = denoising(s0, self.config["prediction_type"])  # of latents / alpha_t(s0)
+        first_order = index in (self.begin, len(self.all_timesteps) - 1)
+        h_ratio = 0.0 if first_order else np.log(float(self.sigmas[index - 1]) / s0) / np.log(s0 / s)  # h_0 / h
+        alpha, sigma = vp(s)  # exp(-h) = s / s0, since lambda = log(alpha / sigma) = -log(s)
+        return dict(clean_latents=clean_latents / vp(s0)[0], clean_output=clean_output, latents=sigma / vp(s0)[1],
+                    clean=-alpha * (s / s0 - 1), extrapolate=0.0 if first_order else 0.5 / h_ratio)
+
+    def update(self, c, model_output, latents, memory, noise, xp):
+        clean = c["clean_latents"] * latents + c["clean_output"] * model_output
+        extrapolated = clean + c["extrapolate"] * (clean - memory[0])  # D = clean + (clean - previous) / 2r
+        return c["latents"] * latents + c["clean"] * extrapolated, (clean,)
 
 
 def vp(sigma):
@@ -257,11 +292,11 @@ def vp(sigma):
     return alpha, sigma * alpha
 
 
-def denoised(model_output, latents, sigma, prediction_type):
-    """The predicted clean latents, where `latents` = x_0 + sigma eps (the VP latents / alpha_t)."""
+def denoising(sigma, prediction_type):
+    """(a, b): the predicted clean latents are a x + b model_output, x = x_0 + sigma eps (VP latents / alpha_t)."""
     if prediction_type == "epsilon":
-        return latents - sigma * model_output
-    return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + latents / (sigma**2 + 1)
+        return 1.0, -sigma
+    return 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
 
 
 def sigma_to_t(sigmas, log_sigmas):
@@ -281,6 +316,28 @@ SCHEDULERS = {
     "dpmpp_2m_karras": lambda **config: DPMSolverScheduler(karras=True, **config),
     "pndm": PNDMScheduler,
 }
+
+
+class Repaint:
+    """Inpainting with a 4-channel UNet, as diffusers: after each step of `sampler`, the latents keep the region to
+    repaint, `mask` (B, h, w, 1) = 1, and elsewhere take the picture's latents `known` (B, h, w, C) noised with
+    `noise` to the next step (clean after the last)."""
+
+    def __init__(self, sampler, mask, known, noise):
+        self.sampler, self.mask, self.known, self.noise = sampler, mask, known, noise
+
+    def levels(self, index):
+        """The (signal, noise) scales of `known` and `noise` with the sampler at step `index`."""
+        return (1.0, 0.0) if index == len(self.sampler.all_timesteps) else self.sampler.levels(index)
+
+    def __call__(self, latents):
+        """The latents (B, h, w, C) after the sampler's last step, blended (numpy)."""
+        return self.blend(latents, self.mask, self.known, self.noise, *self.levels(self.sampler.index))
+
+    @staticmethod
+    def blend(latents, mask, known, noise, signal, level):
+        """The blend in array arithmetic (numpy, or keras.ops in the compiled loop)."""
+        return mask * latents + (1 - mask) * (signal * known + level * noise)
 
 
 def create(name, config):

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import (arguments, bundle, checkpoints, data, embeddings, emphasis, export, keras_internals, lora, presets,
-               progress, quantization, runtime, schedulers, tiling)
+from . import (arguments, bundle, checkpoints, compiled_loop, data, embeddings, emphasis, export, keras_internals,
+               lora, presets, progress, quantization, runtime, schedulers, tiling)
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
@@ -31,6 +31,7 @@ class StableDiffusion:
         img_height, img_width: image size in pixels, multiples of 8.
         jit_compile: compile the text encoder, denoising step and decoder with XLA (TensorFlow, JAX; torch: eager);
             default: on JAX only, as TensorFlow graphs start faster (see README, "XLA or not"); see `runtime.py`.
+        compiled_loop: with XLA, run all denoising steps as one program (`compiled_loop.py`); False: step by step.
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
             "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
@@ -41,8 +42,8 @@ class StableDiffusion:
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
 
-    def __init__(self, img_height=512, img_width=512, *, jit_compile=None, config=None, tokenizer=None,
-                 scheduler="ddim", dtype=None, quantize=None, weights=None):
+    def __init__(self, img_height=512, img_width=512, *, jit_compile=None, compiled_loop=True, config=None,
+                 tokenizer=None, scheduler="ddim", dtype=None, quantize=None, weights=None):
         config = {name: dict((config or {}).get(name, {})) for name in (*bundle.MODELS, "scheduler", "grammar")}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
@@ -50,6 +51,7 @@ class StableDiffusion:
             arguments.check_image_size(name, size, vae_factor * unet_factor)
         arguments.check_memory(config, img_height, img_width)  # denoising one image
         quantization.check(quantize)
+        arguments.check_compiling(jit_compile, compiled_loop)
         self.config, self.img_height, self.img_width = config, img_height, img_width
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
         with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
@@ -63,7 +65,7 @@ class StableDiffusion:
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.denoise_step = self._build_denoise_step()
-        runtime.compile_models(self, jit_compile=jit_compile)
+        runtime.compile_models(self, jit_compile=jit_compile, compiled_loop=compiled_loop)
 
     @classmethod
     def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, vae=None, prediction_type=None,
@@ -75,7 +77,7 @@ class StableDiffusion:
             path: the checkpoint; default: the small demo model shipped with the package.
             img_height, img_width: image size; default: the size the model was trained at.
             vae, prediction_type, use_ema, config: see `checkpoints.read`.
-            options: `jit_compile`, `scheduler`, `dtype`, `quantize`: see `StableDiffusion`.
+            options: `jit_compile`, `compiled_loop`, `scheduler`, `dtype`, `quantize`: see `StableDiffusion`.
         """
         checkpoint = checkpoints.read(path, vae=vae, prediction_type=prediction_type, use_ema=use_ema, config=config)
         return cls(img_height=checkpoint.img_height if img_height is None else img_height,
@@ -136,9 +138,9 @@ class StableDiffusion:
                 None, 0: the last), for prompt and negative prompt alike (`text_encoder.skipping`).
             prompt_weighting: read A1111's emphasis, `(word:1.3)`, in prompt and negative prompt (`emphasis.py`).
                 An encoded prompt must have been encoded with the same `clip_skip` and `prompt_weighting`.
-            callback: called as `callback(step, timestep, latents)` after every step.
+            callback: called as `callback(step, timestep, latents)` after every step (so no compiled loop).
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
-            verbose: report progress on stderr.
+            verbose: report progress on stderr (once, at the end, from a compiled loop).
         Bad arguments raise ValueError, naming them, before any model work (`arguments.py`).
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
@@ -200,10 +202,8 @@ class StableDiffusion:
         if self.diffusion_model.inputs[0].shape[-1] > known.shape[-1]:  # an inpainting UNet
             masked = self.encode_images(images * (masks < 0.5), setup, sample=sample_latents)
             conditioning = np.concatenate([mask, masked], axis=-1)
-        else:
-            def after_step(latents):  # the known region, noised to the next step, clean after the last
-                last = sampler.index == len(sampler.all_timesteps)
-                return mask * latents + (1 - mask) * (known if last else sampler.add_noise(known, noise))
+        else:  # the known region, noised to the next step, clean after the last
+            after_step = schedulers.Repaint(sampler, mask, known, noise)
         latents = self.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback,
                                conditioning=conditioning, after_step=after_step, verbose=verbose)
         return latents if return_latents else self.decode(latents)
@@ -233,10 +233,11 @@ class StableDiffusion:
         given = noise if diffusion_noise is None else np.asarray(diffusion_noise, dtype="float32")
         return Setup(context, negative, sampler, draw_noise, np.broadcast_to(given, noise.shape))
 
+    @compiled_loop.instead  # all steps in one XLA program (`compiled_loop.py`) without a callback, if set up
     def denoise(self, latents, setup, *, guidance, callback=None, conditioning=None, after_step=None, verbose=True):
         """The denoising loop of every task: latents (B, h, w, C) at the first timestep of `setup.sampler` -> clean
         latents. `conditioning`: extra UNet input channels (an inpainting UNet's mask and masked-image latents);
-        `after_step(latents)` follows each update (inpainting's blending); see `text_to_image` for the rest."""
+        `after_step(latents)` follows each update (a `schedulers.Repaint`); see `text_to_image` for the rest."""
         sampler, per_image = setup.sampler, lambda value: np.full((len(latents),), value, dtype="float32")
         for step, t in enumerate(progress.report(sampler.timesteps, "denoising", verbose)):
             model_input = sampler.scale_model_input(latents)

@@ -271,6 +271,12 @@ def test_int8(bundle, workdir):
         np.testing.assert_array_equal(np.asarray(image), expected[0])
 
 
+def test_numpy_loop_flag_turns_the_compiled_loop_off(bundle):
+    for flags, compiled in (([], True), (["--numpy-loop"], False)):
+        sd = cli.load(cli.build_parser().parse_args(["a cat", "--checkpoint", str(bundle), "--xla", *flags]))
+        assert (sd.denoise_loop is not None) == compiled, flags
+
+
 def test_incomplete_bundle(bundle, workdir, capsys):
     broken = workdir.parent / "broken"
     shutil.copytree(bundle, broken)

@@ -16,6 +16,7 @@ from stable_diffusion.data import (
     BACKGROUNDS,
     GRAMMAR,
     NEW_SHAPES,
+    SHAPES,
     SIZE_RANGES,
     draw_shape,
     format_caption,
@@ -35,8 +36,9 @@ def dataset():
     return make_dataset(300, seed=0, image_size=IMAGE_SIZE)
 
 
-def test_classifier_recovers_every_claimed_attribute(dataset):
-    accuracies = score(*dataset)
+@pytest.mark.parametrize("shapes", [SHAPES, SHAPES + NEW_SHAPES])
+def test_classifier_recovers_every_claimed_attribute(dataset, shapes):
+    accuracies = score(*dataset, shapes)
     assert all(accuracy >= 0.99 for accuracy in accuracies.values()), accuracies
 
 
