@@ -8,7 +8,7 @@ how its pixels spread along the axes against the diagonals. `score` compares tho
 
 import numpy as np
 
-from stable_diffusion.data import BACKGROUNDS, COLORS, NEW_SHAPES, SHAPES, parse_caption
+from stable_diffusion.data import BACKGROUNDS, COLORS, NEW_COLORS, NEW_SHAPES, SHAPES, parse_caption
 
 # A pixel is foreground when its RGB distance to the background exceeds this. The closest
 # palette pair (purple on gray) is ~94 apart, ~59 after the worst-case jitter of both colours.
@@ -60,8 +60,8 @@ def classify(image, shapes=SHAPES):
             pass for diamonds), so a model's adherence to its grammar is read with `SHAPES` alone.
 
     Returns:
-        dict with the `color`, `shape` (one of `shapes`), `background` and `size` names of `data.py`; all but
-        `background` are None when no foreground is found.
+        dict with the `color` (of `COLORS` or `NEW_COLORS`), `shape` (one of `shapes`), `background` and `size`
+        names of `data.py`; all but `background` are None when no foreground is found.
     """
     pixels = np.asarray(image, dtype=np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -93,7 +93,7 @@ def classify(image, shapes=SHAPES):
     # The colour is read from the half of the foreground farthest from the background, away from
     # edges blended with it.
     core = distance[mask] >= np.median(distance[mask])
-    result["color"] = _nearest(COLORS, np.median(pixels[mask][core], axis=0))
+    result["color"] = _nearest({**COLORS, **NEW_COLORS}, np.median(pixels[mask][core], axis=0))
     side = max(height, width) / max(mask.shape)
     result["size"] = "large" if side > LARGE_SIDE else "small"
     return result

@@ -29,6 +29,9 @@ COLORS = {
     "purple": (140, 50, 180),
     "orange": (245, 130, 20),
 }
+# Colours drawn and read back (`draw_shape`, `parse_caption`, `adherence.classify`) that `random_caption` never
+# draws, as `NEW_SHAPES`: for teaching a model trained on them a new one (a textual-inversion token).
+NEW_COLORS = {"pink": (240, 100, 180)}  # a hot pink, >= 110 from every colour and background in RGB
 BACKGROUNDS = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
@@ -57,7 +60,7 @@ def _captions(grammar):
     return re.compile("a (?:{} )?{} {} on a {} background".format(*map(slot, GRAMMAR)))
 
 
-_CAPTION = _captions(dict(GRAMMAR, shape=[*SHAPES, *NEW_SHAPES]))
+_CAPTION = _captions(dict(GRAMMAR, color=[*COLORS, *NEW_COLORS], shape=[*SHAPES, *NEW_SHAPES]))
 
 
 def format_caption(attributes):
@@ -70,8 +73,8 @@ def format_caption(attributes):
 
 
 def parse_caption(caption):
-    """Reads the attributes back from a caption (of `GRAMMAR`, or a shape of `NEW_SHAPES`); `size` is None when
-    the caption names none.
+    """Reads the attributes back from a caption (of `GRAMMAR`, or a colour of `NEW_COLORS` or a shape of
+    `NEW_SHAPES`); `size` is None when the caption names none.
 
     Raises:
         ValueError: if the caption is not in the grammar.
@@ -166,7 +169,7 @@ def draw_shape(attributes, rng, image_size=64):
     background = jittered(BACKGROUNDS[attributes["background"]])
     image = Image.new("RGB", (image_size, image_size), background)
     draw = ImageDraw.Draw(image)
-    fill = jittered(COLORS[attributes["color"]])
+    fill = jittered({**COLORS, **NEW_COLORS}[attributes["color"]])
     if attributes["shape"] == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif attributes["shape"] == "square":

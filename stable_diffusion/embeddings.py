@@ -13,6 +13,9 @@ in a prompt stands for all of them: `Tokenizer.expand`), with the ids of n rows 
 embedding: a new Embedding layer replaces the old one in a copy of the text encoder's graph that shares every other
 layer, and so its weights (LoRAs merged into them stay undoable), as transformers' `resize_token_embeddings`.
 
+Training (`train.train_textual_inversion`): `with_trainable_rows` appends the new token's rows to the token
+embedding of a copy of the text encoder's graph as a variable of their own (`AppendedRows`), which alone trains.
+
 References: diffusers `loaders/textual_inversion.py` (`load_textual_inversion`); AUTOMATIC1111/stable-diffusion-webui
 `modules/textual_inversion/textual_inversion.py` (`create_embedding_from_data`).
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from keras import ops
 
 from . import ckpt
 from .weights import read_tensor, safetensors_header
@@ -69,20 +73,64 @@ def load(sd, path, *, token=None):
         raise ValueError(f"token must be None or a non-empty string, got {token!r}.")
     token, vectors = read(path, token)
     old = sd.text_encoder.get_layer(TOKEN_EMBEDDING)
-    table = keras.ops.convert_to_numpy(old.embeddings)  # (rows, width)
+    table = ops.convert_to_numpy(old.embeddings)  # (rows, width)
     rows, width = table.shape
     if vectors.shape[1] != width:
         raise ValueError(f"{path} holds an embedding of width {vectors.shape[1]}; this model's text encoder is "
                          f"{width} wide (SD 1.x: 768, SD 2.x: 1024): the embedding was made for another model.")
-    names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
-    tokenizer = copy.copy(sd.tokenizer)  # `add_tokens` changes the copy only
     try:
-        tokenizer.add_tokens(dict(zip(names, range(rows, rows + len(vectors)))))
+        tokenizer = with_tokens(sd.tokenizer, token, len(vectors), first_id=rows)
     except ValueError as error:
         raise ValueError(f"Cannot add {path}: {error} Pass token=... to give the embedding another name.") from None
     table = np.concatenate([table, vectors.astype(table.dtype)])
     new = keras.layers.Embedding(*table.shape, weights=[table], name=old.name, dtype=old.dtype_policy)
-    grown = keras.models.clone_model(sd.text_encoder, clone_function=lambda layer: new if layer is old else layer)
+    grown = with_token_embedding(sd.text_encoder, new)
     grown.compile(jit_compile=sd.text_encoder.jit_compile)
     sd.config = dict(sd.config, text_encoder=dict(sd.config["text_encoder"], vocab_size=len(table)))
     sd.text_encoder, sd.tokenizer = grown, tokenizer
+
+
+def with_tokens(tokenizer, token, count, *, first_id):
+    """A copy of `tokenizer` (the original unchanged) that reads `token` as the ids `first_id` .. `first_id + count
+    - 1`: the tokens `token`, `token_1`, ..., `token_{count - 1}`, as diffusers names a multi-vector embedding's.
+    ValueError (`Tokenizer.add_tokens`) if one of them is in the tokenizer already."""
+    names = [token] + [f"{token}_{i}" for i in range(1, count)]
+    tokenizer = copy.copy(tokenizer)  # `add_tokens` changes the copy only
+    tokenizer.add_tokens(dict(zip(names, range(first_id, first_id + count))))
+    return tokenizer
+
+
+def with_token_embedding(text_encoder, layer):
+    """A copy of `text_encoder`'s graph with `layer` for its token embedding, sharing every other layer (and so its
+    weights), as transformers' `resize_token_embeddings`."""
+    old = text_encoder.get_layer(TOKEN_EMBEDDING)
+    return keras.models.clone_model(text_encoder, clone_function=lambda other: layer if other is old else other)
+
+
+class AppendedRows(keras.layers.Layer):
+    """A token embedding with rows appended: token ids (B, L) -> vectors (B, L, width), from `embedding` (a frozen
+    Keras `Embedding`) for the ids it has, from `rows`, this layer's variable (n, width), for the next n ids.
+
+    Args:
+        embedding: the text encoder's token embedding layer; set it `trainable=False` to train `rows` alone.
+        vectors: the initial rows (n, width).
+    """
+
+    def __init__(self, embedding, vectors, name="appended_rows"):
+        super().__init__(name=name, dtype=embedding.dtype_policy)
+        self.embedding = embedding
+        self.rows = self.add_weight(shape=np.shape(vectors), initializer="zeros", name="rows")
+        self.rows.assign(np.asarray(vectors, "float32"))
+
+    def call(self, ids):
+        first = self.embedding.input_dim
+        old = self.embedding(ops.minimum(ids, first - 1))  # (B, L, width)
+        new = ops.take(self.rows, ops.maximum(ids - first, 0), axis=0)
+        return ops.where(ops.expand_dims(ids >= first, -1), new, old)  # rows autocast as the layer computes
+
+
+def with_trainable_rows(text_encoder, vectors):
+    """A copy of `text_encoder`'s graph whose token embedding has the rows `vectors` (n, width) appended as an
+    `AppendedRows` layer, sharing every other layer: returns (copy, its `AppendedRows`)."""
+    layer = AppendedRows(text_encoder.get_layer(TOKEN_EMBEDDING), vectors)
+    return with_token_embedding(text_encoder, layer), layer

@@ -1,8 +1,9 @@
 """Training with Keras `fit`: a small Stable Diffusion from scratch on the synthetic shapes of
 `data.py` (the demo model in `assets/demo`), fine-tuning a checkpoint's UNet on a folder of
-captioned images, or training a LoRA of it there (`train_lora`, Hu et al., 2022), saved as a
-diffusers LoRA file; DreamBooth builds on it (`dreambooth.py`). Under a `keras.distribution` (e.g.
-`DataParallel` on JAX) every batch is split across the devices (`fit`).
+captioned images, training a LoRA of it there (`train_lora`, Hu et al., 2022), saved as a
+diffusers LoRA file, or teaching it a new word by textual inversion (`train_textual_inversion`, Gal et al.,
+2022), saved as a diffusers `learned_embeds.safetensors`; DreamBooth builds on it (`dreambooth.py`). Under a
+`keras.distribution` (e.g. `DataParallel` on JAX) every batch is split across the devices (`fit`).
 
 Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
 al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
@@ -18,12 +19,15 @@ or, for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
     python -m stable_diffusion.train --checkpoint demo --data FOLDER --output OUT
     python -m stable_diffusion.train lora --checkpoint C --data FOLDER --output OUT.safetensors
                                           (its options: python -m stable_diffusion.train lora --help)
+    python -m stable_diffusion.train textual-inversion --checkpoint C --data FOLDER --token "<pink>"
+                                          --initializer-token red --output learned_embeds.safetensors
     python -m stable_diffusion.train dreambooth --checkpoint C --data FOLDER --instance-prompt P --class-prompt Q
                                                 --output OUT                      (see `dreambooth.py`)
 """
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -32,7 +36,7 @@ import numpy as np
 from keras import ops
 from PIL import Image
 
-from . import lora
+from . import embeddings, files, lora
 from .arguments import integer
 from .bundle import write_safetensors
 from .data import GRAMMAR, make_dataset
@@ -522,10 +526,154 @@ def main_lora(argv):
     print(json.dumps(result))
 
 
+def train_embedding(sd, vectors, latents, tokens, epochs, batch_size, learning_rate, backup_dir=None, seed=None,
+                    verbose="auto"):
+    """Fits the rows `vectors` (n, width) appended to the token embedding of sd's text encoder, alone
+    (`embeddings.with_trainable_rows`), on scaled latents and token ids (B, 77), in which the ids from the
+    embedding's rows on (as `embeddings.with_tokens` gives a new token's) read them: textual inversion, with the
+    loss of `DiffusionTrainer` without caption dropout or offset noise, AdamW as torch's (`TORCH_ADAMW`), no EMA.
+    `sd` is left as it was. Returns (the trained rows (n, width) float32, the last epoch's loss)."""
+    text_encoder, appended = embeddings.with_trainable_rows(sd.text_encoder, vectors)
+    models = (sd.text_encoder, sd.diffusion_model)
+    trainable = [model.trainable for model in models]
+    for model in models:
+        model.trainable = False
+    try:
+        trainer = DiffusionTrainer(text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod, sd.tokenize("")[0],
+                                   caption_dropout=0.0, offset_noise=0.0, seed=seed,
+                                   prediction_type=sd.scheduler.config["prediction_type"])
+        loss = fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, verbose=verbose,
+                   adamw=TORCH_ADAMW)
+    finally:
+        for model, flag in zip(models, trainable):
+            model.trainable = flag
+    return np.asarray(appended.rows.numpy(), "float32"), loss
+
+
+def initial_vectors(sd, initializer_token, count):
+    """`count` copies (count, width) of the token embedding row of `initializer_token`, as diffusers'
+    `textual_inversion.py` starts every vector; ValueError unless it is one token of sd's tokenizer."""
+    ids = sd.tokenizer.bpe_ids([initializer_token])[0]
+    if len(ids) != 1:
+        raise ValueError(f"initializer_token must be one token of the tokenizer, got {initializer_token!r} "
+                         f"({len(ids)} tokens).")
+    table = ops.convert_to_numpy(sd.text_encoder.get_layer(embeddings.TOKEN_EMBEDDING).embeddings)
+    return np.repeat(table[ids], count, axis=0).astype("float32")
+
+
+def train_textual_inversion(checkpoint, data, output, *, token, initializer_token="*", num_vectors=1, epochs=100,
+                            batch_size=16, learning_rate=5e-3, work_dir=None, seed=0, verbose="auto"):
+    """Teaches a checkpoint a new token by textual inversion (Gal et al., 2022) with `fit` on a folder of captioned
+    images whose captions use it, and writes a diffusers `learned_embeds.safetensors` (`{token: (num_vectors,
+    width)}`), which `StableDiffusion.load_textual_inversion` and diffusers' `load_textual_inversion` read. As
+    diffusers' `textual_inversion.py`: the token's vectors (`token`, `token_1`, ... in the tokenizer) start as the
+    initializer token's embedding and alone train (`train_embedding`), every weight of the model frozen; here
+    gradients are clipped to norm 1 and the learning rate decays (cosine) to a tenth.
+
+    Args:
+        checkpoint: what `StableDiffusion.from_checkpoint` reads; None: the demo model.
+        data: a folder of captioned images at the checkpoint's image size (see `load_folder`); captions name the
+            token (matched as the tokenizer matches added tokens: whole, ignoring case); others may not.
+        output: the `.safetensors` file to write (replaced whole, when training ends).
+        token: the new token, e.g. "<pink>": a non-empty string not in the tokenizer.
+        initializer_token: a word that is one token of the tokenizer, e.g. a near concept ("red").
+        num_vectors: the embedding's vectors (rows of the token embedding) that the token stands for.
+        epochs, batch_size, learning_rate: of the training; learning_rate is the peak.
+        work_dir: the folder of the resumable backup (`Backup`), default `.OUTPUT.work` beside `output`:
+            a rerun with the same folder resumes.
+        seed: seeds the training noise, timesteps and shuffling.
+    Returns:
+        dict with the final loss, the number of images and of the captions that name the token.
+    Raises:
+        ValueError, OSError: for bad arguments or an output that cannot be written (before loading anything), a
+            token the tokenizer has, an initializer of several tokens, no caption naming the token, data that does
+            not fit the model (`load_folder`).
+    """
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output must be a .safetensors file, got {str(output)!r}.")
+    for name, value in (("token", token), ("initializer_token", initializer_token)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
+    num_vectors, epochs = integer(num_vectors, "num_vectors", 1), integer(epochs, "epochs", 1)
+    batch_size = check_batch_size(batch_size)
+    number = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+    if not number or not 0 < learning_rate < math.inf:
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
+    data_folder(data)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    files.check_writable(output)
+    sd = StableDiffusion.from_checkpoint(checkpoint)
+    vectors = initial_vectors(sd, initializer_token, num_vectors)
+    first_id = sd.text_encoder.get_layer(embeddings.TOKEN_EMBEDDING).input_dim
+    try:
+        tokenizer = embeddings.with_tokens(sd.tokenizer, token, num_vectors, first_id=first_id)
+    except ValueError as error:
+        raise ValueError(f"token {token!r} cannot be learned: {error} Choose a new word.") from None
+    images, captions = load_folder(data, sd.img_height, sd.img_width)
+    tokens = tokenizer(captions)
+    naming = int((tokens >= first_id).any(axis=1).sum())
+    if not naming:
+        raise ValueError(f"No caption in {data} names the token {token!r}: nothing would learn it.")
+    keras.utils.set_random_seed(seed)
+    latents = encode_latents(sd.encoder, images, sd.decoder.scaling_factor)
+    vectors, loss = train_embedding(sd, vectors, latents, tokens, epochs, batch_size, learning_rate,
+                                    backup_dir=work_dir or output.with_name(f".{output.name}.work"), seed=seed,
+                                    verbose=verbose)
+    with files.staged(output, overwrite=True) as partial:
+        write_safetensors(partial, {token: vectors}, {"format": "pt"}, alignment=1)
+    return dict(loss=loss, num_images=len(images), captions_with_token=naming)
+
+
+def main_textual_inversion(argv):
+    """`python -m stable_diffusion.train textual-inversion ...`: `train_textual_inversion` from the command line."""
+    parser = argparse.ArgumentParser(prog="python -m stable_diffusion.train textual-inversion",
+                                     description=train_textual_inversion.__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="the model to teach (default: the built-in demo model)")
+    parser.add_argument("--data", required=True, help="folder of images with captions.jsonl or .txt captions, "
+                        "which name the token")
+    parser.add_argument("--output", required=True, type=Path, help="the .safetensors file to write, e.g. "
+                        "learned_embeds.safetensors")
+    parser.add_argument("--token", required=True, help='the new token, e.g. "<pink>"')
+    parser.add_argument("--initializer-token", default="*", help="a one-token word the vectors start from "
+                        "(default: *)")
+    parser.add_argument("--num-vectors", type=int, default=1, help="vectors the token stands for (default: 1)")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak learning rate (default: 5e-3)")
+    parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
+    args = parser.parse_args(argv)
+    numbers = dict(num_vectors=args.num_vectors, epochs=args.epochs, batch_size=args.batch_size,
+                   learning_rate=args.learning_rate)
+    for flag, value in numbers.items():
+        if not 0 < value < math.inf:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive number, got {value}.")
+    if args.output.suffix != ".safetensors":
+        parser.error(f"--output must name a .safetensors file, got {str(args.output)!r}.")
+    for flag, value in (("--token", args.token), ("--initializer-token", args.initializer_token)):
+        if not value.strip():
+            parser.error(f"{flag} must be a non-empty word, got {value!r}.")
+    try:
+        result = train_textual_inversion(
+            args.checkpoint, args.data, args.output, token=args.token, initializer_token=args.initializer_token,
+            num_vectors=args.num_vectors, epochs=args.epochs, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, work_dir=args.work_dir, seed=args.seed,
+            verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
+    except (OSError, ValueError) as error:  # the API's argument names as flags
+        flag = lambda name: "--" + name[1].replace("_", "-")
+        message = re.sub(r"^(token|initializer_token|batch_size)\b", flag, str(error))
+        parser.exit(1, f"error: {message}\n")
+    print(json.dumps(result))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lora"]:
         return main_lora(argv[1:])
+    if argv[:1] == ["textual-inversion"]:
+        return main_textual_inversion(argv[1:])
     if argv[:1] == ["dreambooth"]:
         from . import dreambooth  # which builds on this module
 

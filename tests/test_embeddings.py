@@ -1,16 +1,18 @@
 """Textual-inversion embeddings (`embeddings.py`, `StableDiffusion.load_textual_inversion`): the three file formats,
-written here with torch / safetensors, give the images of diffusers' `load_textual_inversion` (tolerance: uint8
-+-1); bad files raise one clear error each and leave the model as it was."""
+written here with torch / safetensors, and one we train (`python -m stable_diffusion.train textual-inversion`), give
+the images of diffusers' `load_textual_inversion` (tolerance: uint8 +-1); bad files raise one clear error each and
+leave the model as it was."""
 import copy
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from reference import TINY_CONFIG, nchw
-from stable_diffusion import StableDiffusion, embeddings
+from stable_diffusion import StableDiffusion, embeddings, train
+from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.weights import named_variables
 from test_editing import assert_close
 
@@ -59,12 +61,18 @@ def own(ours):
         sd.tokenizer, sd.text_encoder, sd.config = tokenizer, text_encoder, config
 
 
+def copied(pipe):
+    """A pipeline sharing `pipe`'s UNet and VAE, with copies of what loading embeddings changes (tokenizer, text
+    encoder) and of its scheduler."""
+    copy_ = StableDiffusionPipeline(**dict(pipe.components, **{
+        name: copy.deepcopy(getattr(pipe, name)) for name in ("text_encoder", "tokenizer", "scheduler")}))
+    copy_.scheduler = copy.deepcopy(pipe.scheduler)  # __init__ changed its copy's clip_sample to False
+    return copy_
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_images_equal_diffusers_load_textual_inversion(kind, reference, own, tmp_path):
-    reference_pipe, _ = reference(kind)  # copied: loading embeddings changes its tokenizer and text encoder
-    pipe = StableDiffusionPipeline(**dict(reference_pipe.components, **{
-        name: copy.deepcopy(getattr(reference_pipe, name)) for name in ("text_encoder", "tokenizer", "scheduler")}))
-    pipe.scheduler = copy.deepcopy(reference_pipe.scheduler)  # __init__ changed its copy's clip_sample to False
+    pipe = copied(reference(kind)[0])
     sd = own(kind)
     files = write_embeddings(tmp_path, pipe.text_encoder.config.hidden_size)
     prompt, negative = "a <cat-toy> next to charturner, badhands", "blurry badhands"
@@ -90,6 +98,35 @@ def test_images_equal_diffusers_load_textual_inversion(kind, reference, own, tmp
                     latents=nchw(noise), output_type="np").images
     got = sd.text_to_image(prompt, **arguments)
     assert_close(got, expected, f"StableDiffusionPipeline.load_textual_inversion ({kind})")
+
+
+def test_trained_embedding_loads_in_diffusers_as_in_ours(reference, own, tmp_path):
+    """An embedding of two vectors learned on the SD 1.x pipeline by the CLI (a few steps from "red"): diffusers'
+    `load_textual_inversion` and ours read it as `<new>`, `<new>_1` and make the same images (one uint8 level);
+    the file is all that training leaves in its folder."""
+    pipe, folder = reference("sd1")
+    images, captions = make_dataset(2, seed=3)
+    write_folder(tmp_path / "data", images, [caption.replace(" on ", " <new> on ") for caption in captions])
+    output = tmp_path / "out" / "learned_embeds.safetensors"
+    train.main(["textual-inversion", "--checkpoint", str(folder), "--data", str(tmp_path / "data"), "--output",
+                str(output), "--token", "<new>", "--initializer-token", "red", "--num-vectors", "2", "--epochs", "2",
+                "--batch-size", "2", "--learning-rate", "0.05", "--verbose", "0"])
+    assert list(output.parent.iterdir()) == [output]
+    vectors = load_file(output)["<new>"]
+    red = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("red</w>")]
+    assert vectors.shape == (2, 32) and (vectors - red).abs().min() > 1e-3, "not trained from the initializer"
+    pipe, sd = copied(pipe), own("sd1")
+    pipe.load_textual_inversion(str(output))
+    sd.load_textual_inversion(output)
+    prompt, negative = "a <new> circle", "a red <new> square"
+    expanded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)  # "a <new> <new>_1 circle"
+    assert sd.tokenize(prompt)[0, 1:5].tolist() == pipe.tokenizer(expanded).input_ids[1:5] == [320, 49408, 49409, 7117]
+    assert np.abs(sd.encode_text(prompt) - sd.encode_text("a red red circle")).max() > 0.1, "the embedding did nothing"
+    noise = np.random.default_rng(6).standard_normal((1, 8, 8, 4), dtype=np.float32)
+    expected = pipe(prompt, negative_prompt=negative, num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+                    latents=nchw(noise), output_type="np").images
+    got = sd.text_to_image(prompt, negative_prompt=negative, num_steps=2, diffusion_noise=noise, verbose=False)
+    assert_close(got, expected, "a trained embedding in StableDiffusionPipeline.load_textual_inversion")
 
 
 def test_saved_bundle_keeps_the_embedding(tmp_path):

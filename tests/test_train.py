@@ -1,5 +1,6 @@
 """Training: a few `fit` steps of each stage on tiny models, fine-tuning a saved bundle, data folders, the loss
-against diffusers' training objective, LoRA training end to end (its step against PEFT: test_lora.py).
+against diffusers' training objective, LoRA training end to end (its step against PEFT: test_lora.py), textual
+inversion (its file in diffusers: test_embeddings.py).
 .ci/run also runs the two stage tests on the JAX and torch backends."""
 import json
 
@@ -13,14 +14,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from reference import TINY_CONFIG, nchw
-from stable_diffusion import StableDiffusion
+from stable_diffusion import StableDiffusion, embeddings
 from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.encoder import Encoder
-from stable_diffusion.train import (Backup, DiffusionTrainer, VAETrainer, fine_tune, fit, load_folder, main,
-                                    train_demo, train_diffusion, train_lora)
+from stable_diffusion.train import (Backup, DiffusionTrainer, VAETrainer, fine_tune, fit, initial_vectors, load_folder,
+                                    main, train_demo, train_diffusion, train_embedding, train_lora)
+from stable_diffusion.bundle import write_safetensors
+from stable_diffusion.weights import named_variables
 
 SIZE = 16
+TOKEN_TABLE = "embeddings.token_embedding.weight"  # the text encoder's, by its transformers key
 
 
 def snapshot(model):
@@ -187,3 +191,119 @@ def test_train_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path,
         main(argv)
     assert exit.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def all_variables(sd):
+    """{model/key: value} of every variable of sd's four models."""
+    return {f"{model.name}/{key}": np.array(variable.numpy()) for model in (sd.text_encoder, sd.diffusion_model,
+            sd.encoder, sd.decoder) for key, variable in named_variables(model).items()}
+
+
+TAUGHT = dict(epochs=3, batch_size=1, learning_rate=1e-2, seed=0, verbose=0)  # one caption: no shuffling
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory):
+    """A tiny model, a caption naming "<new>" (2 vectors from "red") as tokens with latents, the model's variables
+    and an image of a prompt without the token, all before `train_embedding` (`TAUGHT`, a backup folder), and
+    what it returned."""
+    sd = StableDiffusion(32, 32, config=TINY_CONFIG, jit_compile=False)
+    tokens = embeddings.with_tokens(sd.tokenizer, "<new>", 2, first_id=49408)(["a <new> circle on a white background"])
+    latents = np.random.default_rng(0).standard_normal((1, 16, 16, 4)).astype("float32")
+    before = all_variables(sd), sd.text_to_image("a red circle", num_steps=10, seed=0, verbose=False)
+    backup = tmp_path_factory.mktemp("taught") / "backup"
+    return sd, tokens, latents, before, train_embedding(sd, initial_vectors(sd, "red", 2), latents, tokens,
+                                                        backup_dir=backup, **TAUGHT), backup
+
+
+def test_textual_inversion_trains_the_new_rows_alone(taught, tmp_path):
+    """`train_embedding` moves the new token's rows, each its own way, and nothing else: every variable of the four
+    models bit-identical, the pipeline's text encoder, tokenizer and trainable flags as they were. Loaded, the rows
+    change the states of prompts with the token; prompts without it make bit-identical images."""
+    sd, _, _, (variables, image), (trained, loss), backup = taught
+    vectors = initial_vectors(sd, "red", 2)
+    np.testing.assert_array_equal(vectors[1], named_variables(sd.text_encoder)[TOKEN_TABLE].numpy()[736])  # red</w>
+    assert np.isfinite(loss) and trained.shape == (2, 8) and not backup.exists()
+    assert np.abs(trained - vectors).min() > 1e-3 and np.abs(trained[0] - trained[1]).max() > 1e-3
+    assert sd.text_encoder.trainable and sd.diffusion_model.trainable
+    after = all_variables(sd)
+    assert after.keys() == variables.keys()
+    for key, value in variables.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+    text_encoder, tokenizer, config = sd.text_encoder, sd.tokenizer, sd.config
+    write_safetensors(tmp_path / "new.safetensors", {"<new>": trained}, alignment=1)
+    sd.load_textual_inversion(tmp_path / "new.safetensors")
+    np.testing.assert_array_equal(sd.text_to_image("a red circle", num_steps=10, seed=0, verbose=False), image)
+    assert np.abs(sd.encode_text("a <new> circle") - sd.encode_text("a red circle")).max() > 1e-3
+    sd.text_encoder, sd.tokenizer, sd.config = text_encoder, tokenizer, config  # for the next test
+
+
+def test_textual_inversion_resumes(taught, tmp_path, monkeypatch):
+    """A run of `train_embedding` stopped after its first epoch and rerun with the same backup folder ends where
+    the uninterrupted run of `taught` ended."""
+    sd, tokens, latents, _, (whole, _), _ = taught
+    vectors = initial_vectors(sd, "red", 2)
+    save = Backup.on_epoch_end
+
+    def stop_after_first_epoch(self, epoch, logs=None):
+        save(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Backup, "on_epoch_end", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_embedding(sd, vectors, latents, tokens, backup_dir=tmp_path / "backup", **TAUGHT)
+    assert (tmp_path / "backup" / "backup.safetensors").exists()
+    monkeypatch.undo()
+    resumed, _ = train_embedding(sd, vectors, latents, tokens, backup_dir=tmp_path / "backup", **TAUGHT)
+    assert not (tmp_path / "backup").exists()
+    np.testing.assert_allclose(resumed, whole, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def pink_folder(tmp_path_factory):
+    """A tiny saved model and a folder of two 32x32 images whose captions name "<pink>"."""
+    folder = tmp_path_factory.mktemp("textual_inversion")
+    StableDiffusion(32, 32, config=TINY_CONFIG).save(folder / "base")
+    images, captions = make_dataset(2, seed=2, image_size=32)
+    write_folder(folder / "data", images, [caption.replace(" on ", " <pink> on ") for caption in captions])
+    return folder
+
+
+TI = ["textual-inversion", "--data", "D", "--output", "o.safetensors", "--token", "<pink>"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (TI[:-2], "the following arguments are required: --token"),
+    ([*TI[:4], "o.bin", *TI[5:]], "--output must name a .safetensors file"),
+    ([*TI, "--num-vectors", "0"], "--num-vectors must be a positive number"),
+    ([*TI, "--learning-rate", "nan"], "--learning-rate must be a positive number"),
+    ([*TI[:-1], " "], "--token must be a non-empty word"),
+    ([*TI, "--initializer-token", ""], "--initializer-token must be a non-empty word"),
+    (["textual-inversion", "--data", "MISSING", *TI[3:]], "error: Training data folder MISSING does not exist"),
+])
+def test_textual_inversion_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "D").mkdir()
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code != 0
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "D"], "something was written"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--token", "red"], "--token 'red' cannot be learned: Token 'red' is already in the tokenizer's vocabulary."),
+    (["--token", "<Pink>", "--num-vectors", "2", "--initializer-token", "red circle"],
+     "--initializer-token must be one token of the tokenizer, got 'red circle' (2 tokens)."),
+    (["--token", "<blue>"], "No caption in"),
+])
+def test_textual_inversion_cli_refuses_tokens_the_model_cannot_learn(options, message, pink_folder, capsys):
+    """Errors found once the model's tokenizer is read, before any training: in flag names, nothing written."""
+    output = pink_folder / "out" / "learned_embeds.safetensors"
+    with pytest.raises(SystemExit) as exit:
+        main(["textual-inversion", "--checkpoint", str(pink_folder / "base"), "--data", str(pink_folder / "data"),
+              "--output", str(output), *options])
+    assert exit.value.code == 1
+    assert message in capsys.readouterr().err
+    assert not output.parent.exists() or not any(output.parent.iterdir())
