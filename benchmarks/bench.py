@@ -68,11 +68,13 @@ def compare(name, runtimes, repeats, per=1):
     return rows
 
 
-def machine():
+def machine(load):
+    """The machine and software, with the load average `load` at the start and the one now."""
     import keras
 
     gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
-    return (f"{gpu}{cpu()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+    return (f"{gpu}{cpu()}, {os.cpu_count()} cores, load average {load:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end, "
             f"Python {platform.python_version()}, torch {torch.__version__}, keras {keras.__version__}")
 
 
@@ -153,6 +155,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    load = os.getloadavg()[0]
     os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported, here and below
     import keras
     from reference import nchw
@@ -220,17 +223,17 @@ def main(argv=None):
     memory = peak_memory(args)
     print(memory)
     if not args.no_record:
-        record(args, rows, memory)
+        record(args, rows, memory, load)
 
 
-def record(args, rows, memory):
+def record(args, rows, memory, load):
     gflop = UNET_GFLOP.get((args.config, args.size))
     lines = [f"\n### {args.config}, {args.size}x{args.size}, backend {args.backend}"
              f"{', ' + args.dtype_policy if args.dtype_policy else ', float32'}{', XLA off' if args.no_xla else ''}"
              f"{'' if args.device == 'cpu' else f', diffusers {args.reference_dtype} on {args.device}'}"
              f"{', TF32 off' if args.strict_float32 else ''}"
              f" — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
-             f"Machine: {machine()} (at the end). Minimum and median of {args.repeats} interleaved runs after a "
+             f"Machine: {machine(load)}. Minimum and median of {args.repeats} interleaved runs after a "
              f"first call each (text_to_image: {max(1, args.repeats - 1)}); ratio = minimum / diffusers' minimum "
              f"({args.reference_dtype}, torch {args.device}); {memory}.\n",
              "| part | runtime | min (s) | median (s) | vs diffusers | GFLOP/s | first call (s) |",
