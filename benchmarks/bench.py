@@ -176,6 +176,8 @@ def main(argv=None):
     ours = {"ours": StableDiffusion.from_checkpoint(folder, **options)}
     if args.int8:
         ours["ours int8"] = StableDiffusion.from_checkpoint(folder, quantize="int8", **options)
+    for model in ours.values():  # the UNet timed alone compiles as the pipeline's denoising step does
+        model.diffusion_model.compile(jit_compile=model.denoise_step.jit_compile)
     sd = ours["ours"]
 
     def to_torch(array, dtype=None):
