@@ -1,18 +1,23 @@
-"""Speed and memory of our pipeline vs diffusers on the same random weights, in one process.
+"""Speed and memory of our pipeline vs diffusers (and OpenVINO) on the same random weights, in one process.
 
 Builds a random-weight diffusers pipeline (`--config sd-1.5 | sd-2.1 | tiny`), saves it, loads it
-into ours through our converter, then times each part interleaved (ours, theirs, ours, ...) after a
-warm-up and reports medians and ratios ours / diffusers. The first call of ours (XLA compilation)
-is reported separately. Appends the table to benchmarks/RESULTS.md.
+into ours through our converter, then times each part interleaved (ours, diffusers, ours, ...) after a
+first call of each, and reports the minimum and median of each runtime and the ratio of minima against
+diffusers. The UNet part (one guided step: batch 2) also times ours in int8 (`--int8`: the pipeline
+loaded with `quantize="int8"`) and, on CPU, OpenVINO running diffusers' UNet converted with
+`openvino.convert_model`, in float32; for SD 1.5 at 256x256 (32x32 latents) it gives GFLOP/s at the
+0.34 TFLOP of one call. The first call of ours (compilation) is reported separately. Appends the table
+to benchmarks/RESULTS.md with the CPU model, its flags and the load average.
 
     python benchmarks/bench.py --config sd-1.5 --size 256 --steps 10
-    KERAS_BACKEND=jax python benchmarks/bench.py --config tiny
-    KERAS_BACKEND=jax python benchmarks/bench.py --config sd-1.5 --size 512 --device cuda \
+    python benchmarks/bench.py --backend openvino --config sd-1.5 --int8 --parts unet text_to_image --steps 3
+    python benchmarks/bench.py --backend jax --config tiny
+    python benchmarks/bench.py --backend jax --config sd-1.5 --size 512 --device cuda \
         --dtype-policy mixed_float16 --reference-dtype float16 --folder /tmp/sd15-random
 
-On a GPU, ours runs wherever Keras' backend puts it (JAX: the GPU) and diffusers on `--device`;
-each diffusers call ends with `torch.cuda.synchronize()`, ours returns NumPy, so both are timed to
-completion.
+`--backend` sets KERAS_BACKEND before Keras is imported. On a GPU, ours runs wherever Keras' backend
+puts it (JAX: the GPU) and diffusers on `--device`; each diffusers call ends with
+`torch.cuda.synchronize()`, ours returns NumPy, so both are timed to completion.
 """
 import argparse
 import datetime
@@ -31,11 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import keras  # noqa: E402  (after the path set-up)
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
-from reference import make_full_size_pipeline, make_pipeline, nchw  # noqa: E402
-from benchmarks.results import append_entry  # noqa: E402
-from stable_diffusion import StableDiffusion  # noqa: E402
+from benchmarks.results import append_entry, cpu  # after the path set-up; imports no Keras
+
+BACKENDS = ("tensorflow", "jax", "torch", "openvino")
+PARTS = ("unet", "text_encoder", "vae", "text_to_image")
+UNET_GFLOP = {("sd-1.5", 256): 340}  # one UNet call at batch 2, by config and image size (issue 18)
+REFERENCE = "diffusers"
 
 
 def timed(fn):
@@ -44,32 +50,39 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def compare(name, ours, theirs, repeats):
-    """Median seconds of `ours` and `theirs`, interleaved, after one warm-up call each."""
-    compile_time = timed(ours)
-    timed(theirs)
-    times = {"ours": [], "theirs": []}
+def compare(name, runtimes, repeats, per=1):
+    """Times the callables `runtimes` ({runtime: fn}, ours first) interleaved: one first call each, then
+    `repeats` rounds of one call each. One row per runtime: seconds (divided by `per`) of the first call,
+    minimum and median, and the ratio of the minimum to `REFERENCE`'s."""
+    first = {runtime: timed(fn) / per for runtime, fn in runtimes.items()}
+    times = {runtime: [] for runtime in runtimes}
     for _ in range(repeats):
-        times["ours"].append(timed(ours))
-        times["theirs"].append(timed(theirs))
-    row = dict(name=name, ours=statistics.median(times["ours"]), theirs=statistics.median(times["theirs"]),
-               first_call=compile_time)
-    row["ratio"] = row["ours"] / row["theirs"]
-    print(f"{name:32s} ours {row['ours']:8.3f} s  diffusers {row['theirs']:8.3f} s  "
-          f"ratio {row['ratio']:5.2f}  (first call of ours {compile_time:.1f} s)", flush=True)
-    return row
+        for runtime, fn in runtimes.items():
+            times[runtime].append(timed(fn) / per)
+    rows = [dict(part=name, runtime=runtime, first_call=first[runtime], min=min(seconds),
+                 median=statistics.median(seconds)) for runtime, seconds in times.items()]
+    for row in rows:
+        row["ratio"] = row["min"] / min(times[REFERENCE])
+        print(f"{name:36s} {row['runtime']:28s} min {row['min']:8.3f} s  median {row['median']:8.3f} s  "
+              f"vs {REFERENCE} {row['ratio']:5.2f}  first call {row['first_call']:.1f} s", flush=True)
+    return rows
 
 
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+def machine(load):
+    """The machine and software, with the load average `load` at the start and the one now."""
+    import keras
+
     gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
-    return (f"{gpu}{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"keras {keras.__version__}")
+    return (f"{gpu}{cpu()}, {os.cpu_count()} cores, load average {load:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, keras {keras.__version__}")
 
 
 def reference_pipeline(args):
     """The random-weight diffusers pipeline: made and saved to `args.folder`, or loaded from it."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from reference import make_full_size_pipeline, make_pipeline
+
     folder = Path(args.folder or tempfile.mkdtemp())
     if not (folder / "model_index.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,11 +95,33 @@ def reference_pipeline(args):
     return folder, pipe.to(args.device)
 
 
+def openvino_unet(unet, inputs):
+    """A call of diffusers' `unet` converted with `openvino.convert_model` (on the torch `inputs`) and
+    compiled for the CPU in float32 (the CPU plugin otherwise computes in bfloat16 where the CPU has it)."""
+    import openvino
+
+    class Traced(torch.nn.Module):  # a tensor out, not diffusers' output class
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, *args):
+            return self.unet(*args, return_dict=False)[0]
+
+    with torch.no_grad():
+        model = openvino.convert_model(Traced(), example_input=inputs)
+    compiled = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    arrays = [x.numpy() for x in inputs]
+    return lambda: compiled(arrays)
+
+
 def peak_memory(args):
     """Peak memory: the process' RSS on CPU; on a GPU, what each side held on the device."""
+    import keras
+
     if args.device == "cpu":
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        return f"peak RSS of the process (both pipelines loaded): {rss:.2f} GB"
+        return f"peak RSS of the process (every runtime loaded): {rss:.2f} GB"
     ours = "not reported by this backend"
     if keras.backend.backend() == "jax":
         import jax
@@ -95,12 +130,16 @@ def peak_memory(args):
     return f"peak GPU memory: ours {ours}, diffusers {torch.cuda.max_memory_allocated() / 2**30:.2f} GB"
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=BACKENDS, default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+                        help="Keras backend of ours (sets KERAS_BACKEND; default: KERAS_BACKEND or tensorflow)")
     parser.add_argument("--config", default="tiny", choices=["tiny", "sd-1.5", "sd-2.1"])
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps of the full pipeline")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to time")
+    parser.add_argument("--int8", action="store_true", help='also ours loaded with quantize="int8"')
     parser.add_argument("--dtype-policy", default=None, help="e.g. mixed_bfloat16 (ours only)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where diffusers runs")
     parser.add_argument("--reference-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -111,18 +150,35 @@ def main():
     parser.add_argument("--no-xla", action="store_true", help="ours as TensorFlow graphs (oneDNN kernels) "
                         "instead of XLA")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    load = os.getloadavg()[0]
+    os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported, here and below
+    import keras
+    from reference import nchw
+    from stable_diffusion import StableDiffusion
+
+    if keras.backend.backend() != args.backend:
+        sys.exit(f"--backend {args.backend}: Keras was imported before the flag was read")
     torch.set_num_threads(os.cpu_count())
     if args.strict_float32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        if keras.backend.backend() == "jax":
+        if args.backend == "jax":
             import jax
 
             jax.config.update("jax_default_matmul_precision", "highest")
 
     folder, pipe = reference_pipeline(args)
-    sd = StableDiffusion.from_checkpoint(folder, img_height=args.size, img_width=args.size,
-                                         jit_compile=not args.no_xla, dtype=args.dtype_policy)
+    options = dict(img_height=args.size, img_width=args.size, jit_compile=not args.no_xla, dtype=args.dtype_policy)
+    ours = {"ours": StableDiffusion.from_checkpoint(folder, **options)}
+    if args.int8:
+        ours["ours int8"] = StableDiffusion.from_checkpoint(folder, quantize="int8", **options)
+    for model in ours.values():  # the UNet timed alone compiles as the pipeline's denoising step does
+        model.diffusion_model.compile(jit_compile=model.denoise_step.jit_compile)
+    sd = ours["ours"]
 
     def to_torch(array, dtype=None):
         return torch.as_tensor(array).to(args.device, dtype or getattr(torch, args.reference_dtype))
@@ -132,54 +188,62 @@ def main():
 
     latent = args.size // 8
     rng = np.random.default_rng(0)
-    context_dim = sd.diffusion_model.inputs[2].shape[-1]
     rows = []
-    for batch in (1, 2):
-        latents = rng.standard_normal((batch, latent, latent, 4), dtype=np.float32)
-        context = rng.standard_normal((batch, 77, context_dim), dtype=np.float32)
-        steps = np.full((batch,), 500.0, dtype=np.float32)
-        torch_args = (to_torch(nchw(latents)), to_torch(steps), to_torch(context))
-        with torch.no_grad():
-            rows.append(compare(f"UNet step, batch {batch}",
-                                lambda: sd.diffusion_model.predict_on_batch([latents, steps, context]),
-                                synchronized(lambda: pipe.unet(*torch_args)), args.repeats))
-    ids = sd.tokenize(["a photograph of an astronaut riding a horse"] * 2)
-    latents = rng.standard_normal((1, latent, latent, 4), dtype=np.float32)
     with torch.no_grad():
-        rows.append(compare("text encoder, batch 2", lambda: sd.text_encoder.predict_on_batch(ids),
-                            synchronized(lambda: pipe.text_encoder(to_torch(ids, torch.long))), args.repeats))
-        scale = pipe.vae.config.scaling_factor
-        rows.append(compare("VAE decode, batch 1", lambda: sd.decoder.predict_on_batch(latents),
-                            synchronized(lambda: pipe.vae.decode(to_torch(nchw(latents)) / scale)), args.repeats))
-    pipe.set_progress_bar_config(disable=True)
-    rows.append(compare(
-        f"text_to_image, {args.steps} steps",
-        lambda: sd.text_to_image("an astronaut", num_steps=args.steps, diffusion_noise=latents, verbose=False),
-        lambda: pipe("an astronaut", num_inference_steps=args.steps, height=args.size, width=args.size,
-                     latents=to_torch(nchw(latents)), output_type="np"),
-        max(1, args.repeats - 1)))
-    print(f"images per second, text_to_image batch 1: ours {1 / rows[-1]['ours']:.2f}, "
-          f"diffusers {1 / rows[-1]['theirs']:.2f}")
+        if "unet" in args.parts:
+            context_dim = sd.diffusion_model.inputs[2].shape[-1]
+            latents = rng.standard_normal((2, latent, latent, 4), dtype=np.float32)
+            context = rng.standard_normal((2, 77, context_dim), dtype=np.float32)
+            steps = np.full((2,), 500.0, dtype=np.float32)
+            torch_args = (to_torch(nchw(latents)), to_torch(steps), to_torch(context))
+            runtimes = {name: (lambda model=model.diffusion_model: model.predict_on_batch([latents, steps, context]))
+                        for name, model in ours.items()}
+            runtimes[REFERENCE] = synchronized(lambda: pipe.unet(*torch_args))
+            if args.device == "cpu" and args.reference_dtype == "float32":
+                runtimes["OpenVINO (diffusers' UNet)"] = openvino_unet(pipe.unet, torch_args)
+            rows += compare("UNet call, batch 2", runtimes, args.repeats)
+        if "text_encoder" in args.parts:
+            ids = sd.tokenize(["a photograph of an astronaut riding a horse"] * 2)
+            rows += compare("text encoder, batch 2", {"ours": lambda: sd.text_encoder.predict_on_batch(ids),
+                            REFERENCE: synchronized(lambda: pipe.text_encoder(to_torch(ids, torch.long)))},
+                            args.repeats)
+        latents = rng.standard_normal((1, latent, latent, 4), dtype=np.float32)
+        if "vae" in args.parts:
+            scale = pipe.vae.config.scaling_factor
+            rows += compare("VAE decode, batch 1", {"ours": lambda: sd.decoder.predict_on_batch(latents),
+                            REFERENCE: synchronized(lambda: pipe.vae.decode(to_torch(nchw(latents)) / scale))},
+                            args.repeats)
+    if "text_to_image" in args.parts:
+        pipe.set_progress_bar_config(disable=True)
+        runtimes = {name: (lambda model=model: model.text_to_image("an astronaut", num_steps=args.steps,
+                                                                     diffusion_noise=latents, verbose=False))
+                    for name, model in ours.items()}
+        runtimes[REFERENCE] = lambda: pipe("an astronaut", num_inference_steps=args.steps, height=args.size,
+                                           width=args.size, latents=to_torch(nchw(latents)), output_type="np")
+        rows += compare(f"text_to_image, {args.steps} steps, per step", runtimes, max(1, args.repeats - 1),
+                        per=args.steps)
     memory = peak_memory(args)
     print(memory)
     if not args.no_record:
-        record(args, rows, memory)
+        record(args, rows, memory, load)
 
 
-def record(args, rows, memory):
-    backend = keras.backend.backend()
-    lines = [f"\n### {args.config}, {args.size}x{args.size}, backend {backend}"
+def record(args, rows, memory, load):
+    gflop = UNET_GFLOP.get((args.config, args.size))
+    lines = [f"\n### {args.config}, {args.size}x{args.size}, backend {args.backend}"
              f"{', ' + args.dtype_policy if args.dtype_policy else ', float32'}{', XLA off' if args.no_xla else ''}"
              f"{'' if args.device == 'cpu' else f', diffusers {args.reference_dtype} on {args.device}'}"
              f"{', TF32 off' if args.strict_float32 else ''}"
-             f" — {datetime.date.today()}\n",
-             f"Machine: {machine()}. Medians of {args.repeats} interleaved runs; ratio = ours / diffusers "
-             f"({args.reference_dtype}, torch {args.device}). Images per second (text_to_image, batch 1): "
-             f"ours {1 / rows[-1]['ours']:.2f}, diffusers {1 / rows[-1]['theirs']:.2f}; {memory}.\n",
-             "| part | ours (s) | diffusers (s) | ratio | first call of ours (s) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['ours']:.3f} | {r['theirs']:.3f} | {r['ratio']:.2f} | {r['first_call']:.1f} |"
-              for r in rows]
+             f" — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
+             f"Machine: {machine(load)}. Minimum and median of {args.repeats} interleaved runs after a "
+             f"first call each (text_to_image: {max(1, args.repeats - 1)}); ratio = minimum / diffusers' minimum "
+             f"({args.reference_dtype}, torch {args.device}); {memory}.\n",
+             "| part | runtime | min (s) | median (s) | vs diffusers | GFLOP/s | first call (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gflops = f"{gflop / r['min']:.0f}" if gflop and r["part"].startswith("UNet") else "-"
+        lines.append(f"| {r['part']} | {r['runtime']} | {r['min']:.3f} | {r['median']:.3f} | {r['ratio']:.2f} | "
+                     f"{gflops} | {r['first_call']:.1f} |")
     append_entry("## Speed against diffusers (`benchmarks/bench.py`)", "\n".join(lines))
 
 

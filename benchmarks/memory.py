@@ -1,7 +1,8 @@
-"""Peak memory of one full-size generation (ours only), for the ≤ 6 GB target at 512x512 in float32.
+"""Peak memory of one full-size generation (ours only), for the ≤ 6 GB target at 512x512 in float32 and the
+≤ 2.5 GB target in int8 (`--int8`: loaded with `quantize="int8"`).
 
     python -m benchmarks.memory [--checkpoint PATH] [--size 512] [--steps 2] [--no-xla] [--vae-tiling 512]
-                                [--memory-limit GB]
+                                [--int8] [--memory-limit GB]
 
 Loads a full-size checkpoint (default: the random-weight SD 1.5 bundle that `python -m
 benchmarks.convert` leaves in /tmp/sd-convert-bench) and makes one image with guidance (UNet batch 2),
@@ -94,7 +95,8 @@ def row_cells(args, after_load, peak, maxrss, seconds):
     if not args.no_xla and os.environ.get("XLA_FLAGS"):
         xla += f" (XLA_FLAGS={os.environ['XLA_FLAGS']})"
     size = f"{args.size}x{args.size}" + (f", VAE tiles of {args.vae_tiling}" if args.vae_tiling else "")
-    checkpoint = args.checkpoint.name + (f" (in a {args.memory_limit} GB cgroup)" if args.memory_limit else "")
+    checkpoint = (args.checkpoint.name + (", int8" if args.int8 else "")
+                  + (f" (in a {args.memory_limit} GB cgroup)" if args.memory_limit else ""))
     return (f"| {datetime.date.today()} | {checkpoint} | {size} | {args.steps} | {xla} | "
             f"{keras.backend.backend()} | {after_load} | {peak} | {maxrss} | {seconds} |")
 
@@ -107,6 +109,7 @@ def main():
     parser.add_argument("--no-xla", action="store_true", help="run eagerly instead of compiling with XLA")
     parser.add_argument("--vae-tiling", type=int, metavar="PIXELS",
                         help="decode in tiles of this size (`StableDiffusion.enable_vae_tiling`)")
+    parser.add_argument("--int8", action="store_true", help='load the pipeline with quantize="int8"')
     parser.add_argument("--memory-limit", type=float, metavar="GB",
                         help="run in a memory cgroup of this many GB (10^9 bytes), page cache dropped first")
     parser.add_argument("--inside-cgroup", action="store_true", help=argparse.SUPPRESS)
@@ -121,7 +124,7 @@ def main():
 
     memory = ResidentMemory()
     sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.size, img_width=args.size,
-                                         jit_compile=not args.no_xla)
+                                         jit_compile=not args.no_xla, quantize="int8" if args.int8 else None)
     if args.vae_tiling:
         sd.enable_vae_tiling(args.vae_tiling)
     after_load = ResidentMemory.now()
