@@ -30,3 +30,24 @@ def ours(reference):
                                                jit_compile=jit_compile)
 
     return load
+
+
+@pytest.fixture
+def interrupted(monkeypatch):
+    """`interrupted(train, *args, **kwargs)` runs a training call that stops, as on Ctrl-C, once the `Backup` of
+    its first epoch is written (a rerun with the same backup folder resumes from there)."""
+    from stable_diffusion.train import Backup
+
+    save = Backup.on_epoch_end
+
+    def stop_after_first_epoch(self, epoch, logs=None):
+        save(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    def run(train, *args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(Backup, "on_epoch_end", stop_after_first_epoch)
+            with pytest.raises(KeyboardInterrupt):
+                train(*args, **kwargs)
+
+    return run

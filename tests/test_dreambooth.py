@@ -15,7 +15,7 @@ from reference import TINY_CONFIG, nchw
 from stable_diffusion import StableDiffusion
 from stable_diffusion.data import make_dataset
 from stable_diffusion.dreambooth import DreamBoothTrainer, train_dreambooth
-from stable_diffusion.train import Backup, DiffusionTrainer, main
+from stable_diffusion.train import DiffusionTrainer, main
 
 PROMPTS = dict(instance_prompt="a photo of sks circle", class_prompt="a photo of a circle")
 
@@ -62,7 +62,7 @@ def test_loss_equals_diffusers_prior_preservation_loss(kind, reference, ours):
 
 
 @pytest.mark.training
-def test_dreambooth_writes_a_loadable_bundle_resumes_and_its_cli_writes_a_lora(tmp_path, monkeypatch, capsys):
+def test_dreambooth_writes_a_loadable_bundle_resumes_and_its_cli_writes_a_lora(tmp_path, interrupted, capsys):
     """A run generates its class image with the model from the class prompt and trains the UNet alone; one stopped
     after its first epoch and rerun with the same work folder ends where an uninterrupted run ends (one pair of
     images, so shuffling plays no part). The CLI with --lora-rank writes a file that `load_lora` merges."""
@@ -78,18 +78,9 @@ def test_dreambooth_writes_a_loadable_bundle_resumes_and_its_cli_writes_a_lora(t
     generated = base.text_to_image(PROMPTS["class_prompt"], seed=0, verbose=False)[0]
     np.testing.assert_array_equal(class_image, generated)
 
-    save = Backup.on_epoch_end
-
-    def stop_after_first_epoch(self, epoch, logs=None):
-        save(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Backup, "on_epoch_end", stop_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_dreambooth(tmp_path / "base", tmp_path / "subject", tmp_path / "resumed", work_dir=tmp_path / "w2",
-                         **options)
+    interrupted(train_dreambooth, tmp_path / "base", tmp_path / "subject", tmp_path / "resumed",
+                work_dir=tmp_path / "w2", **options)
     assert (tmp_path / "w2" / "backup.safetensors").exists()
-    monkeypatch.undo()
     train_dreambooth(tmp_path / "base", tmp_path / "subject", tmp_path / "resumed", work_dir=tmp_path / "w2",
                      **options)
     assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()

@@ -18,7 +18,7 @@ from stable_diffusion import StableDiffusion, embeddings
 from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.encoder import Encoder
-from stable_diffusion.train import (Backup, DiffusionTrainer, VAETrainer, fine_tune, fit, initial_vectors, load_folder,
+from stable_diffusion.train import (DiffusionTrainer, VAETrainer, fine_tune, fit, initial_vectors, load_folder,
                                     main, train_demo, train_diffusion, train_embedding, train_lora)
 from stable_diffusion.bundle import write_safetensors
 from stable_diffusion.weights import named_variables
@@ -140,7 +140,7 @@ def test_loss_equals_diffusers_training_objective(kind, reference, ours):
 
 
 @pytest.mark.training
-def test_train_lora_resumes_and_its_cli_writes_a_loadable_file(tmp_path, monkeypatch, capsys):
+def test_train_lora_resumes_and_its_cli_writes_a_loadable_file(tmp_path, interrupted, capsys):
     """A run stopped after its first epoch and rerun with the same work folder ends where an uninterrupted run
     ends (one image, so shuffling plays no part); the backup goes once done. The CLI writes a file that
     `load_lora` merges."""
@@ -149,18 +149,9 @@ def test_train_lora_resumes_and_its_cli_writes_a_loadable_file(tmp_path, monkeyp
     options = dict(targets=("to_q", "to_v", "conv1"), train_text_encoder=True, epochs=3, batch_size=1,
                    learning_rate=1e-2, verbose=0)
     train_lora(tmp_path / "base", tmp_path / "data", tmp_path / "whole.safetensors", work_dir=tmp_path / "w1", **options)
-    save = Backup.on_epoch_end
-
-    def stop_after_first_epoch(self, epoch, logs=None):
-        save(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Backup, "on_epoch_end", stop_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(tmp_path / "base", tmp_path / "data", tmp_path / "resumed.safetensors", work_dir=tmp_path / "w2",
-                   **options)
+    interrupted(train_lora, tmp_path / "base", tmp_path / "data", tmp_path / "resumed.safetensors",
+                work_dir=tmp_path / "w2", **options)
     assert (tmp_path / "w2" / "backup.safetensors").exists()
-    monkeypatch.undo()
     train_lora(tmp_path / "base", tmp_path / "data", tmp_path / "resumed.safetensors", work_dir=tmp_path / "w2",
                **options)
     assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
@@ -239,22 +230,13 @@ def test_textual_inversion_trains_the_new_rows_alone(taught, tmp_path):
     sd.text_encoder, sd.tokenizer, sd.config = text_encoder, tokenizer, config  # for the next test
 
 
-def test_textual_inversion_resumes(taught, tmp_path, monkeypatch):
+def test_textual_inversion_resumes(taught, tmp_path, interrupted):
     """A run of `train_embedding` stopped after its first epoch and rerun with the same backup folder ends where
     the uninterrupted run of `taught` ended."""
     sd, tokens, latents, _, (whole, _), _ = taught
     vectors = initial_vectors(sd, "red", 2)
-    save = Backup.on_epoch_end
-
-    def stop_after_first_epoch(self, epoch, logs=None):
-        save(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Backup, "on_epoch_end", stop_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_embedding(sd, vectors, latents, tokens, backup_dir=tmp_path / "backup", **TAUGHT)
+    interrupted(train_embedding, sd, vectors, latents, tokens, backup_dir=tmp_path / "backup", **TAUGHT)
     assert (tmp_path / "backup" / "backup.safetensors").exists()
-    monkeypatch.undo()
     resumed, _ = train_embedding(sd, vectors, latents, tokens, backup_dir=tmp_path / "backup", **TAUGHT)
     assert not (tmp_path / "backup").exists()
     np.testing.assert_allclose(resumed, whole, rtol=1e-5, atol=1e-7)
