@@ -22,7 +22,7 @@ def code_cells(path):
 def test_notebooks_open_with_an_install_cell_and_keep_their_outputs():
     assert [path.name for path in NOTEBOOKS] == ["01_quickstart.ipynb", "02_fine_tune.ipynb",
                                                 "03_img2img_inpainting.ipynb", "04_latent_walk.ipynb",
-                                                "05_lora.ipynb", "06_textual_inversion.ipynb"]
+                                                "05_lora.ipynb", "06_textual_inversion.ipynb", "07_dreambooth.ipynb"]
     for path in NOTEBOOKS:
         cells = code_cells(path)
         assert "pip install" in cells[0].source, f"{path.name}: the first code cell does not install the package"
