@@ -429,7 +429,9 @@ def test_interrupt_exits_130_with_one_line_and_no_file(bundle, workdir):
     lines), no traceback and no partial file."""
     command, options = module_command(["a cat", "--checkpoint", str(bundle), "--steps", "1000", "--seed", "1"],
                                       workdir)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options)
+    # A shell starts background jobs with SIGINT ignored, which Python inherits; a terminal's Ctrl-C has the default.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline().startswith("Seed 1;")  # printed when generation starts
     time.sleep(1)
     process.send_signal(signal.SIGINT)
