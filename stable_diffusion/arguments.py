@@ -1,6 +1,6 @@
-"""The pipeline's arguments, checked where they enter, before any model work. Each helper raises one
-ValueError naming the argument by its keyword (the command line translates keywords into its flags)
-and what it expected. `checked` applies them to a generating method of `StableDiffusion`.
+"""The pipeline's and the trainers' arguments, checked where they enter, before any model work. Each helper
+raises one ValueError naming the argument by its keyword (a command line translates keywords into its flags,
+`in_flags`) and what it expected. `checked` applies them to a generating method of `StableDiffusion`.
 
 Memory: image sizes and batches whose activations cannot fit are refused up front (`check_memory`). The
 estimate is a lower bound: the float32 tensors that must coexist at the UNet's first level (the skip
@@ -13,6 +13,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,35 @@ def integer(value, name, minimum):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def positive_number(value, name, zero=False):
+    """`value` as a float, if it is a finite number (Python or numpy, not a bool) > 0 (>= 0 with `zero`)."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not (0 <= value if zero else 0 < value):
+        raise ValueError(f"{name} must be a finite number {'>=' if zero else '>'} 0, got {value!r}.")
+    return float(value)
+
+
+def non_empty_string(value, name):
+    """`value`, if it is a string with more than whitespace."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
+    return value
+
+
+def in_flags(message, parser):
+    """An error message of the function a command line calls, in the command line's words: each keyword that an
+    option of `parser` sets (its dest) as the option's flag, but not within a path or a quote (right after "/",
+    ".", "-" or a quote, or right before "/", "." or "-" and more). A keyword of one word, which may be an English
+    word ("token", "data"), is translated only where it starts the message; one with an underscore anywhere."""
+    # argparse lists a parser's options in `_actions` only (no public accessor).
+    flags = {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
+
+    def flag(match):
+        keyword = match[1]
+        return flags[keyword] if keyword in flags and ("_" in keyword or match.start() == 0) else keyword
+    return re.sub(r"(?<![\w/.'-])(\w+)\b(?![/.-]\w)", flag, str(message))
 
 
 def check_seed(seed):

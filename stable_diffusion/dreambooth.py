@@ -17,8 +17,6 @@ learning rate decays (cosine) to a tenth and the latents are the VAE posterior's
 import argparse
 import hashlib
 import json
-import math
-import re
 from pathlib import Path
 
 import keras
@@ -27,17 +25,12 @@ from keras import ops
 from PIL import Image
 
 from . import lora, progress
-from .arguments import integer
+from .arguments import in_flags, integer, non_empty_string, positive_number
 from .stable_diffusion import StableDiffusion
 from .train import (IMAGE_SUFFIXES, TEXT_TARGETS, TORCH_ADAMW, UNET_TARGETS, DiffusionTrainer, check_batch_size,
                     encode_latents, fit, image_files, read_images)
 
 LEARNING_RATES = {"full": 5e-6, "lora": 1e-4}  # diffusers' train_dreambooth.py; our LoRA training's default
-# `train_dreambooth`'s keywords as the command line's flags, for its error messages.
-FLAGS = {"instance_data": "--data", "output": "--output", "instance_prompt": "--instance-prompt",
-         "class_prompt": "--class-prompt", "class_data": "--class-data", "num_class_images": "--num-class-images",
-         "prior_loss_weight": "--prior-loss-weight", "lora_rank": "--lora-rank", "epochs": "--epochs",
-         "batch_size": "--batch-size", "learning_rate": "--learning-rate", "seed": "--seed"}
 
 
 class DreamBoothTrainer(DiffusionTrainer):
@@ -80,14 +73,6 @@ def class_images(sd, folder, prompt, count, *, batch_size, seed, verbose=True):
     return read_images(image_files(folder)[:count], sd.img_height, sd.img_width)
 
 
-def positive_number(value, name, zero=False):
-    """`value` as a float, if it is a finite number > 0 (>= 0 with `zero`)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value if zero else 0 < value) \
-            or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {'>=' if zero else '>'} 0, got {value!r}.")
-    return float(value)
-
-
 def train_dreambooth(checkpoint, instance_data, output, *, instance_prompt, class_prompt, class_data=None,
                      num_class_images=100, prior_loss_weight=1.0, lora_rank=None, train_text_encoder=False,
                      epochs=16, batch_size=4, learning_rate=None, work_dir=None, seed=0, verbose="auto"):
@@ -128,9 +113,8 @@ def train_dreambooth(checkpoint, instance_data, output, *, instance_prompt, clas
     if lora_rank is None and output.suffix == ".safetensors":
         raise ValueError(f"output must be a bundle folder without lora_rank (which writes a LoRA file), got "
                          f"{str(output)!r}.")
-    for name, prompt in dict(instance_prompt=instance_prompt, class_prompt=class_prompt).items():
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{name} must be a non-empty string, got {prompt!r}.")
+    non_empty_string(instance_prompt, "instance_prompt")
+    non_empty_string(class_prompt, "class_prompt")
     num_class_images, epochs, seed = (integer(value, name, minimum) for value, name, minimum in (
         (num_class_images, "num_class_images", 1), (epochs, "epochs", 1), (seed, "seed", 0)))
     batch_size = check_batch_size(batch_size)
@@ -180,19 +164,14 @@ def train_dreambooth(checkpoint, instance_data, output, *, instance_prompt, clas
                 **(dict(modules=len(modules)) if lora_rank else {}))
 
 
-def in_flag_names(message):
-    """An error message of `train_dreambooth` in the command line's words: its keywords as their flags (not
-    within a path: a word after "/", "." or a quote stays)."""
-    return re.sub(rf"(?<![\w/.'-])({'|'.join(FLAGS)})\b(?![/.-]\w)", lambda match: FLAGS[match[1]], str(message))
-
-
 def main(argv):
     """`python -m stable_diffusion.train dreambooth ...`: `train_dreambooth` from the command line."""
     parser = argparse.ArgumentParser(prog="python -m stable_diffusion.train dreambooth", description=(
         "DreamBooth with prior preservation: teaches a checkpoint one subject from a few images and writes the "
         "fine-tuned model as a bundle, or with --lora-rank LoRAs of it as a diffusers LoRA file."))
     parser.add_argument("--checkpoint", help="the model to teach (default: the built-in demo model)")
-    parser.add_argument("--data", required=True, help="folder of the subject's images, at the model's image size")
+    parser.add_argument("--data", required=True, dest="instance_data",
+                        help="folder of the subject's images, at the model's image size")
     parser.add_argument("--instance-prompt", required=True, help='their caption, e.g. "a photo of sks dog"')
     parser.add_argument("--class-prompt", required=True, help='the prompt of the class, e.g. "a photo of dog"')
     parser.add_argument("--class-data", help="folder of class images, the missing ones generated into it "
@@ -216,12 +195,12 @@ def main(argv):
     args = parser.parse_args(argv)
     try:
         result = train_dreambooth(
-            args.checkpoint, args.data, args.output, instance_prompt=args.instance_prompt,
+            args.checkpoint, args.instance_data, args.output, instance_prompt=args.instance_prompt,
             class_prompt=args.class_prompt, class_data=args.class_data, num_class_images=args.num_class_images,
             prior_loss_weight=args.prior_loss_weight, lora_rank=args.lora_rank,
             train_text_encoder=args.train_text_encoder, epochs=args.epochs, batch_size=args.batch_size,
             learning_rate=args.learning_rate, work_dir=args.work_dir, seed=args.seed,
             verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
     except (OSError, ValueError) as error:
-        parser.error(in_flag_names(error))
+        parser.error(in_flags(error, parser))
     print(json.dumps(result))

@@ -26,8 +26,6 @@ or, for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
 """
 import argparse
 import json
-import math
-import re
 import sys
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from keras import ops
 from PIL import Image
 
 from . import embeddings, files, lora
-from .arguments import integer
+from .arguments import in_flags, integer, non_empty_string, positive_number
 from .bundle import write_safetensors
 from .data import GRAMMAR, make_dataset
 from .decoder import Decoder
@@ -460,10 +458,9 @@ def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TAR
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {str(output)!r}.")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf):
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
+    rank, epochs = integer(rank, "rank", 1), integer(epochs, "epochs", 1)
+    alpha = None if alpha is None else positive_number(alpha, "alpha")
+    batch_size, learning_rate = check_batch_size(batch_size), positive_number(learning_rate, "learning_rate")
     if not 0 <= caption_dropout <= 1:
         raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout!r}.")
     if isinstance(targets, str) or not targets:
@@ -508,13 +505,6 @@ def main_lora(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
     args = parser.parse_args(argv)
-    numbers = dict(rank=args.rank, alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size,
-                   learning_rate=args.learning_rate)
-    for flag, value in numbers.items():
-        if value is not None and not 0 < value < math.inf:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive number, got {value}.")
-    if args.output.suffix != ".safetensors":
-        parser.error(f"--output must name a .safetensors file, got {str(args.output)!r}.")
     try:
         result = train_lora(args.checkpoint, args.data, args.output, rank=args.rank, alpha=args.alpha,
                             targets=args.targets, train_text_encoder=args.train_text_encoder, epochs=args.epochs,
@@ -522,7 +512,7 @@ def main_lora(argv):
                             caption_dropout=args.caption_dropout, work_dir=args.work_dir,
                             seed=args.seed, verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
     except (OSError, ValueError) as error:
-        parser.exit(1, f"error: {error}\n")
+        parser.error(in_flags(error, parser))
     print(json.dumps(result))
 
 
@@ -592,14 +582,10 @@ def train_textual_inversion(checkpoint, data, output, *, token, initializer_toke
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {str(output)!r}.")
-    for name, value in (("token", token), ("initializer_token", initializer_token)):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
+    non_empty_string(token, "token")
+    non_empty_string(initializer_token, "initializer_token")
     num_vectors, epochs = integer(num_vectors, "num_vectors", 1), integer(epochs, "epochs", 1)
-    batch_size = check_batch_size(batch_size)
-    number = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
-    if not number or not 0 < learning_rate < math.inf:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
+    batch_size, learning_rate = check_batch_size(batch_size), positive_number(learning_rate, "learning_rate")
     data_folder(data)
     output.parent.mkdir(parents=True, exist_ok=True)
     files.check_writable(output)
@@ -645,26 +631,14 @@ def main_textual_inversion(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
     args = parser.parse_args(argv)
-    numbers = dict(num_vectors=args.num_vectors, epochs=args.epochs, batch_size=args.batch_size,
-                   learning_rate=args.learning_rate)
-    for flag, value in numbers.items():
-        if not 0 < value < math.inf:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive number, got {value}.")
-    if args.output.suffix != ".safetensors":
-        parser.error(f"--output must name a .safetensors file, got {str(args.output)!r}.")
-    for flag, value in (("--token", args.token), ("--initializer-token", args.initializer_token)):
-        if not value.strip():
-            parser.error(f"{flag} must be a non-empty word, got {value!r}.")
     try:
         result = train_textual_inversion(
             args.checkpoint, args.data, args.output, token=args.token, initializer_token=args.initializer_token,
             num_vectors=args.num_vectors, epochs=args.epochs, batch_size=args.batch_size,
             learning_rate=args.learning_rate, work_dir=args.work_dir, seed=args.seed,
             verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
-    except (OSError, ValueError) as error:  # the API's argument names as flags
-        flag = lambda name: "--" + name[1].replace("_", "-")
-        message = re.sub(r"^(token|initializer_token|batch_size)\b", flag, str(error))
-        parser.exit(1, f"error: {message}\n")
+    except (OSError, ValueError) as error:
+        parser.error(in_flags(error, parser))
     print(json.dumps(result))
 
 

@@ -51,3 +51,11 @@ def interrupted(monkeypatch):
                 train(*args, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if a model loads (`StableDiffusion.from_checkpoint`): errors must come before."""
+    from stable_diffusion import StableDiffusion
+
+    monkeypatch.setattr(StableDiffusion, "from_checkpoint", lambda *args, **kwargs: pytest.fail("a model loaded"))

@@ -1,6 +1,8 @@
 """Bad arguments to every generating method are refused in the caller's words before any model work
 (`stable_diffusion/arguments.py`), on a tiny random-weight pipeline; the memory bound of image sizes;
-the warning for samplers used below their reliable step count; the XLA default."""
+the warning for samplers used below their reliable step count; the XLA default; the trainers' number and
+string checks, and the command lines' translation of keywords into flags."""
+import argparse
 import inspect
 import warnings
 
@@ -160,3 +162,26 @@ def test_xla_is_off_by_default_on_tensorflow_and_a_third_batch_size_is_not_retra
     traces = sd.denoise_step.predict_function.experimental_get_tracing_count()
     sd.text_to_image("a cat", num_steps=1, batch_size=3, verbose=False, return_latents=True)
     assert sd.denoise_step.predict_function.experimental_get_tracing_count() == traces
+
+
+@pytest.mark.parametrize("value, zero, message", [
+    (0, False, "> 0, got 0."), (-1e-9, True, ">= 0, got -1e-09."), (float("nan"), True, ">= 0, got nan."),
+    (np.inf, False, "> 0, got inf."), (True, False, "> 0, got True."), ("1", False, "> 0, got '1'."),
+])
+def test_positive_number_refuses(value, zero, message):
+    with pytest.raises(ValueError, match=f"^rate must be a finite number {message}$"):
+        arguments.positive_number(value, "rate", zero=zero)
+    assert arguments.positive_number(0, "rate", zero=True) == 0.0
+    assert arguments.positive_number(np.float32(2), "rate") == 2.0
+
+
+def test_non_empty_string_and_flags():
+    with pytest.raises(ValueError, match="^token must be a non-empty string, got ' '."):
+        arguments.non_empty_string(" ", "token")
+    parser = argparse.ArgumentParser()
+    for flag in ("--token", "--batch-size", "--output"):
+        parser.add_argument(flag)
+    parser.add_argument("--data", dest="instance_data")
+    message = "token 'batch_size' of instance_data/x, batch_size.y: one token for batch_size (output_dir)."
+    assert arguments.in_flags(message, parser) == ("--token 'batch_size' of instance_data/x, batch_size.y: one token "
+                                                   "for --batch-size (output_dir).")

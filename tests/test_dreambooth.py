@@ -118,7 +118,8 @@ ARGS = ["dreambooth", "--checkpoint", "NO_CHECKPOINT", "--data", "subject", "--i
     (["--output", "o", "--data", "missing"], "--data 'missing' is not a folder"),
     (["--output", "o", "--data", "empty"], "--data 'empty' holds no images"),
 ])
-def test_dreambooth_cli_refuses_bad_arguments_before_loading(extra, message, tmp_path, monkeypatch, capsys):
+def test_dreambooth_cli_refuses_bad_arguments_before_loading(extra, message, tmp_path, monkeypatch, capsys,
+                                                             no_loading):
     monkeypatch.chdir(tmp_path)
     write_images(tmp_path / "subject", np.zeros((1, 32, 32, 3), np.uint8))
     (tmp_path / "empty").mkdir()
@@ -127,9 +128,10 @@ def test_dreambooth_cli_refuses_bad_arguments_before_loading(extra, message, tmp
     assert exit.value.code == 2
     error = capsys.readouterr().err
     assert message in error and "NO_CHECKPOINT" not in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "subject"], "something was written"
 
 
-def test_dreambooth_refuses_bad_arguments_in_its_keywords(tmp_path):
+def test_dreambooth_refuses_bad_arguments_in_its_keywords(tmp_path, no_loading):
     with pytest.raises(ValueError, match="^prior_loss_weight must be a finite number >= 0, got -1"):
         train_dreambooth(None, tmp_path, tmp_path / "out", prior_loss_weight=-1, **PROMPTS)
     with pytest.raises(ValueError, match="^class_prompt must be a non-empty string, got None"):

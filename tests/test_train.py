@@ -19,7 +19,8 @@ from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.encoder import Encoder
 from stable_diffusion.train import (DiffusionTrainer, VAETrainer, fine_tune, fit, initial_vectors, load_folder,
-                                    main, train_demo, train_diffusion, train_embedding, train_lora)
+                                    main, train_demo, train_diffusion, train_embedding, train_lora,
+                                    train_textual_inversion)
 from stable_diffusion.bundle import write_safetensors
 from stable_diffusion.weights import named_variables
 
@@ -169,19 +170,42 @@ def test_train_lora_resumes_and_its_cli_writes_a_loadable_file(tmp_path, interru
     assert changed(before, sd.diffusion_model)
 
 
+LORA = ["lora", "--data", "D", "--output", "o.safetensors"]
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["lora", "--data", "D", "--output", "lora.ckpt"], "--output must name a .safetensors file"),
-    (["lora", "--data", "D", "--output", "o.safetensors", "--rank", "0"], "--rank must be a positive number"),
-    (["lora", "--data", "D", "--output", "o.safetensors", "--alpha", "nan"], "--alpha must be a positive number"),
-    (["lora", "--data", "MISSING", "--output", "o.safetensors"], "error: Training data folder MISSING does not exist"),
+    ([*LORA[:4], "lora.ckpt"], "--output must be a .safetensors file, got 'lora.ckpt'."),
+    ([*LORA, "--rank", "0"], "--rank must be an integer >= 1, got 0."),
+    ([*LORA, "--alpha", "nan"], "--alpha must be a finite number > 0, got nan."),
+    ([*LORA, "--epochs", "0"], "--epochs must be an integer >= 1, got 0."),
+    ([*LORA, "--learning-rate", "-1"], "--learning-rate must be a finite number > 0, got -1.0."),
+    ([*LORA[:2], "MISSING", *LORA[3:]], "error: Training data folder MISSING does not exist"),
     (["--output", "o", "--checkpoint", "C"], "--checkpoint and --data go together"),  # the fine-tuning CLI
 ])
-def test_train_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path, monkeypatch, capsys):
+def test_train_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path, monkeypatch, capsys, no_loading):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "D").mkdir()
     with pytest.raises(SystemExit) as exit:
         main(argv)
-    assert exit.value.code != 0
+    assert exit.value.code == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "D"], "something was written"
+
+
+@pytest.mark.parametrize("train, keywords, message", [
+    (train_lora, dict(rank=2.0), "^rank must be an integer >= 1, got 2.0"),
+    (train_lora, dict(alpha=float("inf")), "^alpha must be a finite number > 0, got inf"),
+    (train_lora, dict(epochs=0), "^epochs must be an integer >= 1, got 0"),
+    (train_lora, dict(learning_rate=0), "^learning_rate must be a finite number > 0, got 0"),
+    (train_textual_inversion, dict(token=None), "^token must be a non-empty string, got None"),
+    (train_textual_inversion, dict(token="<pink>", learning_rate=True),
+     "^learning_rate must be a finite number > 0, got True"),
+    (train_textual_inversion, dict(token="<pink>", epochs=1.5), "^epochs must be an integer >= 1, got 1.5"),
+])
+def test_training_refuses_bad_arguments_in_its_keywords(train, keywords, message, tmp_path, no_loading):
+    with pytest.raises(ValueError, match=message):
+        train(None, tmp_path, tmp_path / "out" / "o.safetensors", **keywords)
+    assert not list(tmp_path.iterdir()), "something was written"
 
 
 def all_variables(sd):
@@ -257,19 +281,20 @@ TI = ["textual-inversion", "--data", "D", "--output", "o.safetensors", "--token"
 
 @pytest.mark.parametrize("argv, message", [
     (TI[:-2], "the following arguments are required: --token"),
-    ([*TI[:4], "o.bin", *TI[5:]], "--output must name a .safetensors file"),
-    ([*TI, "--num-vectors", "0"], "--num-vectors must be a positive number"),
-    ([*TI, "--learning-rate", "nan"], "--learning-rate must be a positive number"),
-    ([*TI[:-1], " "], "--token must be a non-empty word"),
-    ([*TI, "--initializer-token", ""], "--initializer-token must be a non-empty word"),
+    ([*TI[:4], "o.bin", *TI[5:]], "--output must be a .safetensors file, got 'o.bin'."),
+    ([*TI, "--num-vectors", "0"], "--num-vectors must be an integer >= 1, got 0."),
+    ([*TI, "--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan."),
+    ([*TI[:-1], " "], "--token must be a non-empty string, got ' '."),
+    ([*TI, "--initializer-token", ""], "--initializer-token must be a non-empty string, got ''."),
     (["textual-inversion", "--data", "MISSING", *TI[3:]], "error: Training data folder MISSING does not exist"),
 ])
-def test_textual_inversion_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path, monkeypatch, capsys):
+def test_textual_inversion_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path, monkeypatch, capsys,
+                                                                    no_loading):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "D").mkdir()
     with pytest.raises(SystemExit) as exit:
         main(argv)
-    assert exit.value.code != 0
+    assert exit.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [tmp_path / "D"], "something was written"
 
@@ -286,6 +311,6 @@ def test_textual_inversion_cli_refuses_tokens_the_model_cannot_learn(options, me
     with pytest.raises(SystemExit) as exit:
         main(["textual-inversion", "--checkpoint", str(pink_folder / "base"), "--data", str(pink_folder / "data"),
               "--output", str(output), *options])
-    assert exit.value.code == 1
+    assert exit.value.code == 2
     assert message in capsys.readouterr().err
     assert not output.parent.exists() or not any(output.parent.iterdir())
