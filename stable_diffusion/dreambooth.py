@@ -16,7 +16,6 @@ learning rate decays (cosine) to a tenth and the latents are the VAE posterior's
 """
 import argparse
 import hashlib
-import json
 from pathlib import Path
 
 import keras
@@ -25,10 +24,10 @@ from keras import ops
 from PIL import Image
 
 from . import lora, progress
-from .arguments import in_flags, integer, non_empty_string, positive_number
+from .arguments import integer, non_empty_string, positive_number
 from .stable_diffusion import StableDiffusion
 from .train import (IMAGE_SUFFIXES, TEXT_TARGETS, TORCH_ADAMW, UNET_TARGETS, DiffusionTrainer, check_batch_size,
-                    encode_latents, fit, image_files, read_images)
+                    encode_latents, fit, image_files, read_images, run_command_line)
 
 LEARNING_RATES = {"full": 5e-6, "lora": 1e-4}  # diffusers' train_dreambooth.py; our LoRA training's default
 
@@ -189,18 +188,4 @@ def main(argv):
     parser.add_argument("--batch-size", type=int, default=4,
                         help="instance images per step, and as many class images (default: 4)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: 5e-6, with --lora-rank 1e-4)")
-    parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
-    args = parser.parse_args(argv)
-    try:
-        result = train_dreambooth(
-            args.checkpoint, args.instance_data, args.output, instance_prompt=args.instance_prompt,
-            class_prompt=args.class_prompt, class_data=args.class_data, num_class_images=args.num_class_images,
-            prior_loss_weight=args.prior_loss_weight, lora_rank=args.lora_rank,
-            train_text_encoder=args.train_text_encoder, epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.learning_rate, work_dir=args.work_dir, seed=args.seed,
-            verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
-    except (OSError, ValueError) as error:
-        parser.error(in_flags(error, parser))
-    print(json.dumps(result))
+    run_command_line(parser, train_dreambooth, argv)

@@ -484,6 +484,22 @@ def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TAR
     return dict(loss=loss, num_images=len(images), modules=len(modules))
 
 
+def run_command_line(parser, train, argv):
+    """The command line of a training function: adds the options every one has (--work-dir, --seed, --verbose) to
+    `parser`, whose other options each set one of `train`'s keywords, parses `argv`, calls `train` and prints what
+    it returns as JSON. Errors of bad arguments (ValueError, OSError) exit with status 2 and the message in flags."""
+    parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
+    options = vars(parser.parse_args(argv))
+    options["verbose"] = "auto" if options["verbose"] == "auto" else int(options["verbose"])
+    try:
+        result = train(**options)
+    except (OSError, ValueError) as error:
+        parser.error(in_flags(error, parser))
+    print(json.dumps(result))
+
+
 def main_lora(argv):
     """`python -m stable_diffusion.train lora ...`: `train_lora` from the command line."""
     parser = argparse.ArgumentParser(prog="python -m stable_diffusion.train lora",
@@ -501,19 +517,7 @@ def main_lora(argv):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     parser.add_argument("--caption-dropout", type=float, default=0.0, help="fraction of captions dropped (default: 0)")
-    parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
-    args = parser.parse_args(argv)
-    try:
-        result = train_lora(args.checkpoint, args.data, args.output, rank=args.rank, alpha=args.alpha,
-                            targets=args.targets, train_text_encoder=args.train_text_encoder, epochs=args.epochs,
-                            batch_size=args.batch_size, learning_rate=args.learning_rate,
-                            caption_dropout=args.caption_dropout, work_dir=args.work_dir,
-                            seed=args.seed, verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
-    except (OSError, ValueError) as error:
-        parser.error(in_flags(error, parser))
-    print(json.dumps(result))
+    run_command_line(parser, train_lora, argv)
 
 
 def train_embedding(sd, vectors, latents, tokens, epochs, batch_size, learning_rate, backup_dir=None, seed=None,
@@ -627,19 +631,7 @@ def main_textual_inversion(argv):
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak learning rate (default: 5e-3)")
-    parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
-    args = parser.parse_args(argv)
-    try:
-        result = train_textual_inversion(
-            args.checkpoint, args.data, args.output, token=args.token, initializer_token=args.initializer_token,
-            num_vectors=args.num_vectors, epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.learning_rate, work_dir=args.work_dir, seed=args.seed,
-            verbose=args.verbose if args.verbose == "auto" else int(args.verbose))
-    except (OSError, ValueError) as error:
-        parser.error(in_flags(error, parser))
-    print(json.dumps(result))
+    run_command_line(parser, train_textual_inversion, argv)
 
 
 def main(argv=None):
