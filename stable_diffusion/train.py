@@ -5,11 +5,11 @@ diffusers LoRA file, or teaching it a new word by textual inversion (`train_text
 2022), saved as a diffusers `learned_embeds.safetensors`; DreamBooth builds on it (`dreambooth.py`). Under a
 `keras.distribution` (e.g. `DataParallel` on JAX) every batch is split across the devices (`fit`).
 
-Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction plus a small KL term (Rombach et
-al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
+Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction, weighted up on edges, plus a small KL term
+(Rombach et al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
 DDPM (Ho et al., 2020) over pre-encoded latents, with 10% of the captions dropped for
 classifier-free guidance (Ho & Salimans, 2022), offset noise (Guttenberg, 2023, "Diffusion with
-Offset Noise") and EMA weights; stage 3 fine-tunes the decoder alone, the latent space fixed. The
+Offset Noise") and EMA weights; stage 3 trains the UNet alone on new images at a lower learning rate. The
 trainers are `keras.Model`s whose `call` draws the noise with `keras.random` and whose
 `compute_loss` holds the loss, so `fit` runs them on every backend. The diffusion loss is diffusers'
 (`train_text_to_image.py`): `F.mse_loss(unet(noisy, t, text).sample, target)`, the target the noise
@@ -50,31 +50,44 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TORCH_ADAMW = dict(weight_decay=1e-2, epsilon=1e-8)
 
-# The demo model: 64x64 images, 16x16x4 latents, a 2-layer CLIP of width 32.
+# The demo model: 64x64 images, 16x16x8 latents (8 channels, where SD has 4: a 13-pixel triangle spans 3 latent
+# pixels), a 2-layer CLIP of width 32.
 DEMO_CONFIG = {
     "text_encoder": dict(width=32, num_layers=2, num_heads=2, intermediate_size=128),
     "diffusion_model": dict(channels=(32, 64, 64), layers_per_block=1, attention_levels=(False, True, True),
-                            num_heads=4, context_dim=32, norm_groups=16),
-    "decoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, scaling_factor=1.0),
-    "encoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
+                            num_heads=4, context_dim=32, norm_groups=16, in_channels=8, out_channels=8),
+    "decoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, scaling_factor=1.0, latent_channels=8),
+    "encoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, latent_channels=8),
     "scheduler": {},
     "grammar": GRAMMAR,  # text_to_image warns of prompts outside it
 }
 
 
+def edges(images):
+    """Where images (B, H, W, C) in [-1, 1] change: per pixel, the largest over channels of the absolute differences
+    to the next pixel down plus to the right, the maximum over its 3x3 neighbourhood, at most 1. (B, H, W, 1)."""
+    down = ops.pad(ops.abs(images[:, 1:] - images[:, :-1]), [[0, 0], [0, 1], [0, 0], [0, 0]])
+    right = ops.pad(ops.abs(images[:, :, 1:] - images[:, :, :-1]), [[0, 0], [0, 0], [0, 1], [0, 0]])
+    change = ops.max(down + right, axis=-1, keepdims=True)
+    return ops.minimum(ops.max_pool(change, 3, strides=1, padding="same"), 1.0)
+
+
 class VAETrainer(keras.Model):
-    """Stages 1 and 3: uint8 images -> reconstruction; loss L1 + kl_weight * KL(posterior || N(0, I)).
+    """Stage 1: uint8 images -> reconstruction; loss: L1, weighted 1 + edge_weight * `edges` of the image, plus
+    kl_weight * KL(posterior || N(0, I)). The edge weight makes a small shape, mostly outline, count as much as the
+    background that fills most of the picture, so the VAE keeps its corners.
 
     Args:
         encoder, decoder: the VAE halves (`Encoder`, `Decoder`); the posterior samples are scaled by
             `decoder.scaling_factor`, which the decoder undoes.
         kl_weight: weight of the per-element KL against the per-pixel L1 error.
+        edge_weight: extra weight of the pixels on edges; 0: plain L1.
         seed: seeds the posterior samples.
     """
 
-    def __init__(self, encoder, decoder, kl_weight=1e-6, seed=None, **kwargs):
+    def __init__(self, encoder, decoder, kl_weight=1e-6, edge_weight=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.encoder, self.decoder, self.kl_weight = encoder, decoder, kl_weight
+        self.encoder, self.decoder, self.kl_weight, self.edge_weight = encoder, decoder, kl_weight, edge_weight
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images):
@@ -85,8 +98,11 @@ class VAETrainer(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         reconstruction, mean, logvar = y_pred
+        target = to_unit_range(x)
+        weight = 1.0 + self.edge_weight * edges(target)
+        l1 = ops.sum(weight * ops.abs(reconstruction - target)) / (ops.sum(weight) * ops.shape(target)[-1])
         kl = 0.5 * ops.mean(ops.square(mean) + ops.exp(logvar) - 1.0 - logvar)
-        return ops.mean(ops.abs(reconstruction - to_unit_range(x))) + self.kl_weight * kl
+        return l1 + self.kl_weight * kl
 
 
 class DiffusionTrainer(keras.Model):
@@ -305,23 +321,26 @@ def run_stage(work_dir, name, models, train):
     return loss
 
 
-def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_images=4000, decoder_epochs=1,
-               batch_size=64, vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, work_dir=None, config=None,
-               verbose="auto"):
-    """Trains a small Stable Diffusion from scratch on `make_dataset(num_images, seed)` and saves it.
+def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_images=8000, tune_epochs=16,
+               batch_size=64, vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, tune_lr=5e-4, edge_weight=10.0,
+               work_dir=None, config=None, verbose="auto"):
+    """Trains a small Stable Diffusion from scratch on `make_dataset(num_images, seed)` and saves it; the defaults
+    are the demo model's recipe.
 
-    Stage 1 trains the VAE, stage 2 the UNet and text encoder on its latents, stage 3 fine-tunes the
-    decoder alone (the encoder, hence the latent space, frozen), as Stability AI did for
-    `sd-vae-ft-mse`.
+    Stage 1 trains the VAE (edge-weighted L1, `VAETrainer`), stage 2 the UNet and text encoder on its latents,
+    stage 3 the UNet alone (the text encoder frozen) on `make_dataset(tune_images, seed + 1)`, new images, at a
+    lower learning rate.
 
     Args:
         output: the bundle folder to write (`StableDiffusion.save`).
         num_images, seed: the synthetic dataset (64x64).
-        vae_epochs, epochs: epochs of stage 1 (VAE) and stage 2 (UNet + text encoder).
-        decoder_images, decoder_epochs: images and epochs of stage 3; 0 images skips it.
-        batch_size, vae_batch_size: images per step of stage 2 and of stages 1 and 3.
-        vae_lr, learning_rate: peak learning rates of the VAE stages and of stage 2.
-        work_dir: where stage checkpoints go; a rerun with the same folder resumes.
+        vae_epochs, epochs, tune_epochs: epochs of stages 1, 2 and 3.
+        tune_images: images of stage 3; 0 skips it.
+        batch_size, vae_batch_size: images per step of stages 2 and 3 and of stage 1.
+        vae_lr, learning_rate, tune_lr: peak learning rates of stages 1, 2 and 3.
+        edge_weight: see `VAETrainer`.
+        work_dir: where stage checkpoints go; a rerun with the same folder resumes, within a stage from its last
+            finished epoch.
         config: model configuration (`DEMO_CONFIG` by default), as for `StableDiffusion`.
     Returns:
         dict with the final losses, the latent scaling factor and the number of images.
@@ -337,7 +356,7 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_
     encoder = Encoder(size, size, **config["encoder"])
     decoder = Decoder(size // levels, size // levels, **config["decoder"])
     losses = dict(vae_loss=run_stage(work_dir, "vae", (encoder, decoder), lambda: fit(
-        VAETrainer(encoder, decoder, seed=seed), images, vae_epochs, vae_batch_size, vae_lr,
+        VAETrainer(encoder, decoder, edge_weight=edge_weight, seed=seed), images, vae_epochs, vae_batch_size, vae_lr,
         work_dir / "vae_backup", verbose=verbose)))
 
     latents = encode_latents(encoder, images)
@@ -348,12 +367,13 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=1, epochs=8, decoder_
     losses["diffusion_loss"] = run_stage(work_dir, "diffusion", (sd.text_encoder, sd.diffusion_model), lambda: (
         train_diffusion(sd, latents * scaling_factor, sd.tokenize(captions), epochs, batch_size, learning_rate,
                         backup_dir=work_dir / "diffusion_backup", seed=seed, verbose=verbose)))
-    if decoder_images:
-        sd.encoder.trainable = False
-        losses["decoder_loss"] = run_stage(work_dir, "decoder", (sd.decoder,), lambda: fit(
-            VAETrainer(sd.encoder, sd.decoder, seed=seed), images[:decoder_images], decoder_epochs,
-            vae_batch_size, vae_lr / 2, work_dir / "decoder_backup", verbose=verbose))
-        sd.encoder.trainable = True
+    if tune_images:
+        images, captions = make_dataset(tune_images, seed + 1)
+        sd.text_encoder.trainable = False
+        losses["tune_loss"] = run_stage(work_dir, "tune", (sd.diffusion_model,), lambda: train_diffusion(
+            sd, encode_latents(sd.encoder, images, scaling_factor), sd.tokenize(captions), tune_epochs, batch_size,
+            tune_lr, backup_dir=work_dir / "tune_backup", seed=seed, verbose=verbose))
+        sd.text_encoder.trainable = True
     sd.save(output, overwrite=True)
     return dict(losses, scaling_factor=scaling_factor, num_images=num_images)
 
@@ -650,10 +670,11 @@ def main(argv=None):
     parser.add_argument("--data", help="folder of images with captions.jsonl or .txt captions")
     parser.add_argument("--num-images", type=int, default=8000, help="synthetic images (from scratch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-epochs", type=int, default=1)
-    parser.add_argument("--decoder-images", type=int, default=4000, help="images of the decoder fine-tuning")
-    parser.add_argument("--decoder-epochs", type=int, default=1, help="epochs of the decoder fine-tuning")
-    parser.add_argument("--epochs", type=int, help="diffusion epochs (default: 8, fine-tuning 10)")
+    parser.add_argument("--vae-epochs", type=int, default=4, help="epochs of stage 1, the VAE (default: 4)")
+    parser.add_argument("--tune-images", type=int, default=8000, help="new images of stage 3, the UNet alone "
+                        "(default: 8000; 0 skips it)")
+    parser.add_argument("--tune-epochs", type=int, default=16, help="epochs of stage 3 (default: 16)")
+    parser.add_argument("--epochs", type=int, help="diffusion epochs (default: 32, fine-tuning 10)")
     parser.add_argument("--batch-size", type=int, help="diffusion batch (default: 64, fine-tuning 16)")
     parser.add_argument("--learning-rate", type=float, help="default: 2e-3, fine-tuning 1e-4")
     parser.add_argument("--work-dir", help="checkpoints for resuming (default: beside --output)")
@@ -669,7 +690,7 @@ def main(argv=None):
                            verbose=verbose, **options)
     else:
         result = train_demo(args.output, args.num_images, args.seed, args.vae_epochs,
-                            decoder_images=args.decoder_images, decoder_epochs=args.decoder_epochs,
+                            tune_images=args.tune_images, tune_epochs=args.tune_epochs,
                             work_dir=args.work_dir, verbose=verbose, **options)
     print(json.dumps(result))
 

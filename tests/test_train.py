@@ -18,9 +18,9 @@ from stable_diffusion import StableDiffusion, embeddings
 from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.encoder import Encoder
-from stable_diffusion.train import (DiffusionTrainer, VAETrainer, fine_tune, fit, initial_vectors, load_folder,
-                                    main, train_demo, train_diffusion, train_embedding, train_lora,
-                                    train_textual_inversion)
+from stable_diffusion.train import (DiffusionTrainer, VAETrainer, edges, fine_tune, fit, initial_vectors,
+                                    load_folder, main, to_unit_range, train_demo, train_diffusion, train_embedding,
+                                    train_lora, train_textual_inversion)
 from stable_diffusion.bundle import write_safetensors
 from stable_diffusion.weights import named_variables
 
@@ -46,6 +46,24 @@ def test_vae_stage_fits():
     assert changed(before[0], encoder) and changed(before[1], decoder)
 
 
+def test_vae_loss_weighs_edges():
+    """Plain L1 without edge weight; with it, the same error costs more on a shape's outline than on flat colour,
+    and the weights average to 1 over an image, so the loss keeps L1's scale."""
+    images = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+    images[0, 4:12, 4:12] = 255  # a white square on black
+    found = np.asarray(edges(to_unit_range(images)))[0, ..., 0]
+    assert found[4, 4] == found[11, 8] == 1 and found[0, 0] == found[8, 8] == 0
+    target = np.asarray(to_unit_range(images))
+    moments = np.zeros((1, SIZE // 2, SIZE // 2, 8), np.float32)
+    trainer = lambda weight: VAETrainer(None, None, edge_weight=weight)
+    loss = lambda weight, error: float(trainer(weight).compute_loss(images, y_pred=(target + error, moments, moments)))
+    on_edge, on_flat = np.zeros_like(target), np.zeros_like(target)
+    on_edge[0, 4, 4], on_flat[0, 8, 8] = 0.5, 0.5
+    assert loss(0.0, on_edge) == pytest.approx(loss(0.0, on_flat)) == pytest.approx(np.abs(on_edge).mean())
+    assert loss(10.0, on_edge) > 5 * loss(10.0, on_flat)
+    assert loss(10.0, np.full_like(target, 0.5)) == pytest.approx(0.5)
+
+
 def test_diffusion_stage_fits_and_resumes(tmp_path):
     sd = StableDiffusion(SIZE, SIZE, config=TINY_CONFIG)
     images, captions = make_dataset(8, seed=0, image_size=SIZE)
@@ -61,15 +79,20 @@ def test_diffusion_stage_fits_and_resumes(tmp_path):
 @pytest.mark.training
 def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
     config = dict(TINY_CONFIG, decoder=dict(TINY_CONFIG["decoder"], scaling_factor=1.0))
-    options = dict(num_images=8, epochs=1, decoder_images=8, decoder_epochs=2, batch_size=4, vae_batch_size=4,
-                   work_dir=tmp_path / "work", config=config, verbose=0)
+    options = dict(num_images=8, vae_epochs=1, epochs=1, tune_images=8, tune_epochs=2, batch_size=4,
+                   vae_batch_size=4, work_dir=tmp_path / "work", config=config, verbose=0)
     result = train_demo(tmp_path / "demo", **options)
-    assert all(np.isfinite(result[stage]) for stage in ("vae_loss", "diffusion_loss", "decoder_loss"))
+    assert all(np.isfinite(result[stage]) for stage in ("vae_loss", "diffusion_loss", "tune_loss"))
     saved = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert saved["decoder"]["scaling_factor"] == pytest.approx(result["scaling_factor"])
-    resumed = train_demo(tmp_path / "demo", **options)  # stage 1 is read back, not retrained
-    assert resumed["vae_loss"] == result["vae_loss"]
     sd = StableDiffusion.from_checkpoint(tmp_path / "demo")
+    after_stage_2 = StableDiffusion.from_checkpoint(tmp_path / "demo")
+    after_stage_2.text_encoder.load_weights(tmp_path / "work" / "diffusion_text_encoder.weights.h5")
+    after_stage_2.diffusion_model.load_weights(tmp_path / "work" / "diffusion_diffusion_model.weights.h5")
+    assert not changed(snapshot(after_stage_2.text_encoder), sd.text_encoder), "stage 3 trained the text encoder"
+    assert changed(snapshot(after_stage_2.diffusion_model), sd.diffusion_model), "stage 3 left the UNet"
+    resumed = train_demo(tmp_path / "demo", **options)  # every stage is read back, not retrained
+    assert all(resumed[stage] == result[stage] for stage in ("vae_loss", "diffusion_loss", "tune_loss"))
     assert sd.img_height == 64  # make_dataset's image size
     assert sd.text_to_image("a red circle on a white background", num_steps=2, seed=0, verbose=False).shape == (
         1, 64, 64, 3)
