@@ -37,9 +37,8 @@ class Decoder(keras.Model):
             for i in range(layers_per_block + 1):
                 x = resnet_block(x, width, norm_groups, 1e-6, f"decoder-up_blocks-{up}-resnets-{i}", dtype=dtype)
             if up < len(channels) - 1:
-                x = layers.UpSampling2D(2, dtype=dtype)(x)
                 x = layers.Conv2D(width, 3, padding="same", name=f"decoder-up_blocks-{up}-upsamplers-0-conv",
-                                  dtype=dtype)(x)
+                                  dtype=dtype)(layers.UpSampling2D(2, dtype=dtype)(x))
         x = layers.GroupNormalization(norm_groups, epsilon=1e-6, name="decoder-conv_norm_out", dtype=dtype)(x)
         x = layers.Conv2D(out_channels, 3, padding="same", name="decoder-conv_out", dtype=dtype)(ops.silu(x))
         super().__init__(latents, x, name=name)
