@@ -26,6 +26,9 @@ def read(folder):
                   **translated(sources["decoder"], vae_configs),
                   scheduler={**DDIM_DEFAULTS, **{k: v for k, v in read_json(sources["scheduler"]).items()
                                                  if not k.startswith("_")}})
+    if config["diffusion_model"].get("pooled_dim"):
+        raise CheckpointError(f"{unet_config_file}: an SDXL UNet (\"text_time\" embedding); StableDiffusion has no "
+                              f"second text encoder to give it text_embeds and time_ids.")
     sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
     tokenizer_folder = folder / "tokenizer"
     tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder.exists() else Tokenizer.from_vendored()
@@ -70,28 +73,38 @@ def text_encoder_config(c):
                 intermediate_size=c["intermediate_size"], activation=c["hidden_act"])
 
 
-def unet_config(c):
-    """DiffusionModel arguments from a diffusers UNet2DConditionModel config."""
+def unet_config(c, num_time_ids=6):
+    """DiffusionModel arguments from a diffusers UNet2DConditionModel config. `num_time_ids`: the time ids
+    of a "text_time" (SDXL) UNet: 6 (sizes and crop), 5 where the pipeline has requires_aesthetics_score."""
     attention_levels = tuple(kind == "CrossAttnDownBlock2D" for kind in c["down_block_types"])
     mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)]
-    unsupported = [key for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim",
-                                   "encoder_hid_dim", "dual_cross_attention", "only_cross_attention")
-                   if c.get(key)]
+    unsupported = [key for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim", "dual_cross_attention",
+                                   "only_cross_attention", "reverse_transformer_layers_per_block") if c.get(key)]
+    if c.get("addition_embed_type") not in (None, "text_time"):  # SDXL's is "text_time"
+        unsupported.append(f"addition_embed_type={c['addition_embed_type']!r}")
+    depth = c.get("transformer_layers_per_block", 1)  # one per level, or one for all
     if (not set(c["down_block_types"]) <= {"CrossAttnDownBlock2D", "DownBlock2D"}
             or list(c["up_block_types"]) != mirrored or unsupported
             or c.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn"
-            or not isinstance(c.get("transformer_layers_per_block", 1), int)):
-        raise ValueError(f"Unsupported UNet configuration (not the SD 1.x/2.x family): "
+            or not (isinstance(depth, int) or all(isinstance(n, int) for n in depth))):
+        raise ValueError(f"Unsupported UNet configuration (not the SD 1.x/2.x/XL family): "
                          f"{c['down_block_types']} / {c['up_block_types']} {unsupported or ''}")
     heads = c.get("num_attention_heads") or c["attention_head_dim"]  # diffusers' legacy naming
-    return dict(in_channels=c["in_channels"], out_channels=c["out_channels"],
-                channels=tuple(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
-                attention_levels=attention_levels,
-                num_heads=heads if isinstance(heads, int) else tuple(heads),
-                context_dim=c["cross_attention_dim"],
-                transformer_depth=c.get("transformer_layers_per_block", 1),
-                norm_groups=c.get("norm_num_groups", 32), norm_eps=c.get("norm_eps", 1e-5),
-                flip_sin_to_cos=c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0))
+    config = dict(in_channels=c["in_channels"], out_channels=c["out_channels"],
+                  channels=tuple(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
+                  attention_levels=attention_levels,
+                  num_heads=heads if isinstance(heads, int) else tuple(heads),
+                  context_dim=c["cross_attention_dim"],
+                  transformer_depth=depth if isinstance(depth, int) else tuple(depth),
+                  norm_groups=c.get("norm_num_groups", 32), norm_eps=c.get("norm_eps", 1e-5),
+                  flip_sin_to_cos=c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0))
+    if c.get("addition_embed_type") == "text_time":  # the input of add_embedding: text_embeds, then the time ids
+        inputs, time_dim = c["projection_class_embeddings_input_dim"], c["addition_time_embed_dim"]
+        if not inputs > num_time_ids * time_dim:
+            raise ValueError(f"projection_class_embeddings_input_dim={inputs!r} leaves no text_embeds beside "
+                             f"{num_time_ids} time ids of addition_time_embed_dim={time_dim!r}")
+        config.update(pooled_dim=inputs - num_time_ids * time_dim, num_time_ids=num_time_ids, time_id_dim=time_dim)
+    return config
 
 
 def vae_configs(c):

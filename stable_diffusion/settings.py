@@ -62,23 +62,27 @@ def check_model(name, settings, tensors, source):
     for key, value in settings.items():
         if key not in defaults or key in SET_BY_THE_PIPELINE:
             refuse(f"has no setting {key!r}")
-        per_level = key == "num_heads" and isinstance(value, (list, tuple))  # one per level, or one for all
+        per_level = key in ("num_heads", "transformer_depth") and isinstance(value, (list, tuple))  # or one for all
         if not fits(value, (defaults[key],) if per_level else defaults[key]):
             refuse(f"{key}={value!r:.80} does not have the form of its default {defaults[key]!r}")
         if any(type(n) is int and n > largest for n in (value if isinstance(value, (list, tuple)) else [value])):
             refuse(f"{key}={value!r:.80} is larger than any dimension of its weights ({tensors.source})")
     given = arguments(name, settings)
     for (model, key), (prefix, beyond) in BLOCK_COUNTS.items():
+        if model != name:
+            continue
         found = ldm.count(tensors.shapes, prefix, prefix.count("."))
-        if model == name and not found:  # the weights of another model
+        if not found:  # the weights of another model
             raise CheckpointError(f"{tensors.source} does not fit the {name} model: it has no {prefix}* tensors.")
-        if model == name and given[key] != found - beyond:
+        count = given[key][-1] if isinstance(given[key], (list, tuple)) else given[key]  # per level: the middle's
+        if count != found - beyond:
             refuse(f"{key}={given[key]}, its weights ({tensors.source}) have {found - beyond}")
     channels = list(given.get("channels", [given.get("width")]))  # the text encoder: one level of its width
-    heads, groups = given.get("num_heads", 1), given.get("norm_groups", 1)
-    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels)
-    if len(heads) != len(channels) or len(given.get("attention_levels", channels)) != len(channels):
-        refuse(f"num_heads and attention_levels do not give one value per level of its channels {channels}")
+    heads, depths, groups = given.get("num_heads", 1), given.get("transformer_depth", 1), given.get("norm_groups", 1)
+    heads, depths = (list(v) if isinstance(v, (list, tuple)) else [v] * len(channels) for v in (heads, depths))
+    if any(len(values) != len(channels) for values in (heads, depths, given.get("attention_levels", channels))):
+        refuse(f"num_heads, transformer_depth and attention_levels do not give one value per level of its "
+               f"channels {channels}")
     if any(c % h or c % groups for c, h in zip(channels, heads)):
         refuse(f"channels {channels} are not multiples of num_heads {heads} and norm_groups {groups}")
     if given.get("activation", "gelu") not in ACTIVATIONS:

@@ -34,6 +34,22 @@ CONFIGS = {
         pad_token="<|endoftext|>", prediction_type="epsilon"),
 }
 CONTEXT_DIM = 32
+# Small SDXL-like UNets ("text_time" addition embedding, transformer depth per level, linear projections,
+# heads per level), with their number of time ids: the base layout (3 levels, the first without attention;
+# 6 ids: sizes and crop) and the refiner's (4 levels, the first and last without attention, 1 ResBlock per
+# level; 5 ids, with the aesthetic score). Pooled text embeddings of 24, time ids embedded in 8 each.
+SDXL_UNETS = {
+    "sdxl": (dict(block_out_channels=(16, 32, 32), attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 1, 2),
+                  layers_per_block=2,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  projection_class_embeddings_input_dim=24 + 6 * 8), 6),
+    "refiner": (dict(block_out_channels=(16, 16, 32, 32), attention_head_dim=(1, 2, 4, 4),
+                     transformer_layers_per_block=2, layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     projection_class_embeddings_input_dim=24 + 5 * 8), 5),
+}
 # The smallest model of the family for tests of our own code (no reference): 16x16 latents at 32x32
 # pixels, a 1-layer CLIP of width 8. Random weights: `StableDiffusion(32, 32, config=TINY_CONFIG)`.
 TINY_CONFIG = {
@@ -86,6 +102,17 @@ def make_pipeline(kind, folder, seed=0):
         save_file({f"text_model.{k}": v for k, v in load_file(path).items()}, path)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe.to(torch.float32)
+
+
+def make_sdxl_unet(kind, folder, seed=0):
+    """A random-weight SDXL-like UNet2DConditionModel of `kind` (`SDXL_UNETS`) saved to `folder`."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8,
+                                cross_attention_dim=CONTEXT_DIM, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8, **SDXL_UNETS[kind][0])
+    randomize(unet)
+    unet.save_pretrained(folder)
+    return unet.eval()
 
 
 def make_full_size_pipeline(version, folder):

@@ -194,7 +194,7 @@ def test_checkpoint_with_mismatched_shapes(reference, tmp_path):
 def test_unsupported_or_unknown_checkpoints(reference, tmp_path):
     folder = copy_checkpoint(reference, tmp_path)
     config = json.loads((folder / "unet/config.json").read_text())
-    config["addition_embed_type"] = "text_time"  # SDXL
+    config["addition_embed_type"] = "text_image"  # Kandinsky 2.1
     (folder / "unet/config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="Unsupported UNet"):
         StableDiffusion.from_checkpoint(folder)
