@@ -50,14 +50,13 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TORCH_ADAMW = dict(weight_decay=1e-2, epsilon=1e-8)
 
-# The demo model: 64x64 images, 16x16x8 latents (8 channels, where SD has 4: a 13-pixel triangle spans 3 latent
-# pixels), a 2-layer CLIP of width 32.
+# The demo model: 64x64 images, 16x16x4 latents, a 2-layer CLIP of width 32.
 DEMO_CONFIG = {
     "text_encoder": dict(width=32, num_layers=2, num_heads=2, intermediate_size=128),
     "diffusion_model": dict(channels=(32, 64, 64), layers_per_block=1, attention_levels=(False, True, True),
-                            num_heads=4, context_dim=32, norm_groups=16, in_channels=8, out_channels=8),
-    "decoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, scaling_factor=1.0, latent_channels=8),
-    "encoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, latent_channels=8),
+                            num_heads=4, context_dim=32, norm_groups=16),
+    "decoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8, scaling_factor=1.0),
+    "encoder": dict(channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
     "scheduler": {},
     "grammar": GRAMMAR,  # text_to_image warns of prompts outside it
 }

@@ -54,7 +54,7 @@ def test_vae_loss_weighs_edges():
     found = np.asarray(edges(to_unit_range(images)))[0, ..., 0]
     assert found[4, 4] == found[11, 8] == 1 and found[0, 0] == found[8, 8] == 0
     target = np.asarray(to_unit_range(images))
-    moments = np.zeros((1, SIZE // 2, SIZE // 2, 8), np.float32)
+    moments = np.zeros((1, SIZE // 2, SIZE // 2, 4), np.float32)
     trainer = lambda weight: VAETrainer(None, None, edge_weight=weight)
     loss = lambda weight, error: float(trainer(weight).compute_loss(images, y_pred=(target + error, moments, moments)))
     on_edge, on_flat = np.zeros_like(target), np.zeros_like(target)
