@@ -15,8 +15,7 @@ class Decoder(keras.Model):
 
     Args:
         latent_height, latent_width: latent size; None: any (the pipeline's decoder also decodes tiles).
-        latent_channels: channels of the latents.
-        out_channels: image channels.
+        latent_channels, out_channels: channels of the latents; of the image.
         channels: channels of the encoder's levels; the decoder walks them in reverse.
         layers_per_block: ResBlocks per encoder level (the decoder has one more).
         norm_groups: GroupNorm groups.

@@ -65,8 +65,7 @@ class DiffusionModel(keras.Model):
                  channels=(320, 640, 1280, 1280), layers_per_block=2, attention_levels=(True, True, True, False),
                  num_heads=8, context_dim=768, transformer_depth=1, norm_groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
                  freq_shift=0, pooled_dim=0, num_time_ids=6, time_id_dim=256, dtype=None, name="diffusion_model"):
-        per_level = lambda value: [value] * len(channels) if isinstance(value, int) else list(value)
-        heads, depths = per_level(num_heads), per_level(transformer_depth)
+        heads, depths = ([v] * len(channels) if isinstance(v, int) else list(v) for v in (num_heads, transformer_depth))
         inputs = [keras.Input((latent_height, latent_width, in_channels), name="latents"),
                   keras.Input((), name="timesteps"), keras.Input((None, context_dim), name="context")]
         latents, timesteps, context = inputs

@@ -172,8 +172,7 @@ class StableDiffusion:
                               seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
                               clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
         latents = setup.sampler.add_noise(self.encode_images(images, setup, sample=sample_latents), setup.noise)
-        latents = self.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback,
-                               verbose=verbose)
+        latents = self.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
 
     @arguments.checked
@@ -241,8 +240,7 @@ class StableDiffusion:
         sampler, per_image = setup.sampler, lambda value: np.full((len(latents),), value, dtype="float32")
         for step, t in enumerate(progress.report(sampler.timesteps, "denoising", verbose)):
             model_input = sampler.scale_model_input(latents)
-            if conditioning is not None:
-                model_input = np.concatenate([model_input, conditioning], axis=-1)
+            model_input = model_input if conditioning is None else np.concatenate([model_input, conditioning], axis=-1)
             output = self.denoise_step.predict_on_batch(
                 [model_input, setup.context, setup.negative, per_image(t), per_image(guidance)])
             latents = sampler.step(output, latents, setup.draw_noise)

@@ -16,12 +16,9 @@ class TextEncoder(keras.Model):
     """CLIP text transformer: token ids (B, L) -> final-layer-normed hidden states (B, L, width).
 
     Args:
-        vocab_size: BPE vocabulary size.
-        max_length: tokens per prompt (positions).
+        vocab_size, max_length: BPE vocabulary size; tokens per prompt (positions).
         width: hidden size (768 for ViT-L/14, 1024 for OpenCLIP ViT-H/14).
-        num_layers: transformer blocks.
-        num_heads: attention heads.
-        intermediate_size: MLP hidden size.
+        num_layers, num_heads, intermediate_size: transformer blocks; attention heads; MLP hidden size.
         activation: "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP).
         dtype: the layers' Keras dtype policy, e.g. "mixed_bfloat16"; None: the global one.
     """
