@@ -32,8 +32,7 @@ def read(folder):
     sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
     tokenizer_folder = folder / "tokenizer"
     tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder.exists() else Tokenizer.from_vendored()
-    text, unet, vae = (find_weights(folder / "text_encoder", lambda k: k.removeprefix("text_model.")),
-                       find_weights(folder / "unet"), find_weights(folder / "vae"))
+    text, unet, vae = text_weights(folder / "text_encoder"), find_weights(folder / "unet"), find_weights(folder / "vae")
     parts = {("text_encoder",): strict_loader(text, ("embeddings.position_ids",)),
              ("diffusion_model",): strict_loader(unet), ("encoder", "decoder"): strict_loader(vae)}
     size = sample_size * 2 ** (len(config["decoder"]["channels"]) - 1)
@@ -66,11 +65,23 @@ def find_weights(folder, rename=lambda key: key):
     raise FileNotFoundError(f"No .safetensors weights in {folder}.")
 
 
+def text_weights(folder):
+    """The tensors of a transformers CLIP text model folder, keyed without the `text_model.` prefix (transformers 5
+    writes CLIPTextModel's keys without it; `text_projection.weight` never has it)."""
+    return find_weights(folder, lambda key: key.removeprefix("text_model."))
+
+
 def text_encoder_config(c):
-    """TextEncoder arguments from a transformers CLIPTextConfig."""
+    """TextEncoder arguments from the transformers CLIPTextConfig of a CLIPTextModel or (SDXL's text_encoder_2)
+    a CLIPTextModelWithProjection, which adds `projection_dim`."""
+    architectures = c.get("architectures") or ["CLIPTextModel"]
+    if architectures not in (["CLIPTextModel"], ["CLIPTextModelWithProjection"]):
+        raise ValueError(f"Unsupported text encoder architectures {architectures!r:.80} (not CLIPTextModel or "
+                         f"CLIPTextModelWithProjection)")
+    projection = dict(projection_dim=c["projection_dim"]) if architectures == ["CLIPTextModelWithProjection"] else {}
     return dict(vocab_size=c["vocab_size"], max_length=c["max_position_embeddings"], width=c["hidden_size"],
                 num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
-                intermediate_size=c["intermediate_size"], activation=c["hidden_act"])
+                intermediate_size=c["intermediate_size"], activation=c["hidden_act"], **projection)
 
 
 def unet_config(c, num_time_ids=6):
