@@ -12,6 +12,8 @@ import pytest
 
 from reference import TINY_CONFIG
 
+pytestmark = pytest.mark.devices
+
 SCRIPT = """
 import json, sys, jax, keras, numpy as np
 from stable_diffusion import StableDiffusion

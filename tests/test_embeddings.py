@@ -100,6 +100,7 @@ def test_images_equal_diffusers_load_textual_inversion(kind, reference, own, tmp
     assert_close(got, expected, f"StableDiffusionPipeline.load_textual_inversion ({kind})")
 
 
+@pytest.mark.training
 def test_trained_embedding_loads_in_diffusers_as_in_ours(reference, own, tmp_path):
     """An embedding of two vectors learned on the SD 1.x pipeline by the CLI (a few steps from "red"): diffusers'
     `load_textual_inversion` and ours read it as `<new>`, `<new>_1` and make the same images (one uint8 level);

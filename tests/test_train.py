@@ -36,6 +36,7 @@ def changed(before, model):
     return any(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
 
 
+@pytest.mark.training
 def test_vae_stage_fits():
     images, _ = make_dataset(8, seed=0, image_size=SIZE)
     encoder = Encoder(SIZE, SIZE, **TINY_CONFIG["encoder"])
@@ -64,6 +65,7 @@ def test_vae_loss_weighs_edges():
     assert loss(10.0, np.full_like(target, 0.5)) == pytest.approx(0.5)
 
 
+@pytest.mark.training
 def test_diffusion_stage_fits_and_resumes(tmp_path):
     sd = StableDiffusion(SIZE, SIZE, config=TINY_CONFIG)
     images, captions = make_dataset(8, seed=0, image_size=SIZE)
