@@ -20,8 +20,6 @@ import importlib
 import inspect
 import os
 import platform
-import shlex
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from benchmarks.results import RESULTS, append_entry, cpu
+from benchmarks.results import RESULTS, append_entry, command_line, cpu
 from stable_diffusion import StableDiffusion
 from stable_diffusion.adherence import classify, score
 from stable_diffusion.data import NEW_SHAPES, SHAPES, parse_caption, random_caption
@@ -171,7 +169,7 @@ def main(argv=None):
 
     model = ("assets/demo" if args.checkpoint is None else args.checkpoint) + (f" + LoRA {args.lora}" if args.lora else "")
     targets = TARGETS[args.held_out] if args.checkpoint is None and not args.lora else None
-    command = shlex.join(["python", "-m", "benchmarks.adherence", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.adherence", argv)
     entry = "\n".join([
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {model}, {args.num_images} prompts"
         + (", held-out set" if args.held_out else "") + (", int8" if args.int8 else ""),

@@ -16,8 +16,6 @@ by the demo model's recipe or the adherence benchmark's sets.
 import argparse
 import json
 import os
-import shlex
-import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.adherence import HELD_OUT_SEED, generate, machine, prompts, scores_by_size, table
-from benchmarks.results import RESULTS, append_entry
+from benchmarks.results import RESULTS, append_entry, command_line
 from stable_diffusion import StableDiffusion
 from stable_diffusion.data import NEW_SHAPES, SHAPES, draw_shape, format_caption, make_dataset, random_caption, write_folder
 from stable_diffusion.train import train_lora
@@ -106,7 +104,7 @@ def main(argv=None):
         before = scores_by_size(generate(sd, grammar, 10, HELD_OUT_SEED), grammar, SHAPES + (args.shape,))
 
     steps = args.epochs * -(-(args.new + args.others + args.prior) // args.batch_size)
-    command = shlex.join(["python", "-m", "benchmarks.lora_shape", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.lora_shape", argv)
     entry = "\n".join([
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {args.new} {args.shape}s + {args.others} others"
         f"{f' + {args.prior} generated' if args.prior else ''}, "

@@ -1,6 +1,8 @@
 """benchmarks/RESULTS.md: one `## ` section per benchmark, kept in place when a benchmark writes; the CPU
 each entry names."""
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -58,3 +60,9 @@ def cpu():
         fields.setdefault(key.strip(), value.strip())
     flags = [flag for flag in fields.get("flags", "").split() if flag.startswith(("avx", "fma", "f16c", "amx"))]
     return f"{fields.get('model name', 'unknown CPU')} (flags {' '.join(flags)})"
+
+
+def command_line(module, argv=None):
+    """The command line that ran benchmark `module` (e.g. "benchmarks.adherence") with `argv` (default: the
+    process's arguments), for an entry's "Command" line."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])

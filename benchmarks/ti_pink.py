@@ -19,8 +19,6 @@ recipe, the adherence benchmark's sets or the LoRA run (`lora_shape.py`).
 import argparse
 import json
 import os
-import shlex
-import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -29,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.adherence import generate, machine, prompts, scores_by_size, table
-from benchmarks.results import RESULTS, append_entry
+from benchmarks.results import RESULTS, append_entry, command_line
 from stable_diffusion import StableDiffusion
 from stable_diffusion.adherence import classify
 from stable_diffusion.data import BACKGROUNDS, draw_shape, format_caption, parse_caption, random_caption, write_folder
@@ -100,7 +98,7 @@ def main(argv=None):
     scores = scores_by_size(generated, generated_captions)
 
     steps = args.epochs * -(-args.images // args.batch_size)
-    command = shlex.join(["python", "-m", "benchmarks.ti_pink", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.ti_pink", argv)
     entry = "\n".join([
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {args.images} pink images, {args.num_vectors} "
         f"vector{'s' * (args.num_vectors > 1)} from {args.initializer_token!r}, {steps} steps",

@@ -9,14 +9,12 @@ and appends the table, with the date and machine, to `benchmarks/RESULTS.md`.
     python -m benchmarks.vae_bound --checkpoint PATH --num-images 300
 """
 import argparse
-import shlex
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.adherence import machine, scores_by_size, table
-from benchmarks.results import RESULTS, append_entry
+from benchmarks.results import RESULTS, append_entry, command_line
 from stable_diffusion import StableDiffusion
 from stable_diffusion.data import make_dataset
 from stable_diffusion.train import encode_latents
@@ -39,7 +37,7 @@ def main(argv=None):
     sd = StableDiffusion.from_checkpoint(args.checkpoint)
     images, captions = make_dataset(args.num_images, SEED, image_size=sd.img_height)
     scores = scores_by_size(reconstruct(sd, images), captions)
-    command = shlex.join(["python", "-m", "benchmarks.vae_bound", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.vae_bound", argv)
     entry = "\n".join([
         f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {args.checkpoint or 'assets/demo'}, "
         f"{args.num_images} images",
