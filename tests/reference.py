@@ -1,5 +1,6 @@
 """Reference pipelines for the parity tests: tiny random-weight diffusers / transformers models
 saved with `save_pretrained`, in the SD 1.x, SD 2.x and other layouts of the family."""
+import keras
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -7,6 +8,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffus
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from stable_diffusion import runtime
 from stable_diffusion.tokenizer import Tokenizer
 
 # Small members of the family: SD 1.x layout (conv projections, 8 heads everywhere, quick_gelu CLIP,
@@ -189,6 +191,14 @@ def reference_images(pipe, prompts, *, negative_prompt, noise, steps, guidance=7
     images = pipe(prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                   height=noise.shape[1] * 8, width=noise.shape[2] * 8, latents=nchw(noise), output_type="np").images
     return np.round(images * 255).astype("uint8")
+
+
+def predicted(model, x):
+    """`model.predict_on_batch(x)` as the pipeline runs it: on OpenVINO in float32 (`runtime.OpenVINOPredictor`),
+    where Keras' own OpenVINO predict computes in bfloat16 on CPUs that have it (errors ~1e-2)."""
+    if keras.backend.backend() == "openvino":
+        return runtime.OpenVINOPredictor(model)(x)
+    return model.predict_on_batch(x)
 
 
 def relative_difference(got, expected):

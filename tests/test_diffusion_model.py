@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import SDXL_UNETS, make_sdxl_unet, nchw, nhwc, relative_difference
+from reference import SDXL_UNETS, make_sdxl_unet, nchw, nhwc, predicted, relative_difference
 from stable_diffusion import StableDiffusion, blocks, checkpoints, diffusers_folder, settings
 from stable_diffusion.diffusion_model import DiffusionModel
 from stable_diffusion.weights import CheckpointError, strict_loader
@@ -24,7 +24,7 @@ def unet_difference(unet, model, height, width, **added):
     with torch.no_grad():
         expected = nhwc(unet(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context),
                              added_cond_kwargs=added_cond_kwargs).sample)
-    got = model.predict_on_batch([latents, timesteps.astype("float32"), context, *added.values()])
+    got = predicted(model, [latents, timesteps.astype("float32"), context, *added.values()])
     assert got.shape == expected.shape == latents.shape
     return relative_difference(got, expected)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from reference import make_projected_text_encoder, to_numpy
+from reference import make_projected_text_encoder, predicted, to_numpy
 from stable_diffusion import diffusers_folder, settings
 from stable_diffusion.text_encoder import TextEncoder, skipping
 from stable_diffusion.tokenizer import Tokenizer
@@ -56,14 +56,14 @@ def test_projected_encoder_equals_transformers(pad, tmp_path):
     assert (ids == 0).any() if pad == "!" else not (ids == 0).any()
     with torch.no_grad():
         expected = reference(torch.from_numpy(ids).long(), output_hidden_states=True)
-    last, text_embeds = ours.predict_on_batch(ids)
+    last, text_embeds = predicted(ours, ids)
     for got, want, what in [(last, expected.last_hidden_state, "last_hidden_state"),
                             (text_embeds, expected.text_embeds, "text_embeds")]:
         diff = np.abs(got - to_numpy(want)).max()
         assert diff <= 1e-4, f"max abs diff {diff} of {what} vs CLIPTextModelWithProjection (tolerance 1e-4)"
     assert text_embeds.shape == (3, 24) and np.abs(text_embeds).std() > 0.1
     for k in (1, 2):  # SDXL's hidden_states[-2], and hidden_states[-(clip_skip + 2)] with clip_skip 1
-        states, embeds = skipping(ours, k, normed=False).predict_on_batch(ids)
+        states, embeds = predicted(skipping(ours, k, normed=False), ids)
         diff = np.abs(states - to_numpy(expected.hidden_states[-1 - k])).max()
         assert diff <= 1e-4, f"max abs diff {diff} of hidden_states[{-1 - k}] vs transformers (tolerance 1e-4)"
         assert np.array_equal(embeds, text_embeds), "text_embeds stay the last layer's"
@@ -76,8 +76,8 @@ def test_unnormed_penultimate_state_equals_transformers(reference, ours):
     with torch.no_grad():
         hidden = pipe.text_encoder(torch.from_numpy(ids).long(), output_hidden_states=True).hidden_states
     expected = to_numpy(hidden[-2])
-    got = skipping(sd.text_encoder, 1, normed=False).predict_on_batch(ids)
-    normed = skipping(sd.text_encoder, 1).predict_on_batch(ids)
+    got = predicted(skipping(sd.text_encoder, 1, normed=False), ids)
+    normed = predicted(skipping(sd.text_encoder, 1), ids)
     assert got.shape == expected.shape == (3, 77, 32) and np.abs(got - normed).max() > 0.1
     diff = np.abs(got - expected).max()
     assert diff <= 1e-4, f"max abs diff {diff} vs CLIPTextModel hidden_states[-2] (tolerance 1e-4)"
