@@ -1,0 +1,73 @@
+"""Editing a picture: image-to-image (SDEdit, Meng et al., 2022) starts from the picture's latents noised `strength`
+of the way back; inpainting re-imposes the noised known region after each step (4-channel UNets, as diffusers) or
+gives an inpainting UNet (9 input channels) the mask and masked picture's latents. `StableDiffusion`'s methods
+`image_to_image`, `inpaint` and `encode_images`, on the pipeline's preparation and denoising loop.
+"""
+import numpy as np
+
+from . import arguments, schedulers
+from .images import broadcast, load_images, load_masks
+
+
+@arguments.checked
+def image_to_image(sd, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
+                   unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
+                   long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
+                   verbose=True, strength=0.8, sample_latents=False):
+    """Redraws a picture after a prompt; returns uint8 numpy (B, H, W, 3).
+
+    Args:
+        image: the picture(s), at the pipeline's size (see `images.py`).
+        diffusion_noise: the noise (B, h, w, C) added to the picture's latents instead of seeded noise.
+        strength: in (0, 1]: how far to noise the picture; `int(num_steps * strength)` steps run.
+        sample_latents: encode to a sample of the VAE posterior (seeded) instead of its mean.
+        Other arguments: see `text_to_image`.
+    """
+    images = load_images(image, (sd.img_height, sd.img_width))
+    setup = sd._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                          seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                          clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
+    latents = setup.sampler.add_noise(sd.encode_images(images, setup, sample=sample_latents), setup.noise)
+    latents = sd.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
+    return latents if return_latents else sd.decode(latents)
+
+@arguments.checked
+def inpaint(sd, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_steps=50,
+            unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None, long_prompts=False,
+            clip_skip=None, prompt_weighting=False, callback=None, return_latents=False, verbose=True,
+            strength=1.0, sample_latents=False):
+    """Repaints the white part of `mask` in `image` after a prompt; returns uint8 numpy (B, H, W, 3).
+
+    Args:
+        mask: where to repaint, white (see `images.py`); the image's size.
+        strength: in (0, 1]; below 1 the masked region starts from the noised picture, as in
+            `image_to_image`; at 1 from pure noise.
+        Other arguments: see `image_to_image`.
+    """
+    images = load_images(image, (sd.img_height, sd.img_width))
+    masks = load_masks(mask, images.shape[1:3])
+    setup = sd._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
+                          seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                          clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
+    sampler, noise = setup.sampler, setup.noise
+    known = sd.encode_images(images, setup, sample=sample_latents)
+    latents = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise)
+    mask = broadcast(masks[:, ::sd.vae_factor, ::sd.vae_factor], len(known), "masks")  # nearest, as diffusers
+    conditioning = after_step = None
+    if sd.diffusion_model.inputs[0].shape[-1] > known.shape[-1]:  # an inpainting UNet
+        masked = sd.encode_images(images * (masks < 0.5), setup, sample=sample_latents)
+        conditioning = np.concatenate([mask, masked], axis=-1)
+    else:  # the known region, noised to the next step, clean after the last
+        after_step = schedulers.Repaint(sampler, mask, known, noise)
+    latents = sd.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback,
+                           conditioning=conditioning, after_step=after_step, verbose=verbose)
+    return latents if return_latents else sd.decode(latents)
+
+def encode_images(sd, images, setup, *, sample=False):
+    """The UNet's latents (B, h, w, C), one row per image of `setup`, of pictures in [-1, 1]: the VAE
+    posterior's mean (or a sample of it, drawn with `setup.draw_noise`) times the decoder's scaling factor."""
+    moments = np.asarray(sd.encoder.predict_on_batch(images), dtype="float32")
+    mean, log_variance = np.split(broadcast(moments, len(setup.context), "images"), 2, axis=-1)
+    if sample:
+        mean = mean + np.exp(0.5 * np.clip(log_variance, -30.0, 20.0)) * setup.draw_noise()
+    return mean * sd.decoder.scaling_factor
