@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import schedulers
+from . import schedulers, sdxl
 
 MEMORY_VARIABLE = "STABLE_DIFFUSION_MEMORY_GIB"
 GIB = 2**30
@@ -115,11 +115,34 @@ def check_prompts(prompts, name="prompt"):
     return list(prompts)
 
 
+def is_encoded(prompt):
+    """Whether `prompt` is `encode_text` output: states (B, L, dim) or (L, dim), or SDXL's (states, text_embeds)."""
+    if isinstance(prompt, tuple) and prompt and not isinstance(prompt[0], str):
+        return np.ndim(prompt[0]) >= 2
+    return np.ndim(prompt) >= 2
+
+
 def prompt_count(prompt):
-    """How many prompts `prompt` holds: a list of strings, or encoded prompts (B, L, dim)."""
-    if isinstance(prompt, (list, tuple)):
-        return len(prompt)
-    return np.shape(prompt)[0] if np.ndim(prompt) == 3 else 1
+    """How many prompts `prompt` holds: a list of strings, or encoded prompts (see `is_encoded`)."""
+    if is_encoded(prompt):
+        states = prompt[0] if isinstance(prompt, tuple) else prompt
+        return np.shape(states)[0] if np.ndim(states) == 3 else 1
+    return len(prompt) if isinstance(prompt, (list, tuple)) else 1
+
+
+def check_micro_conditioning(micro_conditioning, sdxl_pipeline):
+    """TypeError for a keyword that is not one of `sdxl.KEYWORDS`; ValueError, naming it, for one given to a pipeline
+    that is not SDXL's, or whose value is not None or a pair of integers (sizes > 0, a crop's corner >= 0)."""
+    for name, value in micro_conditioning.items():
+        if name not in sdxl.KEYWORDS:
+            raise TypeError(f"got an unexpected keyword argument {name!r} (SDXL's micro-conditioning: "
+                            f"{', '.join(sdxl.KEYWORDS)}).")
+        if not sdxl_pipeline:
+            raise ValueError(f"{name} is SDXL's micro-conditioning; this pipeline's UNet takes no time ids.")
+        if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2):
+            raise ValueError(f"{name} must be a (height, width) pair of integers or None, got {value!r}.")
+        for number in value or ():
+            integer(number, name, 0 if name.endswith("crops_coords_top_left") else 1)
 
 
 def check_batch(batch_size, prompts):
@@ -215,8 +238,9 @@ def checked(task):
         values = bound.arguments
         values["seed"] = check_seed(values["seed"])
         values["unconditional_guidance_scale"] = check_guidance(values["unconditional_guidance_scale"])
-        if np.ndim(values["prompt"]) < 2:  # strings, not `encode_text` output (B, L, dim)
+        if not is_encoded(values["prompt"]):
             check_prompts(values["prompt"])
+        check_micro_conditioning(values.get("micro_conditioning", {}), sd.text_encoder_2 is not None)
         batch = check_batch(values["batch_size"], prompt_count(bound.args[1]))
         if values["negative_prompt"] is not None:
             check_count(len(check_prompts(values["negative_prompt"], "negative_prompt")), batch, "negative prompts")

@@ -32,6 +32,8 @@ from .weights import (SAFETENSORS_DTYPES, CheckpointError, Tensors, keras_layout
 FORMAT, OLD_FORMAT, CONFIG = "keras-stable-diffusion/2", "keras-stable-diffusion/1", "config.json"
 METADATA = {"format": FORMAT, "layout": "keras"}
 MODELS = ("text_encoder", "diffusion_model", "decoder", "encoder")
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # SDXL has the second
+OPTIONAL = ("grammar", "pipeline", "text_encoder_2")  # config entries a bundle may have
 ALIGNMENT, PADDING = 64, "__padding__."
 DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in SAFETENSORS_DTYPES.items()}
 RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
@@ -41,16 +43,24 @@ def save(sd, path, *, overwrite=False):
     """`StableDiffusion.save`: writes `sd` as a bundle folder for `from_checkpoint`: config, a `.safetensors` per
     model, tokenizer; under a temporary name renamed once complete (`files.staged`). FileExistsError if `path`
     exists, unless `overwrite`; ValueError for a quantized pipeline (`quantization.py`): bundles hold float weights."""
-    if any(layer.quantization_mode for name in MODELS for layer in getattr(sd, name).layers):
+    names = model_names(sd.config)
+    if any(layer.quantization_mode for name in names for layer in getattr(sd, name).layers):
         raise ValueError('A quantized pipeline cannot be saved (bundles hold float weights): save it unquantized '
                          'and load the bundle with quantize="int8".')
     with files.staged(path, overwrite=overwrite) as staging:
         staging.mkdir(parents=True)
         config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
-        for name in MODELS:
+        for name in names:
             write_safetensors(staging / f"{name}.safetensors", named_variables(getattr(sd, name)))
-        sd.tokenizer.save(staging / "tokenizer")
+        for name in names:
+            if name in TOKENIZERS:
+                getattr(sd, TOKENIZERS[name]).save(staging / TOKENIZERS[name])
+
+
+def model_names(config):
+    """The names of the models a pipeline `config` has: `MODELS`, and SDXL's second text encoder if it has one."""
+    return [*MODELS, *(["text_encoder_2"] if "text_encoder_2" in config else [])]
 
 
 def write_safetensors(path, tensors, metadata=METADATA, alignment=ALIGNMENT):
@@ -90,10 +100,11 @@ def read(folder):
         raise CheckpointError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
     height, width = config.pop("img_height", None), config.pop("img_width", None)
     names = sorted([*MODELS, "scheduler"])
-    if sorted(set(config) - {"grammar"}) != names or not all(isinstance(value, dict) for value in config.values()):
+    if sorted(set(config) - set(OPTIONAL)) != names or not all(isinstance(v, dict) for v in config.values()):
         raise CheckpointError(f"{folder / CONFIG} does not hold an object of settings for each of {names} "
-                              f"(and img_height, img_width, format, optionally grammar) but {config!r:.200}.")
-    files = {name: folder / f"{name}.safetensors" for name in MODELS}
+                              f"(and img_height, img_width, format, optionally {', '.join(OPTIONAL)}) but "
+                              f"{config!r:.200}.")
+    files = {name: folder / f"{name}.safetensors" for name in model_names(config)}
     for file in files.values():
         if not file.exists():
             raise FileNotFoundError(f"Missing {file}: the bundle is incomplete.")
@@ -104,10 +115,12 @@ def read(folder):
             load_weights([model], tensors[name], layout=keras_layout)
 
     parts = {names: partial(load, names=names)  # the VAE one part, as `checkpoints.read(vae=...)` replaces it
-             for names in (("text_encoder",), ("diffusion_model",), ("encoder", "decoder"))}
-    return dict(config=config, tokenizer=Tokenizer.from_folder(folder / "tokenizer"), img_height=height,
-                img_width=width, parts=parts, sources=dict.fromkeys([*config, "size"], folder / CONFIG),
-                tensors=tensors)
+             for names in ((name,) for name in files if name not in ("encoder", "decoder"))}
+    parts[("encoder", "decoder")] = partial(load, names=("encoder", "decoder"))
+    tokenizers = {TOKENIZERS[name]: Tokenizer.from_folder(folder / TOKENIZERS[name]) for name in files
+                  if name in TOKENIZERS}
+    return dict(config=config, **tokenizers, img_height=height, img_width=width, parts=parts,
+                sources=dict.fromkeys([*config, "size"], folder / CONFIG), tensors=tensors)
 
 
 def open_weights(path):

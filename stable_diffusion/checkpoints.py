@@ -25,6 +25,7 @@ class Checkpoint:
     img_height: int
     img_width: int
     parts: dict  # {model names: load(models)}, e.g. {("encoder", "decoder"): ...}
+    tokenizer_2: Tokenizer = None  # SDXL's second
     sources: dict = field(default_factory=dict)  # {config name, or "size": the file it comes from}
     tensors: dict = field(default_factory=dict)  # {model name: the `weights.Tensors` it loads}
 

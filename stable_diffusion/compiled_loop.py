@@ -1,7 +1,7 @@
 """The denoising loop as one compiled program: with XLA (on JAX, and on TensorFlow with `jit_compile=True`), all
-steps of a task, each the guided UNet call (`StableDiffusion.denoise_step`), the sampler's update and inpainting's
-blend, run in one `ops.fori_loop` inside one `predict_on_batch`, so an accelerator never waits on the host
-between steps.
+steps of a task, each the guided UNet call (`StableDiffusion.denoise_step`; with guidance at most 1 the UNet on the
+prompt alone), the sampler's update and inpainting's blend, run in one `ops.fori_loop` inside one
+`predict_on_batch`, so an accelerator never waits on the host between steps.
 
 The host prepares in numpy, before the loop, what the steps need: per step the timestep, the UNet input's scale
 and the sampler's `coefficients` (float32 tables, `schedulers.py`), and an ancestral sampler's noise, drawn in the
@@ -34,28 +34,28 @@ def instead(denoise):
 
 
 class CompiledLoop:
-    """`StableDiffusion.denoise` as one program per sampler update rule, each a `Loop` compiled with XLA on first
-    use, all calling `denoise_step`."""
+    """`StableDiffusion.denoise` as one program per sampler update rule and guidance (on or off), each a `Loop`
+    compiled with XLA on first use, calling `denoise_step` or (no guidance) `diffusion_model`."""
 
-    def __init__(self, denoise_step):
-        self.denoise_step, self.loops = denoise_step, {}
+    def __init__(self, denoise_step, diffusion_model):
+        self.denoise_step, self.diffusion_model, self.loops = denoise_step, diffusion_model, {}
 
     def __call__(self, latents, setup, *, guidance, conditioning=None, after_step=None, verbose=True):
         """The clean latents (B, h, w, C), as `StableDiffusion.denoise` (`after_step`: None or a
         `schedulers.Repaint`); progress on stderr once, at the end, if `verbose`."""
         sampler, steps, start = setup.sampler, len(setup.sampler.timesteps), time.perf_counter()
-        inputs = dict(latents=latents, context=setup.context, negative=setup.negative,
-                      guidance=np.full((len(latents),), guidance, dtype="float32"),
-                      tables=step_tables(sampler, after_step))
+        inputs = dict(latents=latents, context=setup.context, tables=step_tables(sampler, after_step))
+        if guidance > 1:  # diffusers: at most 1 is no guidance
+            inputs.update(negative=setup.negative, guidance=np.full((len(latents),), guidance, dtype="float32"))
         if sampler.ancestral:
             inputs["noise"] = np.stack([setup.draw_noise() for _ in range(steps)])  # (steps, B, h, w, C)
         if conditioning is not None:
             inputs["conditioning"] = conditioning
         if after_step is not None:
             inputs["repaint"] = dict(mask=after_step.mask, known=after_step.known, noise=after_step.noise)
-        key = (type(sampler), sampler.ancestral, tuple(sorted(sampler.config.items())))  # what its rule reads
+        key = (type(sampler), sampler.ancestral, tuple(sorted(sampler.config.items())), guidance > 1)  # what it reads
         if key not in self.loops:
-            self.loops[key] = Loop(self.denoise_step, sampler)
+            self.loops[key] = Loop(self.denoise_step if guidance > 1 else self.diffusion_model, sampler)
             self.loops[key].compile(jit_compile=True)
         latents = self.loops[key].predict_on_batch(inputs)
         if verbose:
@@ -75,15 +75,16 @@ def step_tables(sampler, repaint=None):
 
 
 class Loop(keras.Model):
-    """All the steps of a sampler's run in one call. Inputs, a dict: latents (B, h, w, C) at the first step;
-    context, negative (B, L, dim); guidance (B,); tables {name: (steps,)} of the timestep, input_scale, the
-    sampler's coefficients and (with repaint) `schedulers.Repaint`'s signal and level; noise (steps, B, h, w, C)
-    for an ancestral sampler; optionally conditioning (B, h, w, extra channels) and repaint {mask, known, noise}.
-    Output: the latents after the last step, float32."""
+    """All the steps of a sampler's run in one call, each calling `model`: the guided step, or the UNet alone. Inputs,
+    a dict: latents (B, h, w, C) at the first step; context: the UNet's text inputs (`StableDiffusion._prepare`);
+    for the guided step, negative (the same of the negative prompt) and guidance (B,); tables {name: (steps,)} of
+    the timestep, input_scale, the sampler's coefficients and (with repaint) `schedulers.Repaint`'s signal and
+    level; noise (steps, B, h, w, C) for an ancestral sampler; optionally conditioning (B, h, w, extra channels)
+    and repaint {mask, known, noise}. Output: the latents after the last step, float32."""
 
-    def __init__(self, denoise_step, sampler):
+    def __init__(self, model, sampler):
         super().__init__(dtype="float32", name="denoising_loop")
-        self.denoise_step, self.update, self.memory_size = denoise_step, sampler.update, sampler.memory_size
+        self.model, self.update, self.memory_size = model, sampler.update, sampler.memory_size
         self.built = True  # its only weights are the step's
 
     def call(self, inputs):
@@ -95,8 +96,10 @@ class Loop(keras.Model):
             model_input = latents * c["input_scale"]
             if "conditioning" in inputs:
                 model_input = ops.concatenate([model_input, inputs["conditioning"]], axis=-1)
-            timestep, guidance = ops.broadcast_to(c["timestep"], ops.shape(inputs["guidance"])), inputs["guidance"]
-            output = self.denoise_step([model_input, inputs["context"], inputs["negative"], timestep, guidance])
+            timestep = ops.broadcast_to(c["timestep"], ops.shape(latents)[:1])
+            guided = "guidance" in inputs  # the step's inputs after the timestep, else the UNet's
+            rest = [inputs["guidance"], *inputs["context"], *inputs["negative"]] if guided else inputs["context"]
+            output = self.model([model_input, timestep, *rest])
             noise = inputs["noise"][i] if "noise" in inputs else None
             latents, memory = self.update(c, ops.cast(output, "float32"), latents, memory, noise, ops)
             if "repaint" in inputs:

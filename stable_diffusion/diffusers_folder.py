@@ -1,6 +1,6 @@
 """diffusers pipeline folders, as `save_pretrained` writes them (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/): the configs translated into our models' arguments, the weights read by their diffusers
-and transformers names (`weights.py` maps them).
+scheduler/, and SDXL's text_encoder_2/, tokenizer_2/): the configs translated into our models' arguments, the
+weights read by their diffusers and transformers names (`weights.py` maps them).
 
 References: diffusers `UNet2DConditionModel`, `AutoencoderKL` and `DDIMScheduler` configs,
 transformers `CLIPTextConfig`.
@@ -20,24 +20,34 @@ def read(folder):
     unet_config_file, vae_config_file = folder / "unet" / "config.json", folder / "vae" / "config.json"
     sources = dict(text_encoder=folder / "text_encoder" / "config.json", diffusion_model=unet_config_file,
                    decoder=vae_config_file, encoder=vae_config_file, size=unet_config_file,
-                   scheduler=folder / "scheduler" / "scheduler_config.json")
+                   scheduler=folder / "scheduler" / "scheduler_config.json", pipeline=folder / "model_index.json")
+    pipeline = read_json(sources["pipeline"])
+    if pipeline.get("requires_aesthetics_score") or not sources["text_encoder"].exists():
+        raise CheckpointError(f"{folder}: an SDXL refiner (no text_encoder, aesthetic score), which this version does "
+                              f"not run yet.")
     config = dict(text_encoder=translated(sources["text_encoder"], text_encoder_config),
                   diffusion_model=translated(sources["diffusion_model"], unet_config),
                   **translated(sources["decoder"], vae_configs),
                   scheduler={**DDIM_DEFAULTS, **{k: v for k, v in read_json(sources["scheduler"]).items()
-                                                 if not k.startswith("_")}})
-    if config["diffusion_model"].get("pooled_dim"):
-        raise CheckpointError(f"{unet_config_file}: an SDXL UNet (\"text_time\" embedding); StableDiffusion has no "
-                              f"second text encoder to give it text_embeds and time_ids.")
+                                                 if not k.startswith("_")}},
+                  pipeline={k: pipeline[k] for k in ("force_zeros_for_empty_prompt",) if k in pipeline})
     sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
-    tokenizer_folder = folder / "tokenizer"
-    tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder.exists() else Tokenizer.from_vendored()
+    tokenizers = {name: Tokenizer.from_folder(folder / name) if (folder / name).exists() else Tokenizer.from_vendored()
+                  for name in ("tokenizer", "tokenizer_2")}
     text, unet, vae = text_weights(folder / "text_encoder"), find_weights(folder / "unet"), find_weights(folder / "vae")
     parts = {("text_encoder",): strict_loader(text, ("embeddings.position_ids",)),
              ("diffusion_model",): strict_loader(unet), ("encoder", "decoder"): strict_loader(vae)}
+    tensors = dict(text_encoder=text, diffusion_model=unet, encoder=vae, decoder=vae)
+    if (folder / "text_encoder_2").exists():  # SDXL
+        sources["text_encoder_2"] = folder / "text_encoder_2" / "config.json"
+        config["text_encoder_2"] = translated(sources["text_encoder_2"], text_encoder_config)
+        tensors["text_encoder_2"] = text_weights(folder / "text_encoder_2")
+        parts[("text_encoder_2",)] = strict_loader(tensors["text_encoder_2"], ("embeddings.position_ids",))
+    else:
+        tokenizers.pop("tokenizer_2")
     size = sample_size * 2 ** (len(config["decoder"]["channels"]) - 1)
-    return dict(config=config, tokenizer=tokenizer, img_height=size, img_width=size, parts=parts, sources=sources,
-                tensors=dict(text_encoder=text, diffusion_model=unet, encoder=vae, decoder=vae))
+    return dict(config=config, **tokenizers, img_height=size, img_width=size, parts=parts, sources=sources,
+                tensors=tensors)
 
 
 def translated(path, translate):

@@ -25,9 +25,8 @@ from PIL import Image
 
 from . import lora, progress
 from .arguments import integer, non_empty_string, positive_number
-from .stable_diffusion import StableDiffusion
 from .train import (IMAGE_SUFFIXES, TEXT_TARGETS, TORCH_ADAMW, UNET_TARGETS, DiffusionTrainer, check_batch_size,
-                    encode_latents, fit, image_files, read_images, run_command_line)
+                    encode_latents, fit, image_files, read_images, run_command_line, trainable)
 
 LEARNING_RATES = {"full": 5e-6, "lora": 1e-4}  # diffusers' train_dreambooth.py; our LoRA training's default
 
@@ -130,7 +129,7 @@ def train_dreambooth(checkpoint, instance_data, output, *, instance_prompt, clas
     if class_data.exists() and not class_data.is_dir():
         raise ValueError(f"class_data {str(class_data)!r} is not a folder.")
 
-    sd = StableDiffusion.from_checkpoint(checkpoint)
+    sd = trainable(checkpoint)
     instances = read_images(instance_files, sd.img_height, sd.img_width)
     classes = class_images(sd, class_data, class_prompt, num_class_images, batch_size=batch_size, seed=seed,
                            verbose=verbose != 0)

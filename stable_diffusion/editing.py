@@ -13,7 +13,7 @@ from .images import broadcast, load_images, load_masks
 def image_to_image(sd, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
                    unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                    long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
-                   verbose=True, strength=0.8, sample_latents=False):
+                   verbose=True, strength=0.8, sample_latents=False, **micro_conditioning):
     """Redraws a picture after a prompt; returns uint8 numpy (B, H, W, 3).
 
     Args:
@@ -25,17 +25,18 @@ def image_to_image(sd, prompt, image, *, negative_prompt=None, batch_size=1, num
     """
     images = load_images(image, (sd.img_height, sd.img_width))
     setup = sd._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
-                          seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-                          clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
+                        seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                        clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength, **micro_conditioning)
     latents = setup.sampler.add_noise(sd.encode_images(images, setup, sample=sample_latents), setup.noise)
     latents = sd.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
     return latents if return_latents else sd.decode(latents)
+
 
 @arguments.checked
 def inpaint(sd, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_steps=50,
             unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None, long_prompts=False,
             clip_skip=None, prompt_weighting=False, callback=None, return_latents=False, verbose=True,
-            strength=1.0, sample_latents=False):
+            strength=1.0, sample_latents=False, **micro_conditioning):
     """Repaints the white part of `mask` in `image` after a prompt; returns uint8 numpy (B, H, W, 3).
 
     Args:
@@ -47,8 +48,8 @@ def inpaint(sd, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_
     images = load_images(image, (sd.img_height, sd.img_width))
     masks = load_masks(mask, images.shape[1:3])
     setup = sd._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
-                          seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-                          clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength)
+                        seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
+                        clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength, **micro_conditioning)
     sampler, noise = setup.sampler, setup.noise
     known = sd.encode_images(images, setup, sample=sample_latents)
     latents = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise)
@@ -60,14 +61,15 @@ def inpaint(sd, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_
     else:  # the known region, noised to the next step, clean after the last
         after_step = schedulers.Repaint(sampler, mask, known, noise)
     latents = sd.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback,
-                           conditioning=conditioning, after_step=after_step, verbose=verbose)
+                         conditioning=conditioning, after_step=after_step, verbose=verbose)
     return latents if return_latents else sd.decode(latents)
+
 
 def encode_images(sd, images, setup, *, sample=False):
     """The UNet's latents (B, h, w, C), one row per image of `setup`, of pictures in [-1, 1]: the VAE
     posterior's mean (or a sample of it, drawn with `setup.draw_noise`) times the decoder's scaling factor."""
     moments = np.asarray(sd.encoder.predict_on_batch(images), dtype="float32")
-    mean, log_variance = np.split(broadcast(moments, len(setup.context), "images"), 2, axis=-1)
+    mean, log_variance = np.split(broadcast(moments, len(setup.noise), "images"), 2, axis=-1)
     if sample:
         mean = mean + np.exp(0.5 * np.clip(log_variance, -30.0, 20.0)) * setup.draw_noise()
     return mean * sd.decoder.scaling_factor

@@ -67,10 +67,12 @@ def load(sd, path, *, token=None):
         token: the token prompts use for it; default: the file's (see the module docstring).
 
     Raises ValueError, leaving `sd` unchanged, if `token` is not a non-empty string, the file holds no embedding,
-    its width is not the text encoder's, or a token it adds is in the tokenizer already.
+    its width is not the text encoder's, a token it adds is in the tokenizer already, or `sd` is SDXL's.
     """
     if token is not None and (not isinstance(token, str) or not token.strip()):
         raise ValueError(f"token must be None or a non-empty string, got {token!r}.")
+    if sd.text_encoder_2 is not None:
+        raise ValueError("SDXL's embeddings (a vector for each of its two text encoders) are not read yet.")
     token, vectors = read(path, token)
     old = sd.text_encoder.get_layer(TOKEN_EMBEDDING)
     table = ops.convert_to_numpy(old.embeddings)  # (rows, width)

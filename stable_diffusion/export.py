@@ -5,8 +5,8 @@ of one image:
     config.json        the format, image size, latent shape, the VAE's factor and scaling factor, each model's
                        file and inputs, the default sampler, the pipeline's `config` (the sampler's among them)
     text_encoder.EXT   token_ids (1, 77) int32 -> CLIP states (1, 77, dim)
-    denoise_step.EXT   the guided step (`StableDiffusion.denoise_step`): latents (1, h, w, C), context and
-                       negative (1, 77, dim) states, timestep (1,), guidance (1,) -> the guided UNet output
+    denoise_step.EXT   the guided step (`StableDiffusion.denoise_step`): latents (1, h, w, C), timestep (1,),
+                       guidance (1,), context and negative (1, 77, dim) states -> the guided UNet output
     decoder.EXT        latents (1, h, w, C) -> image (1, H, W, 3), about [-1, 1]
     encoder.EXT        images (1, H, W, 3) in [-1, 1] -> the VAE posterior's mean and log-variance (1, h, w, 2C)
     tokenizer/         the CLIP vocabulary (`Tokenizer.save`)
@@ -43,13 +43,14 @@ def export(sd, folder, *, format="tf_saved_model"):
                          f"{keras.backend.backend()!r}.")
     if folder.exists():
         raise FileExistsError(f"{folder} exists; export writes a new folder.")
+    if sd.text_encoder_2 is not None:
+        raise ValueError("export writes SD 1.x / 2.x pipelines; SDXL's (two text encoders, time ids) not yet.")
     tokens, dim = (1, sd.tokenizer.sequence_length), sd.text_encoder.outputs[0].shape[-1]
     latents = (1, *sd.latent_shape[:2], sd.diffusion_model.inputs[0].shape[-1])
     inputs = dict(
         text_encoder=dict(token_ids=(tokens, "int32")),
-        denoise_step=dict(latents=(latents, "float32"), context=((*tokens, dim), "float32"),
-                          negative=((*tokens, dim), "float32"), timestep=((1,), "float32"),
-                          guidance=((1,), "float32")),
+        denoise_step=dict(latents=(latents, "float32"), timestep=((1,), "float32"), guidance=((1,), "float32"),
+                          context=((*tokens, dim), "float32"), negative=((*tokens, dim), "float32")),
         decoder=dict(latents=((1, *sd.latent_shape), "float32")),
         encoder=dict(images=((1, sd.img_height, sd.img_width, 3), "float32")))
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -96,7 +97,7 @@ def export_step_with_token_ids(sd, path, signature):
     archive.track(sd.denoise_step)
     archive.track(sd.text_encoder)
     archive.add_endpoint("from_token_ids", lambda ids, negative_ids, latents, timestep, guidance: sd.denoise_step(
-        [latents, sd.text_encoder(ids), sd.text_encoder(negative_ids), timestep, guidance]),
+        [latents, timestep, guidance, sd.text_encoder(ids), sd.text_encoder(negative_ids)]),
         input_signature=[*ids, specs["latents"], specs["timestep"], specs["guidance"]])
     archive.add_endpoint("serve", sd.denoise_step.__call__, input_signature=[list(specs.values())])
     archive.write_out(path, verbose=False)

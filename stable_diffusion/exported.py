@@ -29,6 +29,18 @@ class ExportedModel:
                                          zip(self.names, arrays)}) for i in range(len(arrays[0]))])
 
 
+class Unguided:
+    """The UNet as the pipeline calls it without guidance, [latents, timestep, context] -> its prediction: the exported
+    step given the prompt's states for both halves and guidance 1. `inputs[0]`: the latents, the UNet's channels."""
+
+    def __init__(self, step):
+        self.step, self.inputs = step, step.inputs
+
+    def predict_on_batch(self, x):
+        latents, timestep, context = x
+        return self.step.predict_on_batch([latents, timestep, np.ones_like(timestep), context, context])
+
+
 class ExportedStableDiffusion:
     """Generates with a folder written by `StableDiffusion.export`: `text_to_image`, `image_to_image`, `inpaint`
     and the rest of the pipeline's API below, as `StableDiffusion`'s; images equal the Keras pipeline's to
@@ -45,7 +57,7 @@ class ExportedStableDiffusion:
         load = RUNTIMES[config["format"]]
         for name, model in config["models"].items():
             setattr(self, name, ExportedModel(load(folder / model["file"]), model["inputs"]))
-        self.diffusion_model = self.denoise_step  # its latents input: the UNet's channels
+        self.diffusion_model, self.text_encoder_2 = Unguided(self.denoise_step), None
         self.decoder.scaling_factor = config["scaling_factor"]
         self.img_height, self.img_width = config["img_height"], config["img_width"]
         self.latent_shape, self.vae_factor = tuple(config["latent_shape"]), config["vae_factor"]

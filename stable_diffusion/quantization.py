@@ -21,7 +21,7 @@ import keras
 from .keras_internals import garbage_collected_once
 
 MODES = (None, "int8")
-QUANTIZED = ("text_encoder", "diffusion_model")  # the models quantized, see above
+QUANTIZED = ("text_encoder", "text_encoder_2", "diffusion_model")  # the models quantized (if there), see above
 
 
 def check(mode):
@@ -33,7 +33,7 @@ def check(mode):
 def apply(sd, mode):
     """Quantizes the `QUANTIZED` models of the pipeline `sd` to `mode`, in place; None leaves them as they are."""
     if mode:
-        quantize_models([getattr(sd, name) for name in QUANTIZED])
+        quantize_models([getattr(sd, name) for name in QUANTIZED if getattr(sd, name) is not None])
 
 
 def quantize_models(models):

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from . import compiled_loop as loop, keras_internals, presets
+from .text_encoder import skipping
 
 CACHE_VARIABLE = "KERAS_SD_CACHE"
 
@@ -35,10 +36,11 @@ def compile_models(sd, *, jit_compile, compiled_loop=True):
     only (TensorFlow graphs start faster; README, "XLA or not")."""
     backend = keras.backend.backend()
     jit_compile = backend == "jax" if jit_compile is None else jit_compile
-    for model in (sd.text_encoder, sd.denoise_step, sd.decoder):
-        model.compile(jit_compile=jit_compile and backend != "torch")
+    for model in (sd.text_encoder, sd.text_encoder_2, sd.diffusion_model, sd.denoise_step, sd.decoder):
+        if model is not None:
+            model.compile(jit_compile=jit_compile and backend != "torch")
     xla = jit_compile and backend in ("jax", "tensorflow")
-    sd.denoise_loop = loop.CompiledLoop(sd.denoise_step) if xla and compiled_loop else None
+    sd.denoise_loop = loop.CompiledLoop(sd.denoise_step, sd.diffusion_model) if xla and compiled_loop else None
     if backend == "jax" and jit_compile and cache_dir("jax"):
         import jax
 
@@ -46,8 +48,24 @@ def compile_models(sd, *, jit_compile, compiled_loop=True):
             jax.config.update("jax_compilation_cache_dir", cache_dir("jax"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if backend == "openvino":
-        for model in (sd.text_encoder, sd.diffusion_model, sd.denoise_step, sd.decoder, sd.encoder):
+        for model in (sd.text_encoder, sd.text_encoder_2, sd.diffusion_model, sd.denoise_step, sd.decoder, sd.encoder):
+            if model is not None:
+                model.predict_on_batch = OpenVINOPredictor(model)
+
+
+def skipping_model(sd, name, clip_skip, *, sdxl):
+    """Text encoder `name` of `sd`, or the model of its hidden states `clip_skip` layers before the last, final-layer-
+    normed (`text_encoder.skipping`), SDXL's (`sdxl`) one layer more and not normed; compiled as the encoder, the last
+    one per encoder kept in `sd.skipped`. A `clip_skip` not None or an integer >= 0: `skipping`'s ValueError."""
+    encoder, valid = getattr(sd, name), clip_skip is None or type(clip_skip) is int and clip_skip >= 0
+    k = (clip_skip or 0) + sdxl if valid else clip_skip
+    if k and sd.skipped.get(name, [None])[:3] != [encoder, k, not sdxl]:
+        model = skipping(encoder, k, normed=not sdxl)
+        model.compile(jit_compile=encoder.jit_compile)
+        if isinstance(encoder.predict_on_batch, OpenVINOPredictor):
             model.predict_on_batch = OpenVINOPredictor(model)
+        sd.skipped[name] = [encoder, k, not sdxl, model]
+    return sd.skipped[name][3] if k else encoder
 
 
 class OpenVINOPredictor:

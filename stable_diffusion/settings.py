@@ -17,12 +17,14 @@ from .encoder import Encoder
 from .text_encoder import ACTIVATIONS, TextEncoder
 from .weights import CheckpointError
 
-MODELS = {"text_encoder": TextEncoder, "diffusion_model": DiffusionModel, "decoder": Decoder, "encoder": Encoder}
+MODELS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "diffusion_model": DiffusionModel,
+          "decoder": Decoder, "encoder": Encoder}  # text_encoder_2: SDXL's alone
 SET_BY_THE_PIPELINE = ("latent_height", "latent_width", "img_height", "img_width", "dtype", "name")
 # Settings that count blocks, and the keys that show the count in the weights: their prefix, followed by
 # the block number, and the blocks the model has beyond the setting. A model of another count would
 # fail only in loading, after taking long to build.
 BLOCK_COUNTS = {("text_encoder", "num_layers"): ("encoder.layers.", 0),
+                ("text_encoder_2", "num_layers"): ("encoder.layers.", 0),
                 ("diffusion_model", "layers_per_block"): ("down_blocks.0.resnets.", 0),
                 ("diffusion_model", "transformer_depth"): ("mid_block.attentions.0.transformer_blocks.", 0),
                 ("encoder", "layers_per_block"): ("encoder.down_blocks.0.resnets.", 0),
@@ -89,6 +91,24 @@ def check_model(name, settings, tensors, source):
         refuse(f"activation {given['activation']!r} is not one of {sorted(ACTIVATIONS)}")
 
 
+def check_sdxl(config, sources):
+    """CheckpointError naming the UNet's config unless its text inputs are what the text encoders give: SDXL's
+    (a "text_time" embedding, `pooled_dim`) the two encoders' widths together and the second's projection; another
+    UNet the text encoder's width, and no second encoder."""
+    unet, text = (arguments(name, config[name]) for name in ("diffusion_model", "text_encoder"))
+    second = arguments("text_encoder_2", config["text_encoder_2"]) if "text_encoder_2" in config else None
+    widths = text["width"] + (second["width"] if second else 0)
+    pooled = second["projection_dim"] if second else 0
+    if (unet["context_dim"], unet["pooled_dim"]) != (widths, pooled):
+        raise CheckpointError(f"{sources['diffusion_model']}: the UNet takes context_dim={unet['context_dim']} and "
+                              f"pooled_dim={unet['pooled_dim']}, but its text encoders give {widths} and {pooled} "
+                              f"({'SDXL: both widths, the second projection' if second else 'one CLIP'}).")
+    options = config.get("pipeline", {})
+    if set(options) - {"force_zeros_for_empty_prompt"} or not all(isinstance(v, bool) for v in options.values()):
+        raise CheckpointError(f"{sources.get('pipeline', sources['diffusion_model'])}: the pipeline settings "
+                              f"{options!r:.80} are not force_zeros_for_empty_prompt (true or false).")
+
+
 def check_scheduler(settings, source):
     """CheckpointError naming `source` unless the scheduler can be built from `settings` (a diffusers
     scheduler config): the settings it takes of the form of their defaults, ints at most `MAX_SIZE`."""
@@ -110,7 +130,9 @@ def check(checkpoint):
     the setting comes from (`checkpoint.sources`)."""
     config, sources = checkpoint.config, checkpoint.sources
     for name in MODELS:
-        check_model(name, config[name], checkpoint.tensors[name], sources[name])
+        if name in config:
+            check_model(name, config[name], checkpoint.tensors[name], sources[name])
+    check_sdxl(config, sources)
     check_scheduler(config["scheduler"], sources["scheduler"])
     grammar = config.get("grammar", {})
     if grammar and not (sorted(grammar) == sorted(data.GRAMMAR) and all(

@@ -11,19 +11,20 @@ import numpy as np
 from keras import ops
 
 from . import (arguments, bundle, checkpoints, compiled_loop, data, editing, embeddings, emphasis, export,
-               keras_internals, lora, presets, progress, quantization, runtime, schedulers, tiling)
+               keras_internals, lora, presets, progress, quantization, runtime, schedulers, sdxl, tiling)
 from .decoder import Decoder
 from .diffusion_model import DiffusionModel
 from .encoder import Encoder
 from .images import broadcast
-from .text_encoder import TextEncoder, skipping
+from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
 
 Setup = collections.namedtuple("Setup", "context negative sampler draw_noise noise")  # see `_prepare`
+ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))  # SDXL's second: `text_encoder_2`
 
 
 class StableDiffusion:
-    """Stable Diffusion 1.x / 2.x or a smaller model of the family, with random weights (see `from_checkpoint`).
+    """Stable Diffusion 1.x / 2.x / XL or a smaller model of the family, with random weights (see `from_checkpoint`).
 
     Args:
         img_height, img_width: image size in pixels, multiples of 8.
@@ -31,9 +32,10 @@ class StableDiffusion:
             default: on JAX only, as TensorFlow graphs start faster (see README, "XLA or not"); see `runtime.py`.
         compiled_loop: with XLA, run all denoising steps as one program (`compiled_loop.py`); False: step by step.
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
-            "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. Also
-            "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`); default none.
-        tokenizer: a `Tokenizer`; default: the bundled CLIP vocabulary, padding with the end token.
+            "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. SDXL also
+            has "text_encoder_2" and "pipeline" (`{"force_zeros_for_empty_prompt": True}`: no negative prompt gives
+            zero states); "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`).
+        tokenizer, tokenizer_2: `Tokenizer`s; default: the bundled CLIP vocabulary, padding with the end token, "!".
         scheduler: the default sampler, one of `schedulers.SCHEDULERS`, built from `config["scheduler"]`.
         dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
         quantize: "int8": int8 UNet and text encoder, once the weights are loaded (`quantization.py`); default None.
@@ -41,8 +43,9 @@ class StableDiffusion:
     """
 
     def __init__(self, img_height=512, img_width=512, *, jit_compile=None, compiled_loop=True, config=None,
-                 tokenizer=None, scheduler="ddim", dtype=None, quantize=None, weights=None):
-        config = {name: dict((config or {}).get(name, {})) for name in (*bundle.MODELS, "scheduler", "grammar")}
+                 tokenizer=None, tokenizer_2=None, scheduler="ddim", dtype=None, quantize=None, weights=None):
+        names = dict.fromkeys((*bundle.MODELS, "scheduler", "grammar", "pipeline", *(config or {})))
+        config = {name: dict((config or {}).get(name, {})) for name in names}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
@@ -54,14 +57,17 @@ class StableDiffusion:
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
         with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
             self.text_encoder = TextEncoder(**config["text_encoder"], dtype=dtype)
+            sdxl = "text_encoder_2" in config  # SDXL's OpenCLIP bigG
+            self.text_encoder_2 = TextEncoder(**config["text_encoder_2"], dtype=dtype) if sdxl else None
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
         quantization.apply(self, quantize)
-        self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, (None,) * 3, {}
+        self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, {}, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
         self.tokenizer = tokenizer or Tokenizer.from_vendored()
+        self.tokenizer_2 = tokenizer_2 or Tokenizer.from_vendored("!") if self.text_encoder_2 else None
         self.denoise_step = self._build_denoise_step()
         runtime.compile_models(self, jit_compile=jit_compile, compiled_loop=compiled_loop)
 
@@ -80,7 +86,7 @@ class StableDiffusion:
         checkpoint = checkpoints.read(path, vae=vae, prediction_type=prediction_type, use_ema=use_ema, config=config)
         return cls(img_height=checkpoint.img_height if img_height is None else img_height,
                    img_width=checkpoint.img_width if img_width is None else img_width, config=checkpoint.config,
-                   tokenizer=checkpoint.tokenizer, weights=checkpoint, **options)
+                   tokenizer=checkpoint.tokenizer, tokenizer_2=checkpoint.tokenizer_2, weights=checkpoint, **options)
 
     @classmethod
     def from_preset(cls, name, **options):
@@ -102,22 +108,25 @@ class StableDiffusion:
         return self.tokenizer(prompt, long_prompts=long_prompts, min_chunks=min_chunks)
 
     def encode_text(self, prompt, *, long_prompts=False, clip_skip=None, prompt_weighting=False, min_chunks=1):
-        """CLIP hidden states (B, 77, dim) of prompts; with `long_prompts` (B, 77 k, dim); see `text_to_image`."""
-        tokens, weights = self.tokenizer(prompt, long_prompts=long_prompts, prompt_weighting=prompt_weighting,
-                                         min_chunks=min_chunks, return_weights=True)
-        if clip_skip and self.skipped[:2] != (self.text_encoder, clip_skip):  # the model of the last clip_skip, kept
-            self.skipped = (self.text_encoder, clip_skip, skipping(self.text_encoder, clip_skip))
-            self.skipped[2].compile(jit_compile=self.text_encoder.jit_compile)
-        encoder = self.skipped[2] if clip_skip else self.text_encoder
-        states = np.asarray(encoder.predict_on_batch(tokens.reshape(-1, self.tokenizer.sequence_length)))
-        states = emphasis.weigh(states, weights.reshape(states.shape[:2])) if prompt_weighting else states
-        return states.reshape(tokens.shape[0], -1, states.shape[-1])
+        """CLIP hidden states (B, 77, dim) of prompts; with `long_prompts` (B, 77 k, dim); see `text_to_image`. SDXL:
+        (both encoders' un-normed states before the last layer, concatenated; text_embeds (B, P) of the first chunk)."""
+        sdxl, states = self.text_encoder_2 is not None, []
+        for name, tokenizer in ENCODERS[:1 + sdxl]:
+            tokenizer = getattr(self, tokenizer)
+            tokens, weights = tokenizer(prompt, long_prompts=long_prompts, prompt_weighting=prompt_weighting,
+                                        min_chunks=min_chunks, return_weights=True)
+            encoder = runtime.skipping_model(self, name, clip_skip, sdxl=sdxl)  # SDXL's: the penultimate, un-normed
+            x, *pooled = keras.tree.flatten(encoder.predict_on_batch(tokens.reshape(-1, tokenizer.sequence_length)))
+            x = emphasis.weigh(np.asarray(x), weights.reshape(x.shape[:2])) if prompt_weighting else np.asarray(x)
+            states.append(x.reshape(tokens.shape[0], -1, x.shape[-1]))
+        states = np.concatenate(states, axis=-1)
+        return (states, np.reshape(pooled[0], (len(states), -1, pooled[0].shape[-1]))[:, 0]) if sdxl else states
 
     @arguments.checked
     def text_to_image(self, prompt, *, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                       long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
-                      verbose=True):
+                      verbose=True, **micro_conditioning):
         """Generates images for a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
@@ -126,7 +135,7 @@ class StableDiffusion:
             negative_prompt: what to steer away from: a string, or one per image; default "".
             batch_size: images per prompt string.
             num_steps: sampler steps.
-            unconditional_guidance_scale: classifier-free guidance weight.
+            unconditional_guidance_scale: classifier-free guidance weight; at most 1: none (the prompt's prediction).
             seed: image i draws its noise from numpy's `default_rng(seed + i)`; default: a random seed.
             diffusion_noise: the initial latents (B, h, w, C) instead of seeded noise, as diffusers' `latents`.
             scheduler: the sampler for this call (see `StableDiffusion`); default: the pipeline's.
@@ -139,12 +148,14 @@ class StableDiffusion:
             callback: called as `callback(step, timestep, latents)` after every step (so no compiled loop).
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
             verbose: report progress on stderr (once, at the end, from a compiled loop).
+            micro_conditioning: SDXL's sizes and crop, as diffusers' keywords `original_size`, `crops_coords_top_left`,
+                `target_size` and their `negative_` counterparts (`sdxl.py`).
         Bad arguments raise ValueError, naming them, before any model work (`arguments.py`).
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
         setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
                               seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-                              clip_skip=clip_skip, prompt_weighting=prompt_weighting)
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting, **micro_conditioning)
         latents = self.denoise(setup.noise * setup.sampler.init_noise_sigma, setup,
                                guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
@@ -154,21 +165,28 @@ class StableDiffusion:
     image_to_image, inpaint, encode_images = editing.image_to_image, editing.inpaint, editing.encode_images
 
     def _prepare(self, prompt, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
-                 long_prompts, clip_skip, prompt_weighting, strength=1.0):
-        """What every task starts from (arguments: see `text_to_image`): prompt and negative prompt states (B, L, dim),
-        a fresh sampler, draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
-        encode = lambda text, **options: self.encode_text(text, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
-                                                          **options)
-        encoded = encode(prompt, long_prompts=long_prompts) if np.ndim(prompt) < 2 else prompt  # strings: encode
-        context = np.asarray(encoded, dtype="float32").reshape(-1, *np.shape(encoded)[-2:])
-        batch_size, chunk = max(batch_size, len(context)), self.tokenizer.sequence_length
-        context = np.broadcast_to(context, (batch_size, *context.shape[1:]))
-        negative = broadcast(encode("" if negative_prompt is None else negative_prompt,
-                                    long_prompts=long_prompts or context.shape[1] > chunk,
-                                    min_chunks=context.shape[1] // chunk), batch_size, "negative prompts")
-        if negative.shape[1] > context.shape[1]:  # pad the prompt with empty chunks
-            empty = encode("", long_prompts=True, min_chunks=(negative.shape[1] - context.shape[1]) // chunk)
-            context = np.concatenate([context, np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
+                 long_prompts, clip_skip, prompt_weighting, strength=1.0, **micro_conditioning):
+        """What every task starts from (arguments: see `text_to_image`): the UNet's text inputs of prompt and negative
+        prompt, [states (B, L, dim)] or (SDXL) [states, text_embeds (B, P), time_ids (B, n)], a fresh sampler,
+        draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
+        encode = lambda text, **options: sdxl.listed(self.encode_text(text, clip_skip=clip_skip,
+                                                                      prompt_weighting=prompt_weighting, **options))
+        encoded = sdxl.listed(prompt) if arguments.is_encoded(prompt) else encode(prompt, long_prompts=long_prompts)
+        # a prompt's or a batch's states (.., L, dim) [and text_embeds (.., P)]
+        context = [np.asarray(x, "float32").reshape(-1, *np.shape(x)[-2 + i:]) for i, x in enumerate(encoded)]
+        batch_size, length = max(batch_size, len(context[0])), context[0].shape[1]
+        chunk = self.tokenizer.sequence_length
+        context = [np.broadcast_to(x, (batch_size, *x.shape[1:])) for x in context]
+        negative = [np.zeros_like(x) for x in context] if negative_prompt is None and self.config["pipeline"].get(
+            "force_zeros_for_empty_prompt") else [broadcast(x, batch_size, "negative prompts") for x in encode(
+                "" if negative_prompt is None else negative_prompt, long_prompts=long_prompts or length > chunk,
+                min_chunks=length // chunk)]
+        if negative[0].shape[1] > length:  # pad the prompt with empty chunks
+            empty = encode("", long_prompts=True, min_chunks=(negative[0].shape[1] - length) // chunk)[0]
+            context[0] = np.concatenate([context[0], np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
+        if self.text_encoder_2:  # SDXL's size and crop conditioning
+            ids, negative_ids = sdxl.time_ids((self.img_height, self.img_width), batch_size, **micro_conditioning)
+            context, negative = [*context, ids], [*negative, negative_ids]
         sampler = schedulers.create(scheduler or self.scheduler_name, self.config["scheduler"])
         sampler.set_timesteps(num_steps, strength=strength)
         seed = np.random.SeedSequence().entropy % 2**32 if seed is None else seed
@@ -187,8 +205,9 @@ class StableDiffusion:
         for step, t in enumerate(progress.report(sampler.timesteps, "denoising", verbose)):
             model_input = sampler.scale_model_input(latents)
             model_input = model_input if conditioning is None else np.concatenate([model_input, conditioning], axis=-1)
-            output = self.denoise_step.predict_on_batch(
-                [model_input, setup.context, setup.negative, per_image(t), per_image(guidance)])
+            output = self.denoise_step.predict_on_batch([model_input, per_image(t), per_image(guidance), *setup.context,
+                *setup.negative]) if guidance > 1 else self.diffusion_model.predict_on_batch(
+                [model_input, per_image(t), *setup.context])  # diffusers: no guidance at most 1
             latents = sampler.step(output, latents, setup.draw_noise)
             latents = after_step(latents) if after_step else latents
             if callback:
@@ -196,14 +215,16 @@ class StableDiffusion:
         return latents
 
     def _build_denoise_step(self):
-        """The compiled model call of a step: the UNet once on [unconditional, conditional], mixed by guidance."""
-        latents, context, negative = (keras.Input(self.diffusion_model.inputs[i].shape[1:]) for i in (0, 2, 2))
-        timestep, guidance = keras.Input(()), keras.Input(())
+        """The compiled model call of a guided step: [latents, timestep, guidance, the UNet's text inputs (`_prepare`)
+        of the prompt, then of the negative prompt] -> the UNet once on both, mixed by guidance."""
+        shapes = (self.diffusion_model.inputs[0].shape[1:], (), ())
+        latents, timestep, guidance = (keras.Input(shape) for shape in shapes)
+        context, negative = ([keras.Input(x.shape[1:]) for x in self.diffusion_model.inputs[2:]] for _ in range(2))
         both = self.diffusion_model([ops.concatenate([latents, latents]), ops.concatenate([timestep, timestep]),
-                                     ops.concatenate([negative, context])])
+                                     *(ops.concatenate(pair) for pair in zip(negative, context))])
         unconditional, conditional = ops.split(both, 2)
         output = unconditional + guidance[:, None, None, None] * (conditional - unconditional)
-        return keras.Model([latents, context, negative, timestep, guidance], output, name="denoise_step")
+        return keras.Model([latents, timestep, guidance, *context, *negative], output, name="denoise_step")
 
     def enable_vae_tiling(self, tile_size=512):
         """Decodes images over `tile_size` pixels high or wide in overlapping tiles of that size, as diffusers'

@@ -34,7 +34,7 @@ import numpy as np
 from keras import ops
 from PIL import Image
 
-from . import embeddings, files, lora
+from . import checkpoints, embeddings, files, lora
 from .arguments import in_flags, integer, non_empty_string, positive_number
 from .bundle import write_safetensors
 from .data import GRAMMAR, make_dataset
@@ -427,6 +427,14 @@ def read_images(paths, img_height, img_width):
     return np.stack(images)
 
 
+def trainable(checkpoint):
+    """`StableDiffusion.from_checkpoint(checkpoint)`, refused with a ValueError before any model is built for an SDXL
+    checkpoint: these trainers train one text encoder's pipelines (SD 1.x / 2.x and the demo model's family)."""
+    if "text_encoder_2" in checkpoints.read(checkpoint).config:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is an SDXL model, which this version does not train yet.")
+    return StableDiffusion.from_checkpoint(checkpoint)
+
+
 def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=1e-4, work_dir=None,
               seed=0, verbose="auto"):
     """Fine-tunes a checkpoint's UNet (text encoder and VAE frozen) on a folder and saves a bundle.
@@ -434,7 +442,7 @@ def fine_tune(checkpoint, data, output, epochs=10, batch_size=16, learning_rate=
     Returns:
         dict with the final loss and the number of images.
     """
-    sd = StableDiffusion.from_checkpoint(checkpoint)
+    sd = trainable(checkpoint)
     images, captions = load_folder(data, sd.img_height, sd.img_width)
     keras.utils.set_random_seed(seed)
     latents = encode_latents(sd.encoder, images, sd.decoder.scaling_factor)
@@ -485,7 +493,7 @@ def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TAR
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of module names, got {targets!r}.")
     data_folder(data)
-    sd = StableDiffusion.from_checkpoint(checkpoint)
+    sd = trainable(checkpoint)
     images, captions = load_folder(data, sd.img_height, sd.img_width)
     keras.utils.set_random_seed(seed)  # A's initial values too
     modules = lora.enable(sd.diffusion_model, targets, rank=rank, alpha=alpha)
@@ -612,7 +620,7 @@ def train_textual_inversion(checkpoint, data, output, *, token, initializer_toke
     data_folder(data)
     output.parent.mkdir(parents=True, exist_ok=True)
     files.check_writable(output)
-    sd = StableDiffusion.from_checkpoint(checkpoint)
+    sd = trainable(checkpoint)
     vectors = initial_vectors(sd, initializer_token, num_vectors)
     first_id = sd.text_encoder.get_layer(embeddings.TOKEN_EMBEDDING).input_dim
     try:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_diffusion import runtime
@@ -117,17 +117,42 @@ def make_sdxl_unet(kind, folder, seed=0):
     return unet.eval()
 
 
-def make_projected_text_encoder(folder, seed=0):
+def make_projected_text_encoder(folder, seed=0, width=CONTEXT_DIM):
     """A random-weight CLIPTextModelWithProjection laid out as SDXL's text_encoder_2 (gelu, the legacy
-    eos_token_id 2 of SDXL's configs, bos 0, pad 1), width 32, 3 layers, projection 24, saved to `folder`."""
+    eos_token_id 2 of SDXL's configs, bos 0, pad 1), 3 layers, projection 24, saved to `folder`."""
     torch.manual_seed(seed)
     model = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=37, max_position_embeddings=77,
+        vocab_size=49408, hidden_size=width, intermediate_size=37, max_position_embeddings=77,
         num_hidden_layers=3, num_attention_heads=2, hidden_act="gelu", projection_dim=24, bos_token_id=0,
         eos_token_id=2, pad_token_id=1))
     randomize(model)
     model.save_pretrained(folder)
     return model.eval()
+
+
+def make_sdxl_pipeline(folder, seed=0):
+    """A random-weight StableDiffusionXLPipeline saved to `folder`: the "sdxl" UNet of `SDXL_UNETS`, a quick_gelu
+    CLIPTextModel and the projected text encoder, 16 wide each (their states concatenated: the context's 32), the
+    first tokenizer padding with the end token, the second with "!", SDXL's VAE scaling factor, DDIM."""
+    unet = make_sdxl_unet("sdxl", folder / "unet", seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=37, max_position_embeddings=77, num_hidden_layers=2,
+        num_attention_heads=2, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        block_out_channels=(16, 16, 32, 32), layers_per_block=1, scaling_factor=0.13025,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    randomize(text_encoder, vae)
+    tokenizers = []
+    for pad_token in ("<|endoftext|>", "!"):
+        Tokenizer.from_vendored(pad_token).save(folder / "vocab")
+        tokenizers.append(CLIPTokenizer.from_pretrained(folder / "vocab", model_max_length=77, pad_token=pad_token))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                              set_alpha_to_one=False, clip_sample=False)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizers[0], unet=unet,
+                                     text_encoder_2=make_projected_text_encoder(folder / "text_encoder_2", seed, 16),
+                                     tokenizer_2=tokenizers[1], scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return pipe.to(torch.float32)
 
 
 def make_full_size_pipeline(version, folder):
@@ -186,10 +211,12 @@ def nhwc(tensor):
     return np.transpose(to_numpy(tensor), (0, 2, 3, 1))
 
 
-def reference_images(pipe, prompts, *, negative_prompt, noise, steps, guidance=7.5):
-    """uint8 images (B, H, W, 3) of a diffusers pipeline started from the NHWC latents `noise`."""
+def reference_images(pipe, prompts, *, negative_prompt, noise, steps, guidance=7.5, **options):
+    """uint8 images (B, H, W, 3) of a diffusers pipeline started from the NHWC latents `noise`; `options`: more of
+    the pipeline's keywords (SDXL's sizes)."""
     images = pipe(prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                  height=noise.shape[1] * 8, width=noise.shape[2] * 8, latents=nchw(noise), output_type="np").images
+                  height=noise.shape[1] * 8, width=noise.shape[2] * 8, latents=nchw(noise), output_type="np",
+                  **options).images
     return np.round(images * 255).astype("uint8")
 
 

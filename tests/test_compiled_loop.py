@@ -24,16 +24,16 @@ LATENTS, EXTRA = (2, 4, 4, 3), 2  # stand-in latents (B, h, w, C); an inpainting
 @functools.cache
 def stand_in_step(extra_channels=0):
     """A compiled Keras model with the inputs of `StableDiffusion.denoise_step` (latents with `extra_channels`,
-    context, negative, timestep, guidance) and a smooth function of them in place of the guided UNet."""
+    timestep, guidance, context, negative) and a smooth function of them in place of the guided UNet."""
     latents = keras.Input((*LATENTS[1:3], LATENTS[3] + extra_channels))
-    context, negative, timestep, guidance = keras.Input((2, 3)), keras.Input((2, 3)), keras.Input(()), keras.Input(())
+    timestep, guidance, context, negative = keras.Input(()), keras.Input(()), keras.Input((2, 3)), keras.Input((2, 3))
     x = latents[..., :LATENTS[3]]
     if extra_channels:
         x = x + ops.mean(latents[..., LATENTS[3]:], axis=-1, keepdims=True)
     scale = (0.5 + timestep / 1000)[:, None, None, None]
     pull = (guidance * ops.mean(context - negative, axis=(1, 2)))[:, None, None, None]
     output = ops.tanh(x) * scale + 0.1 * ops.cos(3 * x) + pull
-    model = keras.Model([latents, context, negative, timestep, guidance], output)
+    model = keras.Model([latents, timestep, guidance, context, negative], output)
     model.compile(jit_compile=BACKEND in COMPILES)
     return model
 
@@ -47,12 +47,12 @@ def both_loops(name, config, *, strength=1.0, editing=None):
     context, picture = rng.standard_normal((2, 2, 3), dtype=np.float32), rng.standard_normal(LATENTS, dtype=np.float32)
     mask = (rng.random((*LATENTS[:3], 1)) < 0.5).astype("float32")
     conditioning = rng.standard_normal((*LATENTS[:3], EXTRA), dtype=np.float32) if editing == "conditioning" else None
-    for loop in (None, compiled_loop.CompiledLoop(step)):  # a loop per sampler config: its rule reads it
+    for loop in (None, compiled_loop.CompiledLoop(step, None)):  # a loop per sampler config: its rule reads it
         sampler = schedulers.create(name, config)
         sampler.set_timesteps(3 if strength == 1 else 6, strength=strength)
         generators = [np.random.default_rng(seed) for seed in range(LATENTS[0])]
         draw_noise = lambda: np.stack([g.standard_normal(LATENTS[1:], dtype=np.float32) for g in generators])
-        setup = Setup(context, context[::-1] * 0.5, sampler, draw_noise, draw_noise())
+        setup = Setup([context], [context[::-1] * 0.5], sampler, draw_noise, draw_noise())
         start = setup.noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(picture, setup.noise)
         after_step = schedulers.Repaint(sampler, mask, picture, setup.noise) if editing == "repaint" else None
         pipeline = types.SimpleNamespace(denoise_step=step, denoise_loop=loop)  # what `denoise` reads of its pipeline

@@ -98,11 +98,12 @@ def test_sdxl_config_that_cannot_be_built_is_one_checkpoint_error(change, messag
     assert str(config_file) in str(error.value)
 
 
-def test_sdxl_folder_is_refused_before_any_model_is_built(reference, tmp_path):
-    """The pipeline cannot give an SDXL UNet its text_embeds and time_ids: one CheckpointError naming the file."""
+def test_sdxl_unet_without_a_second_text_encoder_is_refused_before_any_model_is_built(reference, tmp_path):
+    """An SD 1.x folder with an SDXL UNet: nothing gives it text_embeds; one CheckpointError naming the file."""
     folder = tmp_path / "checkpoint"
     shutil.copytree(reference("sd1")[1], folder)
     shutil.rmtree(folder / "unet")
     make_sdxl_unet("sdxl", folder / "unet")
-    with pytest.raises(CheckpointError, match=r"unet/config.json: an SDXL UNet .* no second text encoder"):
+    with pytest.raises(CheckpointError, match=r"unet/config.json: the UNet takes context_dim=32 and pooled_dim=24, "
+                                              r"but its text encoders give 32 and 0 \(one CLIP\)"):
         checkpoints.read(folder)

@@ -18,7 +18,7 @@ def sd():
 
 
 def generations(pipeline):
-    """uint8 images of the three tasks (an ancestral sampler; a batch of two prompts) from fixed seeds."""
+    """uint8 images of the three tasks (an ancestral sampler; a batch of two prompts; no guidance) from fixed seeds."""
     picture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[8:24, 4:20] = 255
@@ -26,7 +26,8 @@ def generations(pipeline):
     return dict(text_to_image=pipeline.text_to_image(PROMPTS, scheduler="euler_a", **options),
                 image_to_image=pipeline.image_to_image(PROMPTS[0], picture, strength=0.7, sample_latents=True,
                                                        scheduler="dpmpp_2m", **options),
-                inpaint=pipeline.inpaint(PROMPTS[1], picture, mask, strength=0.8, **options))
+                inpaint=pipeline.inpaint(PROMPTS[1], picture, mask, strength=0.8, **options),
+                unguided=pipeline.text_to_image(PROMPTS, unconditional_guidance_scale=1.0, **options))
 
 
 def no_keras_models(monkeypatch):
@@ -60,8 +61,8 @@ def test_saved_model_serves_a_step_from_token_ids(sd, tmp_path):
     latents = np.random.default_rng(1).standard_normal((1, *sd.latent_shape), dtype=np.float32)
     timestep, guidance = np.array([500.0], "float32"), np.array([7.5], "float32")
     got = serve(token_ids=ids, negative_token_ids=negative_ids, latents=latents, timestep=timestep, guidance=guidance)
-    expected = sd.denoise_step.predict_on_batch([latents, sd.encode_text(PROMPTS[:1]), sd.encode_text([NEGATIVE]),
-                                                 timestep, guidance])
+    expected = sd.denoise_step.predict_on_batch([latents, timestep, guidance, sd.encode_text(PROMPTS[:1]),
+                                                 sd.encode_text([NEGATIVE])])
     np.testing.assert_allclose(next(iter(got.values())).numpy(), expected, atol=1e-5)
 
 

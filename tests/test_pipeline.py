@@ -27,6 +27,19 @@ def test_text_to_image_equals_diffusers(kind, height, width, reference, ours):
     assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionPipeline (tolerance 1/255)"
 
 
+@pytest.mark.parametrize("guidance, jit_compile", [(1.0, False), (0.0, True)])
+def test_guidance_at_most_one_is_the_prompts_prediction_alone(guidance, jit_compile, reference, ours):
+    """As diffusers: no classifier-free guidance (one UNet call per step on the prompt), numpy and compiled loops."""
+    pipe, _ = reference("sd1")
+    sd = ours("sd1", jit_compile=jit_compile)
+    noise = np.random.default_rng(5).standard_normal((2, 8, 8, 4), dtype=np.float32)
+    expected = reference_images(pipe, ["a red circle", "a blue square"], negative_prompt=["green", "a triangle"],
+                                noise=noise, steps=8, guidance=guidance)
+    got = sd.text_to_image(["a red circle", "a blue square"], negative_prompt=["green", "a triangle"], num_steps=8,
+                           diffusion_noise=noise, unconditional_guidance_scale=guidance, verbose=False)
+    assert np.abs(got.astype(int) - expected).max() <= 1, "vs StableDiffusionPipeline (tolerance 1/255)"
+
+
 def test_generate_image_repeats_one_prompt_and_seeds_reproduce(ours):
     sd = ours("sd1")
     encoded = sd.encode_text("a red circle")
@@ -81,8 +94,9 @@ def test_long_prompts_equal_diffusers_with_chunked_embeddings(reference, ours):
     setup = sd._prepare(sd.encode_text("a cat", long_prompts=True), negative_prompt=prompt, batch_size=1, num_steps=1,
                         seed=0, diffusion_noise=None, scheduler=None, long_prompts=True, clip_skip=None,
                         prompt_weighting=False)
-    assert setup.context.shape == setup.negative.shape == (1, 154, 32)  # the shorter prompt padded with an empty chunk
-    np.testing.assert_allclose(setup.context[:, 77:], chunked_embeddings("", 1).numpy(), atol=1e-5)
+    (context,), (negative,) = setup.context, setup.negative
+    assert context.shape == negative.shape == (1, 154, 32)  # the shorter prompt padded with an empty chunk
+    np.testing.assert_allclose(context[:, 77:], chunked_embeddings("", 1).numpy(), atol=1e-5)
 
 
 def test_bundle_reloads_bit_exact(ours, tmp_path):
@@ -130,15 +144,17 @@ def test_bad_generation_arguments(arguments, message, ours):
 
 
 def test_generation_methods_share_one_keyword_only_order():
-    """The prompt (and picture, mask) positional, every other argument keyword-only, in one order."""
+    """The prompt (and picture, mask) positional, every other argument keyword-only, in one order, then SDXL's
+    `**micro_conditioning`."""
     methods = dict(text_to_image=["prompt"], generate_image=["prompt"], image_to_image=["prompt", "image"],
                    inpaint=["prompt", "image", "mask"])
     signatures = {name: inspect.signature(getattr(StableDiffusion, name)).parameters for name in methods}
     for name, positional in methods.items():
         kinds = [(p.name, p.kind) for p in signatures[name].values()]
-        assert kinds[:len(positional) + 1] == [(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                               for n in ["self", *positional]], name
-        assert all(kind == inspect.Parameter.KEYWORD_ONLY for _, kind in kinds[len(positional) + 1:]), name
+        assert kinds[1:len(positional) + 1] == [(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                                for n in positional], name  # after the pipeline (self or sd)
+        assert kinds[-1] == ("micro_conditioning", inspect.Parameter.VAR_KEYWORD), name
+        assert all(kind == inspect.Parameter.KEYWORD_ONLY for _, kind in kinds[len(positional) + 1:-1]), name
     shared = [(p.name, p.default) for p in signatures["text_to_image"].values() if p.kind == p.KEYWORD_ONLY]
     assert [name for name, _ in shared[:3]] == ["negative_prompt", "batch_size", "num_steps"]
     editing = {"image_to_image": 0.8, "inpaint": 1.0}

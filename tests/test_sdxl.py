@@ -1,0 +1,100 @@
+"""SDXL's pipeline against diffusers' StableDiffusionXLPipeline on one tiny random-weight model saved with
+`save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
+and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles."""
+import numpy as np
+import pytest
+import torch
+
+from reference import make_sdxl_pipeline, nchw, nhwc, relative_difference
+from stable_diffusion import StableDiffusion
+from stable_diffusion.train import train_lora, train_textual_inversion
+
+SIZES = dict(original_size=(40, 56), crops_coords_top_left=(8, 16), target_size=(48, 32))
+# diffusers 0.42 concatenates [negative, prompt] time ids before repeating them per image, so for batches of more than
+# one image, negative sizes of their own reach other images' rows than their states: compared with one image.
+NEGATIVE_SIZES = dict(SIZES, negative_original_size=(24, 24), negative_target_size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(the diffusers pipeline, its folder, our pipeline loaded from it: eager, then compiled by XLA)."""
+    folder = tmp_path_factory.mktemp("sdxl")
+    pipe = make_sdxl_pipeline(folder)
+    return pipe, folder, {jit: StableDiffusion.from_checkpoint(folder, jit_compile=jit) for jit in (False, True)}
+
+
+@pytest.mark.parametrize("prompts, negative, guidance, sizes, jit", [
+    (["a red circle", "a blue square"], ["green", "a triangle"], 7.5, {}, False),
+    (["a red circle", "a blue square"], None, 7.5, {}, False),  # force_zeros_for_empty_prompt: zero states
+    (["a red circle", "a blue square"], ["green", "a triangle"], 5.0, SIZES, False),
+    (["a red circle"], ["green"], 5.0, NEGATIVE_SIZES, False),
+    (["a red circle", "a blue square"], ["green", "a triangle"], 1.0, SIZES, False),  # no guidance: the prompt's
+    (["a red circle"], ["green"], 7.5, NEGATIVE_SIZES, True),  # XLA, the compiled loop (unguided: test_pipeline.py)
+])
+def test_text_to_image_equals_diffusers(prompts, negative, guidance, sizes, jit, sdxl):
+    """The final latents within 1e-4 of their scale (float32 rounding: ~1e-6; the original and target sizes
+    swapped: 4e-3), the images within one uint8 level."""
+    pipe, _, ours = sdxl
+    noise = np.random.default_rng(4).standard_normal((len(prompts), 8, 8, 4), dtype=np.float32)
+    expected = pipe(prompts, negative_prompt=negative, num_inference_steps=8, guidance_scale=guidance, height=64,
+                    width=64, latents=nchw(noise), output_type="latent", **sizes).images
+    got = ours[jit].text_to_image(prompts, negative_prompt=negative, num_steps=8, diffusion_noise=noise,
+                                  unconditional_guidance_scale=guidance, return_latents=True, verbose=False, **sizes)
+    diff = relative_difference(got, nhwc(expected))
+    assert diff <= 1e-4, f"final latents: max abs diff {diff:.2e} of their scale vs StableDiffusionXLPipeline"
+    with torch.no_grad():
+        decoded = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
+    expected = np.round(nhwc(decoded / 2 + 0.5).clip(0, 1) * 255).astype("uint8")  # the pipeline's postprocessing
+    assert expected.std() > 10, "flat reference images: the comparison would prove little"
+    diff = np.abs(ours[jit].decode(got).astype(int) - expected).max()
+    assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionXLPipeline (tolerance 1/255)"
+
+
+def test_what_each_input_changes(sdxl):
+    """The comparisons above could pass with an input ignored only if diffusers ignored it too: each changes the
+    final latents here by far more than float32 rounding (~1e-6)."""
+    sd = sdxl[2][False]
+    run = lambda **options: sd.text_to_image("a red circle", num_steps=4, seed=1, return_latents=True, verbose=False,
+                                             **options)
+    base = run()
+    for options in (dict(negative_prompt=""), dict(original_size=(32, 32)), dict(crops_coords_top_left=(8, 0)),
+                    dict(target_size=(32, 64)), dict(negative_original_size=(8, 8), negative_target_size=(8, 8)),
+                    dict(unconditional_guidance_scale=1.0)):
+        assert relative_difference(run(**options), base) > 1e-3, f"{options} changed nothing"
+    assert np.array_equal(run(negative_original_size=(8, 8)), base), "diffusers needs both negative sizes"
+
+
+def test_encoded_prompt_and_bundle_give_the_same_images(sdxl, tmp_path):
+    sd = sdxl[2][False]
+    states, text_embeds = sd.encode_text("a red circle")
+    assert states.shape == (1, 77, 32) and text_embeds.shape == (1, 24)
+    first = sd.text_to_image("a red circle", num_steps=3, seed=2, verbose=False)
+    np.testing.assert_array_equal(sd.text_to_image((states, text_embeds), num_steps=3, seed=2, verbose=False), first)
+    sd.save(tmp_path / "bundle")
+    again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+    assert again.tokenizer_2.pad_token_id == sd.tokenizer_2.pad_token_id == 0
+    np.testing.assert_array_equal(again.text_to_image("a red circle", num_steps=3, seed=2, verbose=False), first)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(original_size=(0, 64)), ValueError, "original_size must be an integer >= 1"),
+    (dict(crops_coords_top_left=(-1, 0)), ValueError, "crops_coords_top_left must be an integer >= 0"),
+    (dict(target_size=64), ValueError, "target_size must be a (height, width) pair"),
+    (dict(orginal_size=(64, 64)), TypeError, "unexpected keyword argument 'orginal_size'"),
+])
+def test_bad_micro_conditioning_is_refused(options, error, message, sdxl):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sdxl[2][False].text_to_image("a red circle", num_steps=2, verbose=False, **options)
+
+
+@pytest.mark.parametrize("call", [
+    lambda sd, folder, tmp: train_lora(folder, tmp, tmp / "lora.safetensors"),
+    lambda sd, folder, tmp: train_textual_inversion(folder, tmp, tmp / "embeds.safetensors", token="<pink>"),
+    lambda sd, folder, tmp: sd.load_textual_inversion(tmp / "embeds.safetensors"),
+    lambda sd, folder, tmp: sd.export(tmp / "exported"),
+])
+def test_what_sdxl_does_not_do_yet_is_refused(call, sdxl, tmp_path):
+    """Training, SDXL's two-vector embeddings and export: one ValueError saying SDXL, before any work."""
+    with pytest.raises(ValueError, match="SDXL"):
+        call(sdxl[2][False], sdxl[1], tmp_path)
+    assert sorted(tmp_path.iterdir()) == []
