@@ -101,7 +101,7 @@ def unet_config(s, family):
     channels = tuple(s[f"input_blocks.{block}.0.out_layers.3.weight"][0] for block in first)
     heads = SD1_UNET_HEADS if family == "sd1" else tuple(width // HEAD_WIDTH for width in channels)
     attention_levels = tuple(f"input_blocks.{block}.1.proj_in.weight" in s for block in first)
-    depths = [count(s, f"input_blocks.{block}.1.transformer_blocks.", 3) if attention else 1
+    depths = [count(s, f"input_blocks.{block}.1.transformer_blocks.", 4) if attention else 1
               for block, attention in zip(first, attention_levels)]
     middle = count(s, "middle_block.1.transformer_blocks.", 3)
     if attention_levels[-1] and depths[-1] != middle:
