@@ -12,7 +12,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from reference import make_projected_text_encoder, make_sdxl_unet, randomize
+from reference import CONTEXT_DIM, make_projected_text_encoder, make_sdxl_unet, randomize
 from stable_diffusion import ldm
 
 # Training-only tensors of a real file, which loading must skip: LDM's schedule buffers and EMA bookkeeping;
@@ -151,19 +151,23 @@ def overrides(pipe):
 def make_sdxl(kind, folder, dtype=torch.float32, seed=0):
     """Random-weight tiny SDXL models of `kind` ("sdxl": the base, "refiner"; `reference.SDXL_UNETS`) as
     attributes unet, text_encoder_2 (`make_projected_text_encoder`), vae (SDXL's scaling factor) and, in the
-    base, text_encoder (a CLIPTextModel of width 16, quick_gelu), their weights rounded through `dtype` as a
-    file of that dtype holds them. The UNet and text_encoder_2 are saved under `folder`."""
-    models = SimpleNamespace(unet=make_sdxl_unet(kind, folder / "unet", seed),
-                             text_encoder_2=make_projected_text_encoder(folder / "text_encoder_2", seed))
+    base, text_encoder (a CLIPTextModel, quick_gelu), their weights rounded through `dtype` as a file of that
+    dtype holds them. As in SDXL, the base's UNet attends to both encoders' states side by side (8 + 24 wide),
+    the refiner's to text_encoder_2's (32), and the base's text_encoder_2 projects to its own width (24), a
+    square matrix, which a transposition would not change in shape. Saved under `folder`: the UNet and
+    text_encoder_2."""
+    base = kind == "sdxl"
+    models = SimpleNamespace(unet=make_sdxl_unet(kind, folder / "unet", seed), text_encoder_2=make_projected_text_encoder(
+        folder / "text_encoder_2", seed, width=24 if base else CONTEXT_DIM))
     torch.manual_seed(seed)
     models.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
                                block_out_channels=(8, 16), layers_per_block=1,
                                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                                scaling_factor=ldm.SDXL_SCALING_FACTOR).eval()
     randomize(models.vae)
-    if kind == "sdxl":
+    if base:
         models.text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=16, intermediate_size=24, max_position_embeddings=77, num_hidden_layers=2,
+            vocab_size=49408, hidden_size=8, intermediate_size=24, max_position_embeddings=77, num_hidden_layers=2,
             num_attention_heads=2, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
             pad_token_id=1)).eval()
         randomize(models.text_encoder)

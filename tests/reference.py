@@ -117,12 +117,13 @@ def make_sdxl_unet(kind, folder, seed=0):
     return unet.eval()
 
 
-def make_projected_text_encoder(folder, seed=0):
+def make_projected_text_encoder(folder, seed=0, width=CONTEXT_DIM):
     """A random-weight CLIPTextModelWithProjection laid out as SDXL's text_encoder_2 (gelu, the legacy
-    eos_token_id 2 of SDXL's configs, bos 0, pad 1), width 32, 3 layers, projection 24, saved to `folder`."""
+    eos_token_id 2 of SDXL's configs, bos 0, pad 1), width 32 (or `width`), 3 layers, projection 24, saved to
+    `folder`."""
     torch.manual_seed(seed)
     model = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=37, max_position_embeddings=77,
+        vocab_size=49408, hidden_size=width, intermediate_size=37, max_position_embeddings=77,
         num_hidden_layers=3, num_attention_heads=2, hidden_act="gelu", projection_dim=24, bos_token_id=0,
         eos_token_id=2, pad_token_id=1))
     randomize(model)
