@@ -46,7 +46,7 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base", "sdxl_ref
 SDXL_TIME_IDS = {"sdxl": 6, "sdxl_refiner": 5}  # sizes and crop, then the target size (base) or aesthetic score
 SDXL_SCALING_FACTOR = 0.13025  # sgm's sd_xl_base / sd_xl_refiner `scale_factor`
 HEAD_WIDTH, SD1_UNET_HEADS = 64, 8
-# Training-only tensors: the DDPM schedule buffers, the learned log-variance, the EMA bookkeeping.
+# Training-only tensors: the DDPM schedule buffers, the learned log-variance, the EMA bookkeeping, sgm's sigmas.
 KNOWN_UNUSED = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -306,7 +306,7 @@ def plan(shapes, source, use_ema=None, with_vae=True):
         for model, (prefix, layout) in encoders.items():
             text = strip(shapes, prefix)
             text_names = map_keys(text, text_table(layout, text))
-            config[model] = text_encoder_config({new: part_shape(key, text[key], part, source)
+            config[model] = text_encoder_config({new: part_shape(prefix + key, text[key], part, source)
                                                  for new, (key, part) in text_names.items()},
                                                 "quick_gelu" if layout == "clip" else "gelu")
             names[(model,)] = prefixed(text_names, prefix)
@@ -315,6 +315,8 @@ def plan(shapes, source, use_ema=None, with_vae=True):
         if family in SDXL_TIME_IDS:
             unet.update(text_time_config(unet_shapes, config["text_encoder_2"]["projection_dim"],
                                          SDXL_TIME_IDS[family]))
+    except CheckpointError:  # a ValueError that already says what is wrong
+        raise
     except (KeyError, IndexError, ValueError) as error:
         raise CheckpointError(f"{source}: the tensors do not have the {name} layout ({describe(error)}).") from error
     unet_names = prefixed(map_keys(unet_shapes, unet_table(len(unet["channels"]), unet["layers_per_block"],
