@@ -1,41 +1,60 @@
-"""Original single-file Stable Diffusion 1.x / 2.x checkpoints (the latent-diffusion layout of the
-CompVis, RunwayML and Stability `.ckpt` / `.safetensors` releases and their fine-tunes): the key table
-to the diffusers names our layers carry, the architecture read off the tensor shapes, and the files
-read (`read`, `read_vae`).
+"""Original single-file Stable Diffusion 1.x / 2.x / XL checkpoints (the latent-diffusion layout of the
+CompVis, RunwayML and Stability `.ckpt` / `.safetensors` releases and their fine-tunes, and its SDXL form
+with `conditioner.embedders.*` text encoders): the key table to the diffusers names our layers carry, the
+architecture read off the tensor shapes, and the files read (`read`, `read_vae`).
 
-`plan(shapes)` splits a checkpoint's keys by component, infers each component's configuration from
-the shapes, and names every tensor: `{diffusers key: (original key, part)}`, where `part` picks a
-third of OpenCLIP's fused q/k/v projection. Tensors whose prefix maps to None are known-unused;
-keys no rule matches keep their own name, so strict loading reports them.
+`plan(shapes)` tells the family from the text encoders' prefixes (`TEXT_ENCODERS`), splits a checkpoint's
+keys by component, infers each component's configuration from the shapes, and names every tensor:
+`{diffusers key: (original key, part)}`, where `part` picks a third of OpenCLIP's fused q/k/v projection
+or transposes its text projection (`weights.take_part`). Tensors whose prefix maps to None are
+known-unused; keys no rule matches keep their own name, so strict loading reports them.
 
 What the tensors do not hold comes from the family, as in the original inference configs: the SD 1.x
-UNet has 8 heads per level, SD 2.x 64-wide heads; the CLIP (SD 1.x) and OpenCLIP (SD 2.x) text
-encoders have 64-wide heads, and SD 2.x uses OpenCLIP's penultimate layer followed by `ln_final`.
+UNet has 8 heads per level, SD 2.x and SDXL 64-wide heads; the CLIP and OpenCLIP text encoders have
+64-wide heads; SD 2.x uses OpenCLIP's penultimate layer followed by `ln_final`; SDXL's UNet takes 6 time
+ids (base: sizes and crop) or 5 (refiner: sizes and aesthetic score) beside the pooled text of its
+OpenCLIP ViT-bigG (`text_encoder_2`, every layer and the projection kept), and its VAE's latents are
+scaled by 0.13025. The SDXL base's CLIP ViT-L is `text_encoder`; the refiner has none.
 
 References: CompVis/stable-diffusion `ldm/modules/diffusionmodules/openaimodel.py` (UNetModel) and
 `model.py` (VAE Encoder / Decoder), `configs/stable-diffusion/v1-inference.yaml`;
 Stability-AI/stablediffusion `configs/stable-diffusion/v2-inference(-v).yaml` and
-`ldm/modules/encoders/modules.py` (FrozenOpenCLIPEmbedder, layer "penultimate"); diffusers
-`loaders/single_file_utils.py` (the same mapping in the other direction, which the tests check).
+`ldm/modules/encoders/modules.py` (FrozenOpenCLIPEmbedder, layer "penultimate");
+Stability-AI/generative-models `configs/inference/sd_xl_base.yaml`, `sd_xl_refiner.yaml` and
+`sgm/modules/encoders/modules.py` (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2: the pooled state
+`@ text_projection`; ConcatTimestepEmbedderND); diffusers `loaders/single_file_utils.py` (the same
+mapping in the other direction, which the tests check).
 """
 from dataclasses import dataclass
 
 from . import ckpt
 from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
-from .weights import CheckpointError, Tensors, strict_loader
+from .weights import CheckpointError, Tensors, part_shape, strict_loader
 
 UNET, VAE, CLIP, OPEN_CLIP, EMA = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.",
                                    "cond_stage_model.model.", "model_ema.")
+SDXL_CLIP, SDXL_OPEN_CLIP, REFINER_OPEN_CLIP = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.",
+                                                "conditioner.embedders.0.model.")
+# Each family's text encoders, by model name: (prefix, layout). "clip": transformers' CLIPTextModel names;
+# "open_clip": OpenCLIP's, up to the penultimate layer (SD 2.x); "open_clip_projected": OpenCLIP's, every layer
+# and the text projection (SDXL's text_encoder_2, transformers' CLIPTextModelWithProjection).
+TEXT_ENCODERS = {"sd1": {"text_encoder": (CLIP, "clip")}, "sd2": {"text_encoder": (OPEN_CLIP, "open_clip")},
+                 "sdxl": {"text_encoder": (SDXL_CLIP, "clip"), "text_encoder_2": (SDXL_OPEN_CLIP, "open_clip_projected")},
+                 "sdxl_refiner": {"text_encoder_2": (REFINER_OPEN_CLIP, "open_clip_projected")}}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base", "sdxl_refiner": "SDXL refiner"}
+SDXL_TIME_IDS = {"sdxl": 6, "sdxl_refiner": 5}  # sizes and crop, then the target size (base) or aesthetic score
+SDXL_SCALING_FACTOR = 0.13025  # sgm's sd_xl_base / sd_xl_refiner `scale_factor`
 HEAD_WIDTH, SD1_UNET_HEADS = 64, 8
-# Training-only tensors: the DDPM schedule buffers, the learned log-variance, the EMA bookkeeping.
+# Training-only tensors: the DDPM schedule buffers, the learned log-variance, the EMA bookkeeping, sgm's sigmas.
 KNOWN_UNUSED = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                 "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar",
-                "model_ema.decay", "model_ema.num_updates")
-UNSUPPORTED = {"conditioner.embedders.": "SDXL", "control_model.": "ControlNet",
-               f"{UNET}label_emb.": "SDXL / upscaler (class-conditioned UNet)"}
+                "model_ema.decay", "model_ema.num_updates", "denoiser.sigmas")
+UNSUPPORTED = {"control_model.": "ControlNet", f"{UNET}joint_blocks.": "SD3", "text_encoders.": "SD3",
+               f"{UNET}double_blocks.": "Flux", "double_blocks.": "Flux"}
+CLASS_CONDITIONED = f"{UNET}label_emb."  # SD 2.x upscaler and unCLIP; SDXL's "text_time" embedding
 # diffusers' StableDiffusionPipeline scheduler config of SD 1.5 and 2.1 (their PNDM config, run as DDIM).
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
@@ -54,7 +73,9 @@ OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn": "self_a
 
 @dataclass
 class Plan:
-    """What `plan` found: the family ("sd1" / "sd2"), model configs, and the tensor names per model group."""
+    """What `plan` found: the family (a key of `FAMILY_NAMES`), model configs by model name ("text_encoder",
+    "text_encoder_2" where the family has them, "diffusion_model", "decoder", "encoder"), and the tensor names
+    per model group."""
 
     family: str
     config: dict
@@ -71,22 +92,41 @@ def strip(shapes, prefix):
 
 
 def unet_config(s, family):
-    """DiffusionModel arguments from the UNet's shapes (keys without `model.diffusion_model.`)."""
+    """DiffusionModel arguments from the UNet's shapes (keys without `model.diffusion_model.`). The transformer
+    depth per level: at levels without attention 1, but at the last, whose entry the middle block takes, the
+    middle block's; one number where all are equal."""
     levels = 1 + sum(key.startswith("input_blocks.") and key.endswith(".op.weight") for key in s)
     per_level = count(s, "input_blocks.", 1) // levels  # ResBlocks + the downsampler (conv_in at level 0)
     first = [1 + level * per_level for level in range(levels)]
     channels = tuple(s[f"input_blocks.{block}.0.out_layers.3.weight"][0] for block in first)
     heads = SD1_UNET_HEADS if family == "sd1" else tuple(width // HEAD_WIDTH for width in channels)
+    attention_levels = tuple(f"input_blocks.{block}.1.proj_in.weight" in s for block in first)
+    depths = [count(s, f"input_blocks.{block}.1.transformer_blocks.", 4) if attention else 1
+              for block, attention in zip(first, attention_levels)]
+    middle = count(s, "middle_block.1.transformer_blocks.", 3)
+    if attention_levels[-1] and depths[-1] != middle:
+        raise ValueError(f"the last level's transformers have {depths[-1]} blocks, the middle one {middle}")
+    depths[-1] = middle
     return dict(in_channels=s["input_blocks.0.0.weight"][1], out_channels=s["out.2.weight"][0],
-                channels=channels, layers_per_block=per_level - 1,
-                attention_levels=tuple(f"input_blocks.{block}.1.proj_in.weight" in s for block in first),
+                channels=channels, layers_per_block=per_level - 1, attention_levels=attention_levels,
                 num_heads=heads, context_dim=s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
-                transformer_depth=count(s, "middle_block.1.transformer_blocks.", 3))
+                transformer_depth=depths[0] if len(set(depths)) == 1 else tuple(depths))
+
+
+def text_time_config(s, pooled_dim, num_time_ids):
+    """DiffusionModel arguments of SDXL's "text_time" embedding, whose first layer (`label_emb.0.0`) takes the
+    pooled text (pooled_dim) and num_time_ids ids, each embedded in time_id_dim (sgm's ConcatTimestepEmbedderND)."""
+    time_id_dim, rest = divmod(s["label_emb.0.0.weight"][1] - pooled_dim, num_time_ids)
+    if rest or time_id_dim < 1:
+        raise ValueError(f"label_emb.0.0.weight {s['label_emb.0.0.weight']} does not take the pooled text "
+                         f"({pooled_dim}) and {num_time_ids} embedded time ids")
+    return dict(pooled_dim=pooled_dim, num_time_ids=num_time_ids, time_id_dim=time_id_dim)
 
 
 def unet_table(levels, layers_per_block, attention_levels):
     """{LDM prefix: diffusers prefix} of the UNet (openaimodel's input/middle/output blocks)."""
     table = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",  # SDXL
              "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
              "middle_block.1": "mid_block.attentions.0"}
     resnets = {"middle_block.0": "mid_block.resnets.0", "middle_block.2": "mid_block.resnets.1"}
@@ -112,13 +152,13 @@ def unet_table(levels, layers_per_block, attention_levels):
     return table
 
 
-def vae_configs(s):
+def vae_configs(s, scaling_factor=SCALING_FACTOR):
     """Decoder and Encoder arguments from the VAE's shapes (keys without `first_stage_model.`)."""
     levels = count(s, "encoder.down.", 2)
     shared = dict(latent_channels=s["decoder.conv_in.weight"][1],
                   channels=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
                   layers_per_block=count(s, "encoder.down.0.block.", 4))
-    return dict(decoder=dict(shared, out_channels=s["decoder.conv_out.weight"][0], scaling_factor=SCALING_FACTOR),
+    return dict(decoder=dict(shared, out_channels=s["decoder.conv_out.weight"][0], scaling_factor=scaling_factor),
                 encoder=dict(shared, in_channels=s["encoder.conv_in.weight"][1]))
 
 
@@ -146,24 +186,33 @@ def vae_table(levels, layers_per_block):
     return table
 
 
-def text_encoder_config(s, family):
-    """TextEncoder arguments from the text encoder's shapes, already under diffusers names."""
+def text_encoder_config(s, activation):
+    """TextEncoder arguments from the text encoder's shapes, already under transformers' names and layout."""
     vocab_size, width = s["embeddings.token_embedding.weight"]
+    projection = {"projection_dim": s["text_projection.weight"][0]} if "text_projection.weight" in s else {}
     return dict(vocab_size=vocab_size, max_length=s["embeddings.position_embedding.weight"][0], width=width,
                 num_layers=count(s, "encoder.layers.", 2), num_heads=width // HEAD_WIDTH,
-                intermediate_size=s["encoder.layers.0.mlp.fc1.weight"][0],
-                activation="quick_gelu" if family == "sd1" else "gelu")
+                intermediate_size=s["encoder.layers.0.mlp.fc1.weight"][0], activation=activation, **projection)
 
 
-def open_clip_table(resblocks):
-    """{OpenCLIP prefix: transformers CLIP prefix}: the last block is dropped (SD 2.x conditions on the
-    penultimate layer), then `ln_final` applies, as diffusers' 23-layer conversion of ViT-H/14."""
+def open_clip_table(resblocks, projected=False):
+    """{OpenCLIP prefix: transformers CLIP prefix}. SD 2.x: the last block and the projection are dropped
+    (SD 2.x conditions on the penultimate layer, then `ln_final`), as diffusers' 23-layer conversion of
+    ViT-H/14; `projected` (SDXL's ViT-bigG/14): every block and the text projection are kept."""
+    kept = resblocks if projected else resblocks - 1
     table = {"token_embedding": "embeddings.token_embedding", "positional_embedding": "embeddings.position_embedding.weight",
-             "ln_final": "final_layer_norm", "text_projection": None, "logit_scale": None,
-             f"transformer.resblocks.{resblocks - 1}": None}
-    for i in range(resblocks - 1):
+             "ln_final": "final_layer_norm", "text_projection": "text_projection.weight" if projected else None,
+             "logit_scale": None, **{f"transformer.resblocks.{i}": None for i in range(kept, resblocks)}}
+    for i in range(kept):
         table.update({f"transformer.resblocks.{i}.{a}": f"encoder.layers.{i}.{b}" for a, b in OPEN_CLIP_BLOCK.items()})
     return table
+
+
+def text_table(layout, s):
+    """{original prefix: transformers prefix} of a text encoder of `layout` (`TEXT_ENCODERS`) from its shapes."""
+    if layout == "clip":
+        return CLIP_TABLE
+    return open_clip_table(count(s, "transformer.resblocks.", 2), projected=layout == "open_clip_projected")
 
 
 CLIP_TABLE = {"text_model": "", "text_model.embeddings.position_ids": None, "embeddings.position_ids": None}
@@ -171,7 +220,8 @@ CLIP_TABLE = {"text_model": "", "text_model.embeddings.position_ids": None, "emb
 
 def map_keys(keys, table):
     """{diffusers key: (key, part)}: each key's longest dotted prefix in `table` replaced; dropped where it
-    maps to None; kept as is where none matches. OpenCLIP's fused `in_proj` becomes q, k, v (parts 0-2)."""
+    maps to None; kept as is where none matches. OpenCLIP's fused `in_proj` becomes q, k, v (parts 0-2), its
+    `text_projection` (x @ W) is transposed (part "T") into transformers' Linear layout."""
     names = {}
     for key in keys:
         parts = key.split(".")
@@ -187,7 +237,7 @@ def map_keys(keys, table):
             base, kind = new.rsplit(".in_proj_", 1)
             names.update({f"{base}.{p}_proj.{kind}": (key, i) for i, p in enumerate("qkv")})
         else:
-            names[new] = (key, None)
+            names[new] = (key, "T" if parts[-1] == "text_projection" else None)
     return names
 
 
@@ -196,18 +246,24 @@ def prefixed(names, prefix):
 
 
 def family_of(shapes, source):
-    """"sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP ViT-H); CheckpointError for other layouts."""
+    """The family (a key of `FAMILY_NAMES`), told by its text encoders' prefixes (`TEXT_ENCODERS`); CheckpointError
+    for other layouts (SD3, Flux, ControlNet, class-conditioned SD 2.x UNets, unknown text encoders)."""
+    has = lambda prefix: any(key.startswith(prefix) for key in shapes)
     for prefix, name in UNSUPPORTED.items():
-        if any(key.startswith(prefix) for key in shapes):
+        if has(prefix):
             raise CheckpointError(f"{source} is a {name} checkpoint ({prefix}* keys); only Stable Diffusion "
-                                  f"1.x and 2.x single files are supported.")
-    if not any(key.startswith(UNET) for key in shapes):
-        raise CheckpointError(f"{source} has no {UNET}* tensors: not a Stable Diffusion 1.x / 2.x checkpoint.")
-    if any(key.startswith(CLIP) for key in shapes):
-        return "sd1"
-    if any(key.startswith(OPEN_CLIP) for key in shapes):
-        return "sd2"
-    raise CheckpointError(f"{source} has no text encoder ({CLIP}* or {OPEN_CLIP}* tensors).")
+                                  f"1.x, 2.x and XL single files are supported.")
+    if not has(UNET):
+        raise CheckpointError(f"{source} has no {UNET}* tensors: not a Stable Diffusion 1.x / 2.x / XL checkpoint.")
+    found = [family for family, encoders in TEXT_ENCODERS.items() if all(has(p) for p, _ in encoders.values())]
+    if len(found) != 1:
+        expected = "; ".join(f"{' and '.join(p + '*' for p, _ in encoders.values())} ({FAMILY_NAMES[family]})"
+                             for family, encoders in TEXT_ENCODERS.items())
+        raise CheckpointError(f"{source} has no text encoders of a known layout; expected {expected}.")
+    if found[0] not in SDXL_TIME_IDS and has(CLASS_CONDITIONED):
+        raise CheckpointError(f"{source} has a class-conditioned {FAMILY_NAMES[found[0]]} UNet ({CLASS_CONDITIONED}* "
+                              f"keys: an upscaler or unCLIP), which is not supported.")
+    return found[0]
 
 
 def describe(error):
@@ -215,10 +271,10 @@ def describe(error):
     return f"no {error}" if isinstance(error, KeyError) else f"a tensor of the wrong shape: {error}"
 
 
-def vae_plan(s, source):
+def vae_plan(s, source, scaling_factor=SCALING_FACTOR):
     """(Decoder / Encoder configs, names) of VAE shapes without their prefix."""
     try:
-        config = vae_configs(s)
+        config = vae_configs(s, scaling_factor)
     except (KeyError, IndexError) as error:
         raise CheckpointError(f"{source}: the VAE tensors do not have the latent-diffusion layout "
                               f"({describe(error)}).") from error
@@ -226,7 +282,7 @@ def vae_plan(s, source):
 
 
 def plan(shapes, source, use_ema=None, with_vae=True):
-    """Configs and tensor names of a single-file SD 1.x / 2.x checkpoint given its tensor shapes by key.
+    """Configs and tensor names of a single-file SD 1.x / 2.x / XL checkpoint given its tensor shapes by key.
 
     Args:
         shapes: {key: shape} of every tensor in the file (after any `state_dict` nesting).
@@ -236,38 +292,45 @@ def plan(shapes, source, use_ema=None, with_vae=True):
         with_vae: whether to load the file's VAE (False when another VAE file replaces it).
     """
     family = family_of(shapes, source)
-    text_prefix = CLIP if family == "sd1" else OPEN_CLIP
+    encoders, name = TEXT_ENCODERS[family], FAMILY_NAMES[family]
     use_ema = use_ema is not False and any(key.startswith(EMA) and key not in KNOWN_UNUSED for key in shapes)
     if with_vae and not any(key.startswith(VAE) for key in shapes):
         raise CheckpointError(f"{source} has no VAE ({VAE}* tensors); pass a VAE file with vae=PATH.")
-    components = (UNET, text_prefix, VAE, EMA)
+    components = (UNET, *(prefix for prefix, _ in encoders.values()), VAE, EMA)
     unknown = [key for key in shapes if key not in KNOWN_UNUSED and not key.startswith(components)]
     if unknown:
-        raise CheckpointError(f"{source} holds tensors of no SD 1.x / 2.x component: {unknown[:5]}"
+        raise CheckpointError(f"{source} holds tensors of no {name} component: {unknown[:5]}"
                               + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    config, names = {}, {}
     try:
-        unet = unet_config(strip(shapes, UNET), family)
-        text = strip(shapes, text_prefix)
-        if family == "sd1":
-            text_names = map_keys(text, CLIP_TABLE)
-        else:
-            text_names = map_keys(text, open_clip_table(count(text, "transformer.resblocks.", 2)))
-        text_config = text_encoder_config({new: text[key] for new, (key, part) in text_names.items()}, family)
+        for model, (prefix, layout) in encoders.items():
+            text = strip(shapes, prefix)
+            text_names = map_keys(text, text_table(layout, text))
+            config[model] = text_encoder_config({new: part_shape(prefix + key, text[key], part, source)
+                                                 for new, (key, part) in text_names.items()},
+                                                "quick_gelu" if layout == "clip" else "gelu")
+            names[(model,)] = prefixed(text_names, prefix)
+        unet_shapes = strip(shapes, UNET)
+        unet = unet_config(unet_shapes, family)
+        if family in SDXL_TIME_IDS:
+            unet.update(text_time_config(unet_shapes, config["text_encoder_2"]["projection_dim"],
+                                         SDXL_TIME_IDS[family]))
+    except CheckpointError:  # a ValueError that already says what is wrong
+        raise
     except (KeyError, IndexError, ValueError) as error:
-        raise CheckpointError(f"{source}: the tensors do not have the SD 1.x / 2.x layout "
-                              f"({describe(error)}).") from error
-    unet_names = prefixed(map_keys(strip(shapes, UNET), unet_table(len(unet["channels"]), unet["layers_per_block"],
-                                                                   unet["attention_levels"])), UNET)
+        raise CheckpointError(f"{source}: the tensors do not have the {name} layout ({describe(error)}).") from error
+    unet_names = prefixed(map_keys(unet_shapes, unet_table(len(unet["channels"]), unet["layers_per_block"],
+                                                           unet["attention_levels"])), UNET)
     if use_ema:  # LDM's EMA copy names each parameter without its dots: model_ema.diffusion_modelinput_blocks00weight
         unet_names = {new: (EMA + "".join(key.split(".")[1:]), part) for new, (key, part) in unet_names.items()}
         missing = [key for key, _ in unet_names.values() if key not in shapes]
         if missing:
             raise CheckpointError(f"{source}: the EMA weights lack {missing[:5]}; pass use_ema=False for the "
                                   f"others.")
-    config = dict(text_encoder=text_config, diffusion_model=unet)
-    names = {("text_encoder",): prefixed(text_names, text_prefix), ("diffusion_model",): unet_names}
+    config["diffusion_model"], names[("diffusion_model",)] = unet, unet_names
     if with_vae:
-        config_vae, vae_names = vae_plan(strip(shapes, VAE), source)
+        config_vae, vae_names = vae_plan(strip(shapes, VAE), source,
+                                         SDXL_SCALING_FACTOR if family in SDXL_TIME_IDS else SCALING_FACTOR)
         config.update(config_vae)
         names[("encoder", "decoder")] = prefixed(vae_names, VAE)
     return Plan(family, config, names)
@@ -306,9 +369,12 @@ def open_single_file(path):
 
 def read(path, with_vae=True, prediction_type=None, use_ema=None):
     """The fields of a `checkpoints.Checkpoint` of an original SD 1.x / 2.x checkpoint file: UNet, text
-    encoder and (unless replaced) VAE."""
+    encoder and (unless replaced) VAE. SDXL files: CheckpointError (the pipeline does not run SDXL yet)."""
     tensors, global_step = open_single_file(path)
     found = plan(tensors.shapes, path, use_ema, with_vae)
+    if found.family in SDXL_TIME_IDS:
+        raise CheckpointError(f"{path} is an {FAMILY_NAMES[found.family]} single file: its weights are read "
+                              f"(ldm.plan), but the StableDiffusion pipeline cannot run SDXL yet.")
     if prediction_type is None:
         base = found.family == "sd1" or global_step == SD2_BASE_GLOBAL_STEP
         prediction_type = "epsilon" if base else "v_prediction"

@@ -128,6 +128,30 @@ def read_tensor(path, entry):
     return data.astype(np.float32) if entry["dtype"] == ml_dtypes.bfloat16 else data
 
 
+def part_shape(key, shape, part, source):
+    """The shape of `take_part(tensor, part)` of the tensor `key` of `shape`; CheckpointError naming `source`
+    where the tensor has no such part."""
+    if part is None:
+        return shape
+    if part == "T" and len(shape) == 2:
+        return shape[::-1]
+    if part in (0, 1, 2) and shape and shape[0] % 3 == 0:
+        return (shape[0] // 3, *shape[1:])
+    raise CheckpointError(f"{source}: {key} has the shape {shape}, not "
+                          f"{'a matrix' if part == 'T' else 'one of fused q/k/v thirds'}.")
+
+
+def take_part(tensor, part):
+    """Part i (0-2) of a tensor: its i-th third along the first axis (OpenCLIP's fused q/k/v projection); part
+    "T": its transpose (OpenCLIP's text projection, a matrix applied as x @ W); None: the whole tensor."""
+    if part == "T":
+        return tensor.T
+    if part is None:
+        return tensor
+    n = tensor.shape[0] // 3
+    return tensor[part * n:(part + 1) * n]
+
+
 class Tensors(Mapping):
     """Checkpoint tensors by key, read lazily one at a time, with their shapes known up front."""
 
@@ -152,19 +176,11 @@ class Tensors(Mapping):
         return cls(readers, shapes, ", ".join(map(str, paths)))
 
     def subset(self, names):
-        """These tensors under new names: `names[new] = (key, part)`; part i takes the i-th third along
-        the first axis (OpenCLIP's fused q/k/v projection), None the whole tensor."""
+        """These tensors under new names: `names[new] = (key, part)`, the part as `take_part` takes it."""
         readers, shapes = {}, {}
         for new, (key, part) in names.items():
-            shape = self.shapes[key]
-            if part is None:
-                readers[new], shapes[new] = self._readers[key], shape
-            elif not shape or shape[0] % 3:
-                raise CheckpointError(f"{self.source}: {key} has the shape {shape}, not one of fused q/k/v thirds.")
-            else:
-                n = shape[0] // 3
-                readers[new] = lambda key=key, part=part, n=n: self[key][part * n:(part + 1) * n]
-                shapes[new] = (n, *shape[1:])
+            shapes[new] = part_shape(key, self.shapes[key], part, self.source)
+            readers[new] = self._readers[key] if part is None else lambda key=key, part=part: take_part(self[key], part)
         return Tensors(readers, shapes, self.source)
 
     def __getitem__(self, key):

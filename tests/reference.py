@@ -119,7 +119,8 @@ def make_sdxl_unet(kind, folder, seed=0):
 
 def make_projected_text_encoder(folder, seed=0, width=CONTEXT_DIM):
     """A random-weight CLIPTextModelWithProjection laid out as SDXL's text_encoder_2 (gelu, the legacy
-    eos_token_id 2 of SDXL's configs, bos 0, pad 1), 3 layers, projection 24, saved to `folder`."""
+    eos_token_id 2 of SDXL's configs, bos 0, pad 1), width 32 (or `width`), 3 layers, projection 24, saved to
+    `folder`."""
     torch.manual_seed(seed)
     model = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=49408, hidden_size=width, intermediate_size=37, max_position_embeddings=77,

@@ -1,0 +1,230 @@
+"""Original SDXL base and refiner single files (sgm's `conditioner.embedders.*` layout): the test writer proven
+against diffusers' own single-file converters, our models built from `ldm.plan`'s configs and loaded by its
+names vs the diffusers / transformers models, the family told from the tensors (full-size shapes too), and the
+pipeline's refusal of SDXL files until it runs them."""
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders import single_file_utils
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+import ldm_reference
+from reference import SDXL_UNETS, nchw, nhwc, predicted, relative_difference, to_numpy
+from test_diffusion_model import TIME_IDS, unet_difference
+from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, settings
+from stable_diffusion.decoder import Decoder
+from stable_diffusion.diffusion_model import DiffusionModel
+from stable_diffusion.encoder import Encoder
+from stable_diffusion.text_encoder import TextEncoder
+from stable_diffusion.tokenizer import Tokenizer
+from stable_diffusion.weights import CheckpointError, strict_loader
+
+KINDS = {"sdxl": "sdxl", "sdxl_refiner": "refiner"}  # ldm family: its `reference.SDXL_UNETS` kind
+PROMPTS = ["a red circle on a white background", "", "An astronaut riding a horse, 4k, trending!"]
+PAD_TOKENS = {"text_encoder": "<|endoftext|>", "text_encoder_2": "!"}  # SDXL's tokenizer and tokenizer_2
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """sdxl(family, dtype=torch.float32) -> the tiny models (`ldm_reference.make_sdxl`), made once."""
+    @functools.cache
+    def make(family, dtype=torch.float32):
+        return ldm_reference.make_sdxl(KINDS[family], tmp_path_factory.mktemp(family), dtype)
+
+    return make
+
+
+@pytest.mark.parametrize("family", KINDS)
+def test_writer_round_trips_through_diffusers_converters(family, sdxl):
+    models = sdxl(family)
+    state = ldm_reference.ldm_state_dict(models, family)
+    base = family == "sdxl"  # diffusers' detection of the text encoders (`create_diffusers_clip_model_from_ldm`)
+    assert (single_file_utils.is_clip_sdxl_model(state), single_file_utils.is_open_clip_sdxl_model(state),
+            single_file_utils.is_open_clip_sdxl_refiner_model(state)) == (base, base, not base)
+    converted = ldm_reference.to_diffusers(state, models, family)
+    expected = dict(unet=models.unet.state_dict(), vae=models.vae.state_dict())
+    for name in ldm.TEXT_ENCODERS[family]:
+        expected[name] = ldm_reference.text_state_dict(getattr(models, name))
+        converted[name] = {k.removeprefix("text_model."): v for k, v in converted[name].items()
+                           if not k.endswith("position_ids")}
+    assert converted.keys() == expected.keys()
+    for component, reference in expected.items():
+        got = converted[component]
+        assert got.keys() == reference.keys(), f"{component}: {sorted(got.keys() ^ reference.keys())[:5]}"
+        unequal = [k for k in reference if not torch.equal(got[k], reference[k])]
+        assert not unequal, f"{component}: diffusers reads other values for {unequal[:5]}"
+
+
+MODELS = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "diffusion_model": DiffusionModel,
+          "decoder": Decoder, "encoder": Encoder}
+
+
+def load(path, settings_of, height, width):
+    """(plan, {model name: our model}) of a single file: each model built from `ldm.plan`'s config (with
+    `settings_of` the tensors do not hold), checked as `checkpoints.read` checks it, loaded strictly by the plan's
+    names."""
+    tensors, _ = ldm.open_single_file(path)
+    found = ldm.plan(tensors.shapes, path)
+    sizes = dict(diffusion_model=dict(latent_height=height // 8, latent_width=width // 8),
+                 decoder=dict(latent_height=height // 8, latent_width=width // 8),
+                 encoder=dict(img_height=height, img_width=width))
+    ours = {}
+    for names, tensor_names in found.names.items():
+        subset = tensors.subset(tensor_names)
+        for name in names:
+            config = dict(found.config[name], **settings_of.get(name, {}))
+            settings.check_model(name.removesuffix("_2"), config, subset, path)
+            ours[name] = MODELS[name](**sizes.get(name, {}), **config)
+        strict_loader(subset)([ours[name] for name in names])
+    return found, ours
+
+
+CASES = [("sdxl", ".ckpt", torch.float16), ("sdxl_refiner", ".safetensors", torch.float32)]
+
+
+@pytest.mark.parametrize("family, suffix, dtype", CASES)
+def test_components_equal_reference(family, suffix, dtype, sdxl, tmp_path):
+    """UNet (with text_embeds and 6 or 5 time ids), text encoders (text_encoder_2's text_embeds too) and VAE
+    (SDXL's scaling factor) of a written file vs the diffusers / transformers models whose weights it holds."""
+    models = sdxl(family, dtype)
+    path = ldm_reference.write(ldm_reference.ldm_state_dict(models, family), tmp_path / f"{family}{suffix}", dtype)
+    height, width = (96, 64) if family == "sdxl" else (64, 128)
+    found, ours = load(path, ldm_reference.overrides(models), height, width)
+    assert found.family == family and ours.keys() == {*ldm.TEXT_ENCODERS[family], "diffusion_model", "decoder",
+                                                      "encoder"}
+    assert found.config["decoder"]["scaling_factor"] == models.vae.config.scaling_factor == 0.13025
+    rng = np.random.default_rng(2)
+    num_time_ids = SDXL_UNETS[KINDS[family]][1]
+    text_embeds = rng.standard_normal((2, 24), dtype=np.float32)
+    time_ids = np.array(TIME_IDS[num_time_ids], dtype=np.float32)
+    diff = unet_difference(models.unet, ours["diffusion_model"], height, width, text_embeds=text_embeds,
+                           time_ids=time_ids)
+    assert diff <= 1e-3, f"UNet: max abs diff {diff:.2e} of the output scale vs UNet2DConditionModel (tolerance 1e-3)"
+    for name in ldm.TEXT_ENCODERS[family]:
+        ids = Tokenizer.from_vendored(PAD_TOKENS[name])(PROMPTS)
+        with torch.no_grad():
+            expected = getattr(models, name)(torch.from_numpy(ids).long())
+        got = predicted(ours[name], ids)
+        pairs = [(got, expected.last_hidden_state)] if name == "text_encoder" else list(
+            zip(got, [expected.last_hidden_state, expected.text_embeds]))
+        for value, reference in pairs:
+            diff = np.abs(value - to_numpy(reference)).max()
+            assert diff <= 1e-4, f"{name}: max abs diff {diff} vs transformers (tolerance 1e-4)"
+    latents = rng.standard_normal((2, height // 8, width // 8, 4), dtype=np.float32)
+    images = rng.uniform(-1, 1, (2, height, width, 3)).astype("float32")
+    with torch.no_grad():
+        expected = dict(decoder=nhwc(models.vae.decode(nchw(latents) / models.vae.config.scaling_factor).sample),
+                        encoder=nhwc(models.vae.encode(nchw(images)).latent_dist.parameters))
+    got = dict(decoder=predicted(ours["decoder"], latents), encoder=predicted(ours["encoder"], images))
+    diffs = {name: relative_difference(got[name], expected[name]) for name in expected}
+    assert all(diff <= 1e-4 for diff in diffs.values()), f"VAE vs AutoencoderKL (tolerance 1e-4): {diffs}"
+
+
+# Full-size SDXL 1.0 base and refiner: the values of the hub's config.json files.
+SDXL_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, scaling_factor=0.13025,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768)
+BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+             projection_dim=1280)
+HUB_SDXL = {
+    "sdxl": dict(unet=dict(block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+                           transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+                           projection_class_embeddings_input_dim=2816,
+                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                           up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+                 text_encoder=CLIP_L),
+    "sdxl_refiner": dict(unet=dict(block_out_channels=[384, 768, 1536, 1536], attention_head_dim=[6, 12, 24, 24],
+                                   transformer_layers_per_block=4, cross_attention_dim=1280,
+                                   projection_class_embeddings_input_dim=2560,
+                                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                     "DownBlock2D"],
+                                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                                   "UpBlock2D"])),
+}
+
+
+def depth_used(config):
+    """The transformer depth of each level with attention, and the middle block's (the last entry): what a
+    DiffusionModel builds of its transformer_depth."""
+    depths = config["transformer_depth"]
+    depths = [depths] * len(config["channels"]) if isinstance(depths, int) else list(depths)
+    return [d for d, attention in zip(depths, config["attention_levels"]) if attention] + depths[-1:]
+
+
+@pytest.mark.parametrize("family", HUB_SDXL)
+def test_full_size_architecture_inferred(family):
+    """The family rules (64-wide heads, 6 or 5 time ids, every OpenCLIP layer and the projection, 0.13025) give
+    SDXL 1.0's diffusers configs from the full-size key shapes (models on the meta device: no memory)."""
+    spec, text = HUB_SDXL[family], dict(vocab_size=49408, max_position_embeddings=77)
+    with torch.device("meta"):
+        models = SimpleNamespace(
+            unet=UNet2DConditionModel(**spec["unet"], layers_per_block=2, use_linear_projection=True,
+                                      addition_embed_type="text_time", addition_time_embed_dim=256),
+            vae=AutoencoderKL(**SDXL_VAE),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, **BIG_G)))
+        if "text_encoder" in spec:
+            models.text_encoder = CLIPTextModel(CLIPTextConfig(**text, **spec["text_encoder"]))
+    state = ldm_reference.ldm_state_dict(models, family)
+    found = ldm.plan({k: tuple(v.shape) for k, v in state.items()}, family)
+    assert found.family == family and found.config.keys() == {
+        *ldm.TEXT_ENCODERS[family], "diffusion_model", "decoder", "encoder"}
+    unet = diffusers_folder.unet_config(dict(models.unet.config), num_time_ids=ldm.SDXL_TIME_IDS[family])
+    expected = dict(diffusion_model=unet, **diffusers_folder.vae_configs(dict(models.vae.config)), **{
+        name: diffusers_folder.text_encoder_config(dict(getattr(models, name).config.to_dict(),
+                                                        architectures=[type(getattr(models, name)).__name__]))
+        for name in ldm.TEXT_ENCODERS[family]})
+    for name, config in found.config.items():
+        assert {k: v for k, v in config.items() if k != "transformer_depth"} == {
+            k: expected[name][k] for k in config if k != "transformer_depth"}, name
+    assert depth_used(found.config["diffusion_model"]) == depth_used(unet)
+    assert found.config["text_encoder_2"]["projection_dim"] == found.config["diffusion_model"]["pooled_dim"] == 1280
+    assert found.config["diffusion_model"]["time_id_dim"] == 256
+
+
+UNET = ldm.UNET + "input_blocks.0.0.weight"
+FOREIGN = {  # a file's keys: what the error names
+    "SD3": [UNET, ldm.UNET + "joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_g.transformer.x"],
+    "SD3 (bare)": ["joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.t5xxl.transformer.shared.weight"],
+    "Flux": ["double_blocks.0.img_attn.qkv.weight", "final_layer.linear.weight"],
+    "ControlNet": [UNET, ldm.CLIP + "text_model.x", "control_model.time_embed.0.weight"],
+    "class-conditioned SD 2.x": [UNET, ldm.UNET + "label_emb.weight", ldm.OPEN_CLIP + "token_embedding.weight"],
+    "no text encoders (an SDXL base without bigG)": [UNET, ldm.SDXL_CLIP + "text_model.final_layer_norm.weight"],
+    "no text encoders (SVD's image embedder)": [UNET, "conditioner.embedders.0.open_clip.model.visual.proj"],
+    "no model.diffusion_model": [ldm.CLIP + "text_model.x", ldm.VAE + "decoder.conv_in.weight"],
+}
+
+
+@pytest.mark.parametrize("what", FOREIGN)
+def test_other_layouts_give_one_error_naming_them(what):
+    with pytest.raises(CheckpointError) as error:
+        ldm.plan(dict.fromkeys(FOREIGN[what], (4, 4)), "model.safetensors")
+    message = str(error.value)
+    assert message.startswith("model.safetensors") and what.split(" (")[0] in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("family", KINDS)
+def test_text_time_input_that_does_not_fit_is_one_error(family, sdxl):
+    """label_emb.0.0 takes the pooled text and 6 (base) or 5 (refiner) ids of one width: one fewer id is refused."""
+    state = ldm_reference.ldm_state_dict(sdxl(family), family)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    key = ldm.UNET + "label_emb.0.0.weight"
+    shapes[key] = (shapes[key][0], shapes[key][1] - 8)
+    with pytest.raises(CheckpointError, match=rf"{family}: the tensors do not have the {ldm.FAMILY_NAMES[family]} "
+                                              rf"layout .*label_emb.0.0.weight .* {ldm.SDXL_TIME_IDS[family]} embedded"):
+        ldm.plan(shapes, family)
+
+
+@pytest.mark.parametrize("family", KINDS)
+def test_pipeline_refuses_sdxl_files_with_one_error(family, sdxl, tmp_path):
+    path = ldm_reference.write(ldm_reference.ldm_state_dict(sdxl(family), family), tmp_path / "sdxl.safetensors")
+    message = rf"{path} is an {ldm.FAMILY_NAMES[family]} single file: .* cannot run SDXL yet\.$"
+    with pytest.raises(CheckpointError, match=message):
+        checkpoints.read(path)
+    with pytest.raises(CheckpointError, match=message):
+        StableDiffusion.from_checkpoint(path)
