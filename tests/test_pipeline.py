@@ -12,10 +12,11 @@ from reference import nchw, reference_images
 from stable_diffusion import StableDiffusion
 
 
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.compiled)])  # XLA's loop
 @pytest.mark.parametrize("kind, height, width", [("sd1", 64, 48), ("sd2", 64, 64)])  # epsilon, v
-def test_text_to_image_equals_diffusers(kind, height, width, reference, ours):
+def test_text_to_image_equals_diffusers(kind, height, width, jit_compile, reference, ours):
     pipe, _ = reference(kind)
-    sd = ours(kind, height, width, jit_compile=True)  # the XLA path; other tests run eagerly
+    sd = ours(kind, height, width, jit_compile=jit_compile)
     prompts, negative = ["a red circle", "a blue square"], ["green", "a triangle"]
     noise = np.random.default_rng(4).standard_normal((2, height // 8, width // 8, 4), dtype=np.float32)
     expected = reference_images(pipe, prompts, negative_prompt=negative, noise=noise, steps=8)
@@ -27,7 +28,7 @@ def test_text_to_image_equals_diffusers(kind, height, width, reference, ours):
     assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionPipeline (tolerance 1/255)"
 
 
-@pytest.mark.parametrize("guidance, jit_compile", [(1.0, False), (0.0, True)])
+@pytest.mark.parametrize("guidance, jit_compile", [(1.0, False), pytest.param(0.0, True, marks=pytest.mark.compiled)])
 def test_guidance_at_most_one_is_the_prompts_prediction_alone(guidance, jit_compile, reference, ours):
     """As diffusers: no classifier-free guidance (one UNet call per step on the prompt), numpy and compiled loops."""
     pipe, _ = reference("sd1")
@@ -198,12 +199,16 @@ def test_checkpoint_missing_a_component(missing, reference, tmp_path):
         StableDiffusion.from_checkpoint(folder)
 
 
-def test_checkpoint_with_mismatched_shapes(reference, tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("out_channels", 8, r"conv_out.weight has shape \(4, 32, 3, 3\)"),  # the weights have 4
+    ("cross_attention_dim", 64, r"the UNet takes context_dim=64 and pooled_dim=0, but its text encoders give 32"),
+])
+def test_checkpoint_with_mismatched_shapes(key, value, message, reference, tmp_path):
     folder = copy_checkpoint(reference, tmp_path)
     config = json.loads((folder / "unet/config.json").read_text())
-    config["cross_attention_dim"] = 64  # the weights have 32
+    config[key] = value
     (folder / "unet/config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"attn2.to_k.weight has shape \(32, 32\)"):
+    with pytest.raises(ValueError, match=message):
         StableDiffusion.from_checkpoint(folder)
 
 

@@ -1,6 +1,8 @@
 """SDXL's pipeline against diffusers' StableDiffusionXLPipeline on one tiny random-weight model saved with
 `save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
 and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -17,10 +19,11 @@ NEGATIVE_SIZES = dict(SIZES, negative_original_size=(24, 24), negative_target_si
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    """(the diffusers pipeline, its folder, our pipeline loaded from it: eager, then compiled by XLA)."""
+    """(the diffusers pipeline, its folder, ours(jit_compile) -> our pipeline loaded from it, once)."""
     folder = tmp_path_factory.mktemp("sdxl")
     pipe = make_sdxl_pipeline(folder)
-    return pipe, folder, {jit: StableDiffusion.from_checkpoint(folder, jit_compile=jit) for jit in (False, True)}
+    ours = functools.cache(lambda jit: StableDiffusion.from_checkpoint(folder, jit_compile=jit))
+    return pipe, folder, ours
 
 
 @pytest.mark.parametrize("prompts, negative, guidance, sizes, jit", [
@@ -29,7 +32,7 @@ def sdxl(tmp_path_factory):
     (["a red circle", "a blue square"], ["green", "a triangle"], 5.0, SIZES, False),
     (["a red circle"], ["green"], 5.0, NEGATIVE_SIZES, False),
     (["a red circle", "a blue square"], ["green", "a triangle"], 1.0, SIZES, False),  # no guidance: the prompt's
-    (["a red circle"], ["green"], 7.5, NEGATIVE_SIZES, True),  # XLA, the compiled loop (unguided: test_pipeline.py)
+    pytest.param(["a red circle"], ["green"], 7.5, NEGATIVE_SIZES, True, marks=pytest.mark.compiled),  # XLA's loop
 ])
 def test_text_to_image_equals_diffusers(prompts, negative, guidance, sizes, jit, sdxl):
     """The final latents within 1e-4 of their scale (float32 rounding: ~1e-6; the original and target sizes
@@ -38,7 +41,7 @@ def test_text_to_image_equals_diffusers(prompts, negative, guidance, sizes, jit,
     noise = np.random.default_rng(4).standard_normal((len(prompts), 8, 8, 4), dtype=np.float32)
     expected = pipe(prompts, negative_prompt=negative, num_inference_steps=8, guidance_scale=guidance, height=64,
                     width=64, latents=nchw(noise), output_type="latent", **sizes).images
-    got = ours[jit].text_to_image(prompts, negative_prompt=negative, num_steps=8, diffusion_noise=noise,
+    got = ours(jit).text_to_image(prompts, negative_prompt=negative, num_steps=8, diffusion_noise=noise,
                                   unconditional_guidance_scale=guidance, return_latents=True, verbose=False, **sizes)
     diff = relative_difference(got, nhwc(expected))
     assert diff <= 1e-4, f"final latents: max abs diff {diff:.2e} of their scale vs StableDiffusionXLPipeline"
@@ -46,15 +49,15 @@ def test_text_to_image_equals_diffusers(prompts, negative, guidance, sizes, jit,
         decoded = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
     expected = np.round(nhwc(decoded / 2 + 0.5).clip(0, 1) * 255).astype("uint8")  # the pipeline's postprocessing
     assert expected.std() > 10, "flat reference images: the comparison would prove little"
-    diff = np.abs(ours[jit].decode(got).astype(int) - expected).max()
+    diff = np.abs(ours(jit).decode(got).astype(int) - expected).max()
     assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionXLPipeline (tolerance 1/255)"
 
 
 def test_what_each_input_changes(sdxl):
     """The comparisons above could pass with an input ignored only if diffusers ignored it too: each changes the
     final latents here by far more than float32 rounding (~1e-6)."""
-    sd = sdxl[2][False]
-    run = lambda **options: sd.text_to_image("a red circle", num_steps=4, seed=1, return_latents=True, verbose=False,
+    sd = sdxl[2](False)
+    run = lambda **options: sd.text_to_image("a red circle", num_steps=2, seed=1, return_latents=True, verbose=False,
                                              **options)
     base = run()
     for options in (dict(negative_prompt=""), dict(original_size=(32, 32)), dict(crops_coords_top_left=(8, 0)),
@@ -65,7 +68,7 @@ def test_what_each_input_changes(sdxl):
 
 
 def test_encoded_prompt_and_bundle_give_the_same_images(sdxl, tmp_path):
-    sd = sdxl[2][False]
+    sd = sdxl[2](False)
     states, text_embeds = sd.encode_text("a red circle")
     assert states.shape == (1, 77, 32) and text_embeds.shape == (1, 24)
     first = sd.text_to_image("a red circle", num_steps=3, seed=2, verbose=False)
@@ -84,7 +87,7 @@ def test_encoded_prompt_and_bundle_give_the_same_images(sdxl, tmp_path):
 ])
 def test_bad_micro_conditioning_is_refused(options, error, message, sdxl):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        sdxl[2][False].text_to_image("a red circle", num_steps=2, verbose=False, **options)
+        sdxl[2](False).text_to_image("a red circle", num_steps=2, verbose=False, **options)
 
 
 @pytest.mark.parametrize("call", [
@@ -96,5 +99,5 @@ def test_bad_micro_conditioning_is_refused(options, error, message, sdxl):
 def test_what_sdxl_does_not_do_yet_is_refused(call, sdxl, tmp_path):
     """Training, SDXL's two-vector embeddings and export: one ValueError saying SDXL, before any work."""
     with pytest.raises(ValueError, match="SDXL"):
-        call(sdxl[2][False], sdxl[1], tmp_path)
+        call(sdxl[2](False), sdxl[1], tmp_path)
     assert sorted(tmp_path.iterdir()) == []

@@ -287,6 +287,7 @@ def test_textual_inversion_trains_the_new_rows_alone(taught, tmp_path):
     sd.text_encoder, sd.tokenizer, sd.config = text_encoder, tokenizer, config  # for the next test
 
 
+@pytest.mark.training
 def test_textual_inversion_resumes(taught, tmp_path, interrupted):
     """A run of `train_embedding` stopped after its first epoch and rerun with the same backup folder ends where
     the uninterrupted run of `taught` ended."""
