@@ -321,20 +321,20 @@ def run_stage(work_dir, name, models, train):
 
 
 def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_images=8000, tune_epochs=16,
-               batch_size=64, vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, tune_lr=5e-4, edge_weight=10.0,
-               work_dir=None, config=None, verbose="auto"):
+               tune_rounds=2, batch_size=64, vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, tune_lr=5e-4,
+               edge_weight=10.0, work_dir=None, config=None, verbose="auto"):
     """Trains a small Stable Diffusion from scratch on `make_dataset(num_images, seed)` and saves it; the defaults
     are the demo model's recipe.
 
     Stage 1 trains the VAE (edge-weighted L1, `VAETrainer`), stage 2 the UNet and text encoder on its latents,
-    stage 3 the UNet alone (the text encoder frozen) on `make_dataset(tune_images, seed + 1)`, new images, at a
-    lower learning rate.
+    then each round of stage 3 the UNet alone (the text encoder frozen) on new images, round r on
+    `make_dataset(tune_images, seed + r)`, at a lower learning rate.
 
     Args:
         output: the bundle folder to write (`StableDiffusion.save`).
         num_images, seed: the synthetic dataset (64x64).
-        vae_epochs, epochs, tune_epochs: epochs of stages 1, 2 and 3.
-        tune_images: images of stage 3; 0 skips it.
+        vae_epochs, epochs, tune_epochs: epochs of stages 1, 2 and of each round of 3.
+        tune_images, tune_rounds: images of each round of stage 3, and its rounds; 0 skips it.
         batch_size, vae_batch_size: images per step of stages 2 and 3 and of stage 1.
         vae_lr, learning_rate, tune_lr: peak learning rates of stages 1, 2 and 3.
         edge_weight: see `VAETrainer`.
@@ -366,13 +366,14 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
     losses["diffusion_loss"] = run_stage(work_dir, "diffusion", (sd.text_encoder, sd.diffusion_model), lambda: (
         train_diffusion(sd, latents * scaling_factor, sd.tokenize(captions), epochs, batch_size, learning_rate,
                         backup_dir=work_dir / "diffusion_backup", seed=seed, verbose=verbose)))
-    if tune_images:
-        images, captions = make_dataset(tune_images, seed + 1)
-        sd.text_encoder.trainable = False
-        losses["tune_loss"] = run_stage(work_dir, "tune", (sd.diffusion_model,), lambda: train_diffusion(
+    sd.text_encoder.trainable = False
+    for r in range(1, (tune_rounds if tune_images else 0) + 1):
+        images, captions = make_dataset(tune_images, seed + r)
+        keras.utils.set_random_seed(seed)  # each round shuffles as `fine_tune` does
+        losses[f"tune_loss_{r}"] = run_stage(work_dir, f"tune_{r}", (sd.diffusion_model,), lambda: train_diffusion(
             sd, encode_latents(sd.encoder, images, scaling_factor), sd.tokenize(captions), tune_epochs, batch_size,
-            tune_lr, backup_dir=work_dir / "tune_backup", seed=seed, verbose=verbose))
-        sd.text_encoder.trainable = True
+            tune_lr, backup_dir=work_dir / f"tune_{r}_backup", seed=seed, verbose=verbose))
+    sd.text_encoder.trainable = True
     sd.save(output, overwrite=True)
     return dict(losses, scaling_factor=scaling_factor, num_images=num_images)
 
@@ -678,9 +679,10 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=8000, help="synthetic images (from scratch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-epochs", type=int, default=4, help="epochs of stage 1, the VAE (default: 4)")
-    parser.add_argument("--tune-images", type=int, default=8000, help="new images of stage 3, the UNet alone "
-                        "(default: 8000; 0 skips it)")
-    parser.add_argument("--tune-epochs", type=int, default=16, help="epochs of stage 3 (default: 16)")
+    parser.add_argument("--tune-images", type=int, default=8000, help="new images of each round of stage 3, the "
+                        "UNet alone (default: 8000; 0 skips it)")
+    parser.add_argument("--tune-epochs", type=int, default=16, help="epochs of each round of stage 3 (default: 16)")
+    parser.add_argument("--tune-rounds", type=int, default=2, help="rounds of stage 3 (default: 2)")
     parser.add_argument("--epochs", type=int, help="diffusion epochs (default: 32, fine-tuning 10)")
     parser.add_argument("--batch-size", type=int, help="diffusion batch (default: 64, fine-tuning 16)")
     parser.add_argument("--learning-rate", type=float, help="default: 2e-3, fine-tuning 1e-4")
@@ -697,7 +699,7 @@ def main(argv=None):
                            verbose=verbose, **options)
     else:
         result = train_demo(args.output, args.num_images, args.seed, args.vae_epochs,
-                            tune_images=args.tune_images, tune_epochs=args.tune_epochs,
+                            tune_images=args.tune_images, tune_epochs=args.tune_epochs, tune_rounds=args.tune_rounds,
                             work_dir=args.work_dir, verbose=verbose, **options)
     print(json.dumps(result))
 

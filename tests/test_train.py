@@ -84,17 +84,22 @@ def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
     options = dict(num_images=8, vae_epochs=1, epochs=1, tune_images=8, tune_epochs=2, batch_size=4,
                    vae_batch_size=4, work_dir=tmp_path / "work", config=config, verbose=0)
     result = train_demo(tmp_path / "demo", **options)
-    assert all(np.isfinite(result[stage]) for stage in ("vae_loss", "diffusion_loss", "tune_loss"))
+    stages = ("vae_loss", "diffusion_loss", "tune_loss_1", "tune_loss_2")  # the default two rounds of stage 3
+    assert sorted(result) == sorted([*stages, "scaling_factor", "num_images"])
+    assert all(np.isfinite(result[stage]) for stage in stages)
     saved = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert saved["decoder"]["scaling_factor"] == pytest.approx(result["scaling_factor"])
     sd = StableDiffusion.from_checkpoint(tmp_path / "demo")
     after_stage_2 = StableDiffusion.from_checkpoint(tmp_path / "demo")
     after_stage_2.text_encoder.load_weights(tmp_path / "work" / "diffusion_text_encoder.weights.h5")
     after_stage_2.diffusion_model.load_weights(tmp_path / "work" / "diffusion_diffusion_model.weights.h5")
+    final = snapshot(sd.diffusion_model)
+    sd.diffusion_model.load_weights(tmp_path / "work" / "tune_1_diffusion_model.weights.h5")  # after round 1
+    assert changed(final, sd.diffusion_model), "round 2 left the UNet"
     assert not changed(snapshot(after_stage_2.text_encoder), sd.text_encoder), "stage 3 trained the text encoder"
     assert changed(snapshot(after_stage_2.diffusion_model), sd.diffusion_model), "stage 3 left the UNet"
     resumed = train_demo(tmp_path / "demo", **options)  # every stage is read back, not retrained
-    assert all(resumed[stage] == result[stage] for stage in ("vae_loss", "diffusion_loss", "tune_loss"))
+    assert all(resumed[stage] == result[stage] for stage in stages)
     assert sd.img_height == 64  # make_dataset's image size
     assert sd.text_to_image("a red circle on a white background", num_steps=2, seed=0, verbose=False).shape == (
         1, 64, 64, 3)
