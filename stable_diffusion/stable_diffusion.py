@@ -177,8 +177,10 @@ class StableDiffusion:
         batch_size, length = max(batch_size, len(context[0])), context[0].shape[1]
         chunk = self.tokenizer.sequence_length
         context = [np.broadcast_to(x, (batch_size, *x.shape[1:])) for x in context]
-        negative = [np.zeros_like(x) for x in context] if negative_prompt is None and self.config["pipeline"].get(
-            "force_zeros_for_empty_prompt") else [broadcast(x, batch_size, "negative prompts") for x in encode(
+        if negative_prompt is None and self.config["pipeline"].get("force_zeros_for_empty_prompt"):
+            negative = [np.zeros_like(x) for x in context]  # SDXL's: zeros, not the empty prompt's states
+        else:
+            negative = [broadcast(x, batch_size, "negative prompts") for x in encode(
                 "" if negative_prompt is None else negative_prompt, long_prompts=long_prompts or length > chunk,
                 min_chunks=length // chunk)]
         if negative[0].shape[1] > length:  # pad the prompt with empty chunks
