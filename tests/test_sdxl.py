@@ -2,13 +2,15 @@
 `save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
 and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles."""
 import functools
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 
 from reference import make_sdxl_pipeline, nchw, nhwc, relative_difference
-from stable_diffusion import StableDiffusion
+from stable_diffusion import StableDiffusion, checkpoints
 from stable_diffusion.train import train_lora, train_textual_inversion
 
 SIZES = dict(original_size=(40, 56), crops_coords_top_left=(8, 16), target_size=(48, 32))
@@ -101,3 +103,28 @@ def test_what_sdxl_does_not_do_yet_is_refused(call, sdxl, tmp_path):
     with pytest.raises(ValueError, match="SDXL"):
         call(sdxl[2](False), sdxl[1], tmp_path)
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_turbo_one_step_without_guidance_equals_diffusers(sdxl, tmp_path, monkeypatch):
+    """SDXL Turbo's way: Euler ancestral with "trailing" timesteps (its scheduler config, as a folder gives it), one
+    step, guidance 0 (none, as in diffusers: the prompt's prediction alone). One step adds no ancestral noise, so the
+    runs compare. Our pipeline of the same weights takes the Turbo folder's scheduler config (monkeypatched in)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe, folder, ours = sdxl
+    scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    shutil.copytree(folder, tmp_path / "turbo")
+    scheduler.save_pretrained(tmp_path / "turbo" / "scheduler")
+    config = checkpoints.read(tmp_path / "turbo").config["scheduler"]
+    assert config["timestep_spacing"] == "trailing"
+    noise = np.random.default_rng(6).standard_normal((2, 8, 8, 4), dtype=np.float32)
+    prompts = ["a red circle", "a blue square"]
+    expected = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": scheduler})(
+        prompts, num_inference_steps=1, guidance_scale=0.0, height=64, width=64, latents=nchw(noise),
+        output_type="latent").images
+    sd = ours(False)
+    monkeypatch.setitem(sd.config, "scheduler", config)
+    got = sd.text_to_image(prompts, num_steps=1, unconditional_guidance_scale=0.0, scheduler="euler_a",
+                           diffusion_noise=noise, return_latents=True, verbose=False)
+    diff = relative_difference(got, nhwc(expected))
+    assert diff <= 1e-4, f"final latents: max abs diff {diff:.2e} of their scale vs StableDiffusionXLPipeline"
