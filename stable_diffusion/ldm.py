@@ -391,7 +391,7 @@ def read(path, with_vae=True, prediction_type=None, use_ema=None):
     if prediction_type is None:
         base = found.family in ("sd1", "sdxl") or global_step == SD2_BASE_GLOBAL_STEP
         prediction_type = "epsilon" if base else "v_prediction"
-    size = 1024 if sdxl else 768 if prediction_type == "v_prediction" else 512
+    size = 1024 if sdxl else 768 if prediction_type == "v_prediction" else 512  # diffusers' defaults for such files
     config = dict(found.config, scheduler=dict(SDXL_SCHEDULER if sdxl else SCHEDULER, prediction_type=prediction_type))
     if sdxl:
         config["pipeline"] = dict(force_zeros_for_empty_prompt=True)
