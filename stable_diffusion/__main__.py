@@ -32,7 +32,7 @@ from . import arguments, files, tiling
 from .schedulers import SCHEDULERS
 
 PROG = "python -m stable_diffusion"
-CHECKPOINTS = "a diffusers folder, an SD 1.x / 2.x .safetensors or .ckpt file, or a saved bundle"
+CHECKPOINTS = "a diffusers folder, an SD 1.x / 2.x / XL base .safetensors or .ckpt file, or a saved bundle"
 DEMO_NOTICE = ("Using the built-in demo model: 64x64 images of one shape on a plain background, prompted "
                "like 'a large red circle on a white background'. For real images pass --checkpoint PATH: "
                f"{CHECKPOINTS}.")

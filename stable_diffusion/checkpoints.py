@@ -1,6 +1,6 @@
 """Checkpoints -> Keras models: `read` finds a checkpoint's format and hands it to the module of that
 format: `diffusers_folder.py` (folders as `save_pretrained` writes them), `ldm.py` (original single-file
-SD 1.x / 2.x `.safetensors` / `.ckpt`) or `bundle.py` (ours, `StableDiffusion.save`). Each gives the
+SD 1.x / 2.x / XL base `.safetensors` / `.ckpt`) or `bundle.py` (ours, `StableDiffusion.save`). Each gives the
 model configs, the tokenizer, the default image size and loaders that set the models' variables
 through the one strict name mapping of `weights.py`; `settings.py` checks the configs before any model
 is built.
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import bundle, diffusers_folder, ldm, settings
+from .decoder import SCALING_FACTOR
 from .presets import asset
 from .tokenizer import Tokenizer
 from .weights import CheckpointError
@@ -40,10 +41,10 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
 
     Args:
         path: a diffusers folder, a bundle written by `StableDiffusion.save`, or an original single-file
-            SD 1.x / 2.x checkpoint (`.safetensors`, or `.ckpt` read with PyTorch's weights-only
+            SD 1.x / 2.x / XL base checkpoint (`.safetensors`, or `.ckpt` read with PyTorch's weights-only
             unpickler); None: the demo model bundle shipped in the package's `assets/demo`.
         vae: a VAE file (`.safetensors` / `.ckpt` in the original layout, e.g. vae-ft-mse-840000)
-            replacing the checkpoint's VAE.
+            replacing the checkpoint's VAE; the latents keep the checkpoint's scaling factor (SDXL's 0.13025).
         prediction_type: "epsilon" or "v_prediction" instead of the checkpoint's. Single files default
             as diffusers decides: SD 2.x is v_prediction (768-v) unless its global_step is 875000.
         use_ema: single files holding EMA and training weights (`model_ema.*`): which UNet weights to
@@ -68,8 +69,9 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
         raise CheckpointError(f"{path} is not a checkpoint this library reads: expected a diffusers folder "
                               f"(with model_index.json), a saved bundle (with {bundle.CONFIG}) or a "
                               f"{' / '.join(ldm.SINGLE_FILES)} file.")
-    if vae is not None:
-        vae_config, checkpoint.parts[("encoder", "decoder")], tensors = ldm.read_vae(Path(vae))
+    if vae is not None:  # its latents keep the checkpoint's scale, on which the UNet was trained
+        latent_scaling = checkpoint.config["decoder"].get("scaling_factor", SCALING_FACTOR)
+        vae_config, checkpoint.parts[("encoder", "decoder")], tensors = ldm.read_vae(Path(vae), latent_scaling)
         checkpoint.config.update(vae_config)
         checkpoint.sources.update(encoder=Path(vae), decoder=Path(vae))
         checkpoint.tensors.update(encoder=tensors, decoder=tensors)

@@ -3,7 +3,7 @@
     python -m stable_diffusion.convert v1-5-pruned-emaonly.safetensors sd15-bundle
     python -m stable_diffusion.convert 768-v-ema.ckpt sd2-bundle --vae vae-ft-mse-840000-ema-pruned.safetensors
 
-SRC: an original SD 1.x / 2.x `.safetensors` / `.ckpt`, a diffusers folder, or a bundle. The bundle
+SRC: an original SD 1.x / 2.x / XL base `.safetensors` / `.ckpt`, a diffusers folder, or a bundle. The bundle
 is written under a temporary name and renamed at the end: DST appears only once complete.
 """
 import argparse

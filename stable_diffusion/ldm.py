@@ -58,7 +58,12 @@ CLASS_CONDITIONED = f"{UNET}label_emb."  # SD 2.x upscaler and unCLIP; SDXL's "t
 # diffusers' StableDiffusionPipeline scheduler config of SD 1.5 and 2.1 (their PNDM config, run as DDIM).
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
-PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!"}
+# SDXL base: diffusers' sd_xl_base scheduler_config (an EulerDiscreteScheduler's; the pipeline runs DDIM by default).
+SDXL_SCHEDULER = dict(SCHEDULER, interpolation_type="linear", sample_max_value=1.0, skip_prk_steps=True,
+                      use_karras_sigmas=False)
+# Each text encoder layout's tokenizer padding, as the releases' tokenizer configs: CLIP ViT-L's with the end token,
+# OpenCLIP's (SD 2.x's ViT-H, SDXL's ViT-bigG) with "!".
+PAD_TOKENS = {"clip": "<|endoftext|>", "open_clip": "!", "open_clip_projected": "!"}
 SINGLE_FILES = (".safetensors", ".ckpt")
 CKPT_METADATA = ("global_step", "epoch", "pytorch-lightning_version")  # non-tensor entries of a .ckpt
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers: an SD 2.x file at this step is 512-base (epsilon), others 768-v
@@ -271,6 +276,11 @@ def describe(error):
     return f"no {error}" if isinstance(error, KeyError) else f"a tensor of the wrong shape: {error}"
 
 
+def scaling_factor(family):
+    """The latent scaling factor of `family`'s VAE, which its UNet was trained on: SD's, or SDXL's 0.13025."""
+    return SDXL_SCALING_FACTOR if family in SDXL_TIME_IDS else SCALING_FACTOR
+
+
 def vae_plan(s, source, scaling_factor=SCALING_FACTOR):
     """(Decoder / Encoder configs, names) of VAE shapes without their prefix."""
     try:
@@ -329,21 +339,21 @@ def plan(shapes, source, use_ema=None, with_vae=True):
                                   f"others.")
     config["diffusion_model"], names[("diffusion_model",)] = unet, unet_names
     if with_vae:
-        config_vae, vae_names = vae_plan(strip(shapes, VAE), source,
-                                         SDXL_SCALING_FACTOR if family in SDXL_TIME_IDS else SCALING_FACTOR)
+        config_vae, vae_names = vae_plan(strip(shapes, VAE), source, scaling_factor(family))
         config.update(config_vae)
         names[("encoder", "decoder")] = prefixed(vae_names, VAE)
     return Plan(family, config, names)
 
 
-def standalone_vae_plan(shapes, source):
+def standalone_vae_plan(shapes, source, latent_scaling=SCALING_FACTOR):
     """(Decoder / Encoder configs, names) of a VAE file (`vae-ft-mse-840000` style: `encoder.*`,
-    `decoder.*`, maybe `loss.*`), or of the VAE inside a full checkpoint."""
+    `decoder.*`, maybe `loss.*`), or of the VAE inside a full checkpoint; its latents scaled by `latent_scaling`
+    (the file does not say)."""
     prefix = VAE if any(key.startswith(VAE) for key in shapes) else ""
     s = {key: shape for key, shape in strip(shapes, prefix).items() if key not in KNOWN_UNUSED}
     if not any(key.startswith("decoder.") for key in s):
         raise CheckpointError(f"{source} is not a VAE checkpoint: no {prefix}decoder.* tensors.")
-    config, names = vae_plan(s, source)
+    config, names = vae_plan(s, source, latent_scaling)
     return config, prefixed(names, prefix)
 
 
@@ -368,33 +378,42 @@ def open_single_file(path):
 
 
 def read(path, with_vae=True, prediction_type=None, use_ema=None):
-    """The fields of a `checkpoints.Checkpoint` of an original SD 1.x / 2.x checkpoint file: UNet, text
-    encoder and (unless replaced) VAE. SDXL files: CheckpointError (the pipeline does not run SDXL yet)."""
+    """The fields of a `checkpoints.Checkpoint` of an original SD 1.x / 2.x / XL base checkpoint file: UNet, text
+    encoders and (unless replaced) VAE. Without the VAE, "decoder" holds the family's latent `scaling_factor` alone,
+    which the replacing VAE keeps. SDXL refiner files: CheckpointError (the pipeline has no refiner yet)."""
     tensors, global_step = open_single_file(path)
     found = plan(tensors.shapes, path, use_ema, with_vae)
-    if found.family in SDXL_TIME_IDS:
+    if found.family == "sdxl_refiner":
         raise CheckpointError(f"{path} is an {FAMILY_NAMES[found.family]} single file: its weights are read "
-                              f"(ldm.plan), but the StableDiffusion pipeline cannot run SDXL yet.")
+                              f"(ldm.plan), but the pipeline has no refiner yet (image-to-image with an aesthetic "
+                              f"score, a ViT-bigG text encoder alone).")
+    sdxl = found.family == "sdxl"
     if prediction_type is None:
-        base = found.family == "sd1" or global_step == SD2_BASE_GLOBAL_STEP
+        base = found.family in ("sd1", "sdxl") or global_step == SD2_BASE_GLOBAL_STEP
         prediction_type = "epsilon" if base else "v_prediction"
-    size = 768 if prediction_type == "v_prediction" else 512
-    config = dict(found.config, scheduler=dict(SCHEDULER, prediction_type=prediction_type))
+    size = 1024 if sdxl else 768 if prediction_type == "v_prediction" else 512  # diffusers' defaults for such files
+    config = dict(found.config, scheduler=dict(SDXL_SCHEDULER if sdxl else SCHEDULER, prediction_type=prediction_type))
+    if sdxl:
+        config["pipeline"] = dict(force_zeros_for_empty_prompt=True)
+    if not with_vae:
+        config["decoder"] = dict(scaling_factor=scaling_factor(found.family))
     parts, tensors_of = {}, {}
     for models, names in found.names.items():
         subset = tensors.subset(names)
         parts[models] = strict_loader(subset)
         tensors_of.update(dict.fromkeys(models, subset))
-    return dict(config=config, tokenizer=Tokenizer.from_vendored(PAD_TOKENS[found.family]), img_height=size,
-                img_width=size, parts=parts, sources=dict.fromkeys([*config, "size"], path), tensors=tensors_of)
+    tokenizers = {model.replace("text_encoder", "tokenizer"): Tokenizer.from_vendored(PAD_TOKENS[layout])
+                  for model, (_, layout) in TEXT_ENCODERS[found.family].items()}
+    return dict(config=config, **tokenizers, img_height=size, img_width=size, parts=parts,
+                sources=dict.fromkeys([*config, "size"], path), tensors=tensors_of)
 
 
-def read_vae(path):
+def read_vae(path, latent_scaling=SCALING_FACTOR):
     """(Decoder / Encoder configs, loader, the `weights.Tensors` it loads) of a VAE file in the original
-    layout."""
+    layout, its latents scaled by `latent_scaling` (the checkpoint's: the file does not say)."""
     if not (path.is_file() and path.suffix in SINGLE_FILES):
         raise ValueError(f"vae must be a {' / '.join(SINGLE_FILES)} file, got {path}.")
     tensors, _ = open_single_file(path)
-    config, names = standalone_vae_plan(tensors.shapes, path)
+    config, names = standalone_vae_plan(tensors.shapes, path, latent_scaling)
     subset = tensors.subset(names)
     return config, strict_loader(subset), subset

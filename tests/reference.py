@@ -1,5 +1,7 @@
 """Reference pipelines for the parity tests: tiny random-weight diffusers / transformers models
 saved with `save_pretrained`, in the SD 1.x, SD 2.x and other layouts of the family."""
+import copy
+
 import keras
 import numpy as np
 import torch
@@ -185,6 +187,20 @@ def save_pipeline(folder, unet, vae, text_encoder, pad_token, prediction_type, c
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    return pipe
+
+
+def rounded(pipe, dtype):
+    """A copy of the diffusers pipeline `pipe` whose models' weights went through `dtype`, as a file of that dtype
+    holds them."""
+    if dtype == torch.float32:
+        return pipe
+    pipe = copy.deepcopy(pipe)
+    with torch.no_grad():
+        for model in pipe.components.values():
+            if isinstance(model, torch.nn.Module):
+                for parameter in model.parameters():
+                    parameter.copy_(parameter.to(dtype).float())
     return pipe
 
 

@@ -2,7 +2,6 @@
 against diffusers' own single-file converters, our models loaded from such files vs the reference
 pipelines, training-only and EMA tensors, standalone VAEs, bundles, bad input, and presets."""
 import collections
-import copy
 import functools
 import json
 import re
@@ -17,7 +16,8 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import ldm_reference
-from reference import CONFIGS, make_pipeline, nchw, nhwc, reference_images, relative_difference, to_numpy
+from reference import (CONFIGS, make_pipeline, nchw, nhwc, reference_images, relative_difference, rounded,
+                       to_numpy)
 from stable_diffusion import (StableDiffusion, bundle, checkpoints, diffusers_folder, keras_internals, ldm, presets,
                               weights)
 from stable_diffusion.convert import main as convert
@@ -51,18 +51,6 @@ class Bench:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     return Bench(tmp_path_factory.mktemp("ldm"))
-
-
-def rounded(pipe, dtype):
-    """A copy of `pipe` whose weights went through `dtype`, as a file of that dtype holds them."""
-    if dtype == torch.float32:
-        return pipe
-    pipe = copy.deepcopy(pipe)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-            for parameter in model.parameters():
-                parameter.copy_(parameter.to(dtype).float())
-    return pipe
 
 
 def variable_values(sd, models=MODELS):

@@ -1,19 +1,22 @@
 """Original SDXL base and refiner single files (sgm's `conditioner.embedders.*` layout): the test writer proven
 against diffusers' own single-file converters, our models built from `ldm.plan`'s configs and loaded by its
-names vs the diffusers / transformers models, the family told from the tensors (full-size shapes too), and the
-pipeline's refusal of SDXL files until it runs them."""
+names vs the diffusers / transformers models, the family told from the tensors (full-size shapes too), the SDXL
+base file in the pipeline vs StableDiffusionXLPipeline, its bundle and a VAE file replacing its VAE, and the
+pipeline's refusal of refiner files."""
 import functools
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import ldm_reference
-from reference import SDXL_UNETS, nchw, nhwc, predicted, relative_difference, to_numpy
+from reference import SDXL_UNETS, make_sdxl_pipeline, nchw, nhwc, predicted, relative_difference, rounded, to_numpy
+from test_convert import assert_same_weights
 from test_diffusion_model import TIME_IDS, unet_difference
 from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, settings
 from stable_diffusion.decoder import Decoder
@@ -220,11 +223,89 @@ def test_text_time_input_that_does_not_fit_is_one_error(family, sdxl):
         ldm.plan(shapes, family)
 
 
-@pytest.mark.parametrize("family", KINDS)
-def test_pipeline_refuses_sdxl_files_with_one_error(family, sdxl, tmp_path):
-    path = ldm_reference.write(ldm_reference.ldm_state_dict(sdxl(family), family), tmp_path / "sdxl.safetensors")
-    message = rf"{path} is an {ldm.FAMILY_NAMES[family]} single file: .* cannot run SDXL yet\.$"
+def test_refiner_file_is_refused_with_one_error(sdxl, tmp_path):
+    path = ldm_reference.write(ldm_reference.ldm_state_dict(sdxl("sdxl_refiner"), "sdxl_refiner"),
+                               tmp_path / "refiner.safetensors")
+    message = rf"^{path} is an SDXL refiner single file: .* the pipeline has no refiner yet \(.*\)\.$"
     with pytest.raises(CheckpointError, match=message):
         checkpoints.read(path)
     with pytest.raises(CheckpointError, match=message):
         StableDiffusion.from_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(the tiny StableDiffusionXLPipeline of `reference.make_sdxl_pipeline`, files(suffix, dtype, vae=True) -> its
+    SDXL base single file, our pipeline loaded from the float32 `.ckpt`), each made once."""
+    root = tmp_path_factory.mktemp("sdxl_base")
+    pipe = make_sdxl_pipeline(root / "diffusers")
+
+    @functools.cache
+    def files(suffix, dtype=torch.float32, vae=True):
+        state = ldm_reference.ldm_state_dict(pipe, "sdxl", vae=vae)
+        return ldm_reference.write(state, root / f"base-{str(dtype).split('.')[1]}-{vae}{suffix}", dtype)
+
+    sd = StableDiffusion.from_checkpoint(files(".ckpt"), img_height=64, img_width=64, jit_compile=False,
+                                         config=ldm_reference.overrides(pipe))
+    return pipe, files, sd
+
+
+# (file, its dtype, negative prompts, guidance): None negative prompts are force_zeros_for_empty_prompt's zeros.
+GENERATION = [(".ckpt", torch.float32, None, 7.5), (".safetensors", torch.float16, ["green", "a triangle"], 5.0)]
+
+
+def test_base_file_generates_as_diffusers(base):
+    """The file's settings as diffusers' `from_single_file` takes them for SDXL base (its scheduler config, 1024
+    pixels, both tokenizers, zero states for no negative prompt), and the final latents within 1e-4 of their scale
+    (float32 rounding: ~1e-6) of StableDiffusionXLPipeline's on the same weights, float32 and rounded through
+    float16 (loaded into the same models), the images within one uint8 level."""
+    pipe, files, sd = base
+    checkpoint = checkpoints.read(files(".ckpt"), config=ldm_reference.overrides(pipe))
+    scheduler = {key: checkpoint.config["scheduler"][key] for key in single_file_utils.SCHEDULER_DEFAULT_CONFIG}
+    assert scheduler == single_file_utils.SCHEDULER_DEFAULT_CONFIG
+    assert (checkpoint.img_height, checkpoint.img_width) == (single_file_utils.DIFFUSERS_TO_LDM_DEFAULT_IMAGE_SIZE_MAP
+                                                             ["xl_base"],) * 2 == (1024, 1024)
+    assert checkpoint.config["pipeline"] == {"force_zeros_for_empty_prompt": True}
+    assert checkpoint.config["decoder"]["scaling_factor"] == 0.13025
+    assert (sd.tokenizer.pad_token_id, sd.tokenizer_2.pad_token_id) == (
+        pipe.tokenizer.pad_token_id, pipe.tokenizer_2.pad_token_id) == (49407, 0)
+    prompts, noise = ["a red circle", "a blue square"], np.random.default_rng(4).standard_normal((2, 8, 8, 4),
+                                                                                                  dtype=np.float32)
+    for suffix, dtype, negative, guidance in GENERATION:
+        reference = rounded(pipe, dtype)
+        reference.scheduler = DDIMScheduler.from_config(checkpoint.config["scheduler"])  # as run by our default
+        if dtype != torch.float32:
+            checkpoints.read(files(suffix, dtype), config=ldm_reference.overrides(pipe)).load_into(sd)
+        expected = reference(prompts, negative_prompt=negative, num_inference_steps=4, guidance_scale=guidance,
+                             height=64, width=64, latents=nchw(noise), output_type="latent").images
+        got = sd.text_to_image(prompts, negative_prompt=negative, num_steps=4, diffusion_noise=noise,
+                               unconditional_guidance_scale=guidance, return_latents=True, verbose=False)
+        diff = relative_difference(got, nhwc(expected))
+        assert diff <= 1e-4, f"{suffix} {dtype}: final latents' max abs diff {diff:.2e} of their scale"
+        with torch.no_grad():
+            decoded = reference.vae.decode(expected / reference.vae.config.scaling_factor).sample
+        expected = np.round(nhwc(decoded / 2 + 0.5).clip(0, 1) * 255).astype("uint8")
+        assert expected.std() > 10, "flat reference images: the comparison would prove little"
+        diff = np.abs(sd.decode(got).astype(int) - expected).max()
+        assert diff <= 1, f"{suffix} {dtype}: max pixel difference {diff} (tolerance 1/255)"
+    checkpoint.load_into(sd)  # the float32 weights again, for the other tests
+
+
+def test_base_bundle_reloads_bit_exact(base, tmp_path):
+    """Every setting, both tokenizers and every weight (text_encoder_2's too) of the loaded file."""
+    _, _, sd = base
+    sd.save(tmp_path / "bundle")
+    again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
+    assert again.config == json.loads(json.dumps(sd.config)) and (again.img_height, again.img_width) == (64, 64)
+    assert (again.tokenizer.pad_token_id, again.tokenizer_2.pad_token_id) == (49407, 0)
+    assert_same_weights(again, sd, (*MODELS, "text_encoder_2"))
+
+
+def test_standalone_vae_keeps_sdxl_scaling_factor(base, tmp_path):
+    """A VAE file (which holds no scaling factor) replacing an SDXL base file's VAE: SDXL's latents, 0.13025."""
+    pipe, files, _ = base
+    vae_file = ldm_reference.write(ldm_reference.vae_state_dict(pipe.vae, prefix=""), tmp_path / "vae.safetensors")
+    options = dict(config=ldm_reference.overrides(pipe))
+    replaced = checkpoints.read(files(".safetensors", vae=False), vae=vae_file, **options)
+    assert replaced.config == checkpoints.read(files(".safetensors"), **options).config
+    assert replaced.config["decoder"]["scaling_factor"] == 0.13025
