@@ -75,7 +75,7 @@ class StableDiffusion:
     def from_checkpoint(cls, path=None, *, img_height=None, img_width=None, vae=None, prediction_type=None,
                         use_ema=None, config=None, **options):
         """Loads a checkpoint: a diffusers folder (`save_pretrained` layout), a bundle from `save` (memory-mapped:
-        replace its files, never edit them in place), or an original SD 1.x / 2.x `.safetensors` or `.ckpt`.
+        replace its files, never edit them in place), or an original SD 1.x / 2.x / XL `.safetensors` or `.ckpt`.
 
         Args:
             path: the checkpoint; default: the small demo model shipped with the package.
