@@ -92,6 +92,7 @@ def pipeline():
 
 
 @needs_xla
+@pytest.mark.compiled  # the loop's rule is the default run's, on the stand-in step above
 @pytest.mark.parametrize("task", ["text_to_image", "image_to_image", "inpaint"])
 def test_tasks_equal_the_numpy_loop_which_a_callback_gets(task, pipeline, capsys):
     """Euler ancestral (scaled UNet input, fresh noise each step), 2 steps, a batch of 2; the callback's numpy loop

@@ -86,7 +86,8 @@ def load(path, settings_of, height, width):
     return found, ours
 
 
-CASES = [("sdxl", ".ckpt", torch.float16), ("sdxl_refiner", ".safetensors", torch.float32)]
+# The base's models are compared end to end by the generation test below; the refiner's here (VAE encoder too).
+CASES = [("sdxl_refiner", ".safetensors", torch.float32)]
 
 
 @pytest.mark.parametrize("family, suffix, dtype", CASES)
