@@ -53,7 +53,7 @@ def kernels(model):
 
 def module_names(text_encoder, diffusion_model):
     """{module name in a LoRA file: (kernel variable, diffusers component)} in every spelling above."""
-    unet, text = kernels(diffusion_model), kernels(text_encoder)
+    unet, text = kernels(diffusion_model), kernels(text_encoder) if text_encoder is not None else {}  # refiner: none
     levels = ldm.count(unet, "down_blocks.", 1)
     table = ldm.unet_table(levels, ldm.count(unet, "down_blocks.0.resnets.", 3),
                            [f"down_blocks.{level}.attentions.0.proj_in" in unet for level in range(levels)])
