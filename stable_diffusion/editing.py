@@ -1,6 +1,7 @@
 """Editing a picture: image-to-image (SDEdit, Meng et al., 2022) starts from the picture's latents noised `strength`
-of the way back (or, from `denoising_start`, from given latents as they are: SDXL's refiner finishing the base's); inpainting re-imposes the noised known region after each step (4-channel UNets, as diffusers) or
-gives an inpainting UNet (9 input channels) the mask and masked picture's latents. `StableDiffusion`'s methods
+of the way back (or, with `denoising_start`, from given latents as they are: SDXL's refiner finishing the base's);
+inpainting re-imposes the noised known region after each step (4-channel UNets, as diffusers) or gives an
+inpainting UNet (9 input channels) the mask and masked picture's latents. `StableDiffusion`'s methods
 `image_to_image`, `inpaint` and `encode_images`, on the pipeline's preparation and denoising loop.
 """
 import numpy as np

@@ -104,8 +104,9 @@ def check_sdxl(config, sources):
         raise CheckpointError(f"{sources['diffusion_model']}: the pipeline has no text encoder.")
     widths, pooled = sum(encoder["width"] for encoder in encoders), encoders[-1]["projection_dim"] if second else 0
     if (unet["context_dim"], unet["pooled_dim"]) != (widths, pooled):
+        ids = f" (beside {unet['num_time_ids']} time ids)" if unet["pooled_dim"] else ""
         raise CheckpointError(f"{sources['diffusion_model']}: the UNet takes context_dim={unet['context_dim']} and "
-                              f"pooled_dim={unet['pooled_dim']}, but its text encoders give {widths} and {pooled} "
+                              f"pooled_dim={unet['pooled_dim']}{ids}, but its text encoders give {widths} and {pooled} "
                               f"({'SDXL: the widths together, the second projection' if second else 'one CLIP'}).")
     if set(options) - {"force_zeros_for_empty_prompt", "requires_aesthetics_score"} or not all(
             isinstance(v, bool) for v in options.values()):
