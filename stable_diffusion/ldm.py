@@ -404,9 +404,9 @@ def read(path, with_vae=True, prediction_type=None, use_ema=None):
         subset = tensors.subset(names)
         parts[models] = strict_loader(subset)
         tensors_of.update(dict.fromkeys(models, subset))
-    tokenizers = {model.replace("text_encoder", "tokenizer"): Tokenizer.from_vendored(PAD_TOKENS[layout])
-                  for model, (_, layout) in TEXT_ENCODERS[found.family].items()}
-    return dict(config=config, tokenizer=None, **tokenizers, img_height=size, img_width=size, parts=parts,
+    tokenizers = {"tokenizer": None} | {model.replace("text_encoder", "tokenizer"): Tokenizer.from_vendored(
+        PAD_TOKENS[layout]) for model, (_, layout) in TEXT_ENCODERS[found.family].items()}  # the refiner: no first
+    return dict(config=config, **tokenizers, img_height=size, img_width=size, parts=parts,
                 sources=dict.fromkeys([*config, "size"], path), tensors=tensors_of)
 
 

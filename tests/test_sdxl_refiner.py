@@ -19,6 +19,7 @@ from PIL import Image
 
 import ldm_reference
 from reference import make_sdxl_pipeline, make_sdxl_refiner_pipeline, nchw, nhwc, relative_difference
+from test_convert import assert_same_weights
 from test_editing import patch_diffusers, picture
 from stable_diffusion import StableDiffusion, checkpoints
 from stable_diffusion.weights import CheckpointError
@@ -27,6 +28,7 @@ PROMPTS, NEGATIVES = ["a red circle", "a blue square"], ["green", "a triangle"]
 SCORES = dict(aesthetic_score=7.5, negative_aesthetic_score=1.0)
 SIZES = dict(original_size=(40, 56), crops_coords_top_left=(8, 16), negative_original_size=(24, 32),
              negative_crops_coords_top_left=(0, 8))
+MODELS = ("text_encoder_2", "diffusion_model", "decoder", "encoder")  # a refiner's
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 
 
@@ -75,12 +77,14 @@ def assert_equal_to(pipe, got, expected, what):
     return expected
 
 
+@pytest.mark.slow  # the default run compares the refiner in the ensemble below
 @pytest.mark.parametrize("prompts, negative, options", [
-    (PROMPTS[:1], NEGATIVES[:1], dict(strength=0.6)),  # the default scores, 6.0 and 2.5
     (PROMPTS, NEGATIVES, dict(strength=0.8, guidance=5.0, **SCORES, **SIZES)),
-    pytest.param(PROMPTS, None, dict(strength=0.7, scheduler="dpmpp_2m", **SCORES, **SIZES), marks=pytest.mark.slow),
+    (PROMPTS[:1], NEGATIVES[:1], dict(strength=0.6)),  # the default scores
+    (PROMPTS, None, dict(strength=0.7, scheduler="dpmpp_2m", **SCORES, **SIZES)),
 ])
 def test_image_to_image_equals_diffusers(prompts, negative, options, refiner, monkeypatch):
+    """Image-to-image from a picture (VAE-encoded to the posterior's mean, noised `strength` of the way)."""
     pipe, _, sd = refiner
     options = dict(options)
     guidance, scheduler = options.pop("guidance", 7.5), options.pop("scheduler", "ddim")
@@ -104,8 +108,9 @@ def test_ensemble_of_experts_equals_diffusers(scheduler, fraction, base, refiner
     """The base's first part of the schedule (`denoising_end`, e.g. 0.8: here 4 of 6 steps, 831 ... 333, at or above
     the cutoff round(1000 (1 - fraction))), its latents, then the refiner's rest from them (`denoising_start`: 167
     and 1, no noise added): each stage's latents vs diffusers' `StableDiffusionXLPipeline(denoising_end=...,
-    output_type="latent")` and then `StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=...)`. No
-    negative prompt: zero states for the base, the empty prompt's for the refiner."""
+    output_type="latent")` and then `StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=...)`; the
+    refiner with aesthetic scores, sizes and crops, the negative ones its own. No negative prompt: zero states for
+    the base, the empty prompt's for the refiner (force_zeros_for_empty_prompt False)."""
     base_pipe, _, base_sd = base
     pipe, _, sd = refiner
     noise = np.random.default_rng(5).standard_normal((2, 8, 8, 4), dtype=np.float32)
@@ -123,10 +128,10 @@ def test_ensemble_of_experts_equals_diffusers(scheduler, fraction, base, refiner
     steps.clear()
     expected = with_scheduler(pipe, scheduler)(
         PROMPTS, image=expected, num_inference_steps=6, guidance_scale=7.5, denoising_start=fraction,
-        output_type="latent", callback_on_step_end=recorder(theirs), **SCORES).images
+        output_type="latent", callback_on_step_end=recorder(theirs), **SCORES, **SIZES).images
     got = sd.image_to_image(PROMPTS, latents, num_steps=6, denoising_start=fraction, scheduler=scheduler,
                             return_latents=True, verbose=False, callback=lambda step, t, x: steps.append(int(t)),
-                            **SCORES)
+                            **SCORES, **SIZES)
     assert steps == theirs and max(steps) < cutoff and (len(steps) == 2 or scheduler != "ddim")
     expected = assert_equal_to(pipe, got, expected, "the refiner's StableDiffusionXLImg2ImgPipeline")
     diff = np.abs(sd.decode(got).astype(int) - expected).max()
@@ -135,29 +140,28 @@ def test_ensemble_of_experts_equals_diffusers(scheduler, fraction, base, refiner
 
 def test_what_each_input_changes(refiner):
     """The comparisons above could pass with an input ignored only if diffusers ignored it too: each changes the
-    final latents here by far more than float32 rounding (~1e-6)."""
+    final latents here by far more than float32 rounding (~1e-6); no scores are diffusers' defaults, 6.0 and 2.5."""
     sd = refiner[2]
-    run = lambda **options: sd.image_to_image("a red circle", picture(), num_steps=4, strength=0.5, seed=1,
+    run = lambda **options: sd.image_to_image(PROMPTS, picture(), num_steps=4, strength=0.5, seed=1,
                                               return_latents=True, verbose=False, **options)
     first = run()
     for options in (dict(aesthetic_score=3.0), dict(negative_aesthetic_score=5.0), dict(original_size=(32, 32)),
                     dict(crops_coords_top_left=(8, 0)), dict(negative_original_size=(8, 8)),
                     dict(negative_crops_coords_top_left=(0, 8)), dict(negative_prompt="green")):
         assert relative_difference(run(**options), first) > 1e-3, f"{options} changed nothing"
-    np.testing.assert_array_equal(run(aesthetic_score=6.0, negative_aesthetic_score=2.5), first)  # the defaults
+    np.testing.assert_array_equal(run(aesthetic_score=6.0, negative_aesthetic_score=2.5), first)
 
 
 def test_folder_settings_and_bundle_round_trip(refiner, tmp_path):
     """The folder's refiner settings (no first text encoder, the refiner's tokenizer as `sd.tokenizer`, 5 time ids,
-    requires_aesthetics_score, no zero states), kept by a bundle, which gives the same images."""
+    requires_aesthetics_score, no zero states), and a bundle that keeps them and every weight."""
     _, _, sd = refiner
     assert sd.text_encoder is None and sd.tokenizer is sd.tokenizer_2 and sd.tokenizer.pad_token_id == 0
     assert sd.config["text_encoder"] is None and sd.config["diffusion_model"]["num_time_ids"] == 5
     assert sd.config["pipeline"] == dict(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True)
-    states, text_embeds = sd.encode_text("a red circle")
-    assert states.shape == (1, 77, 32) and text_embeds.shape == (1, 24)
-    np.testing.assert_array_equal(sd.tokenize("a red circle"), sd.tokenizer_2("a red circle"))
-    first = sd.image_to_image("a red circle", picture(), num_steps=3, seed=2, verbose=False, **SCORES)
+    states, text_embeds = sd.encode_text(PROMPTS)
+    assert states.shape == (2, 77, 32) and text_embeds.shape == (2, 24)
+    np.testing.assert_array_equal(sd.tokenize(PROMPTS), sd.tokenizer_2(PROMPTS))
     sd.save(tmp_path / "bundle")
     assert sorted(path.name for path in (tmp_path / "bundle").iterdir()) == [
         "config.json", "decoder.safetensors", "diffusion_model.safetensors", "encoder.safetensors",
@@ -165,31 +169,41 @@ def test_folder_settings_and_bundle_round_trip(refiner, tmp_path):
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
     assert again.config == json.loads(json.dumps(sd.config)) and again.text_encoder is None
     assert again.tokenizer is again.tokenizer_2 and again.tokenizer.pad_token_id == 0
-    np.testing.assert_array_equal(again.image_to_image("a red circle", picture(), num_steps=3, seed=2, verbose=False,
-                                                       **SCORES), first)
+    assert_same_weights(again, sd, MODELS)
 
 
-def test_single_file_equals_diffusers(refiner, tmp_path, monkeypatch):
+def test_single_file_loads_as_the_folder(refiner, tmp_path):
     """An original refiner file (sgm's layout, `ldm_reference`) of the same weights: diffusers' `from_single_file`
     settings for it (its scheduler config, 1024 pixels, the "!" tokenizer, requires_aesthetics_score, no zero
-    states) and image-to-image equal to the diffusers refiner's (DDIM from the file's scheduler config)."""
-    pipe, _, _ = refiner
+    states) and every weight of the folder's pipeline (which equals diffusers' above); generating with it:
+    `test_single_file_generates_as_diffusers` (slow)."""
+    pipe, _, sd = refiner
     path = ldm_reference.write(ldm_reference.ldm_state_dict(pipe, "sdxl_refiner"), tmp_path / "refiner.safetensors")
     checkpoint = checkpoints.read(path, config=ldm_reference.overrides(pipe))
     scheduler = {key: checkpoint.config["scheduler"][key] for key in single_file_utils.SCHEDULER_DEFAULT_CONFIG}
     assert scheduler == single_file_utils.SCHEDULER_DEFAULT_CONFIG
     assert (checkpoint.img_height, checkpoint.img_width) == (single_file_utils.DIFFUSERS_TO_LDM_DEFAULT_IMAGE_SIZE_MAP
                                                              ["xl_refiner"],) * 2 == (1024, 1024)
-    assert checkpoint.config["pipeline"] == dict(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True)
+    assert checkpoint.config["pipeline"] == sd.config["pipeline"]
     assert checkpoint.config["text_encoder"] is None and checkpoint.tokenizer is None
+    loaded = StableDiffusion.from_checkpoint(path, img_height=64, img_width=64, jit_compile=False,
+                                             config=ldm_reference.overrides(pipe))
+    assert loaded.text_encoder is None and loaded.tokenizer.pad_token_id == pipe.tokenizer_2.pad_token_id == 0
+    assert_same_weights(loaded, sd, MODELS)
+
+
+@pytest.mark.slow
+def test_single_file_generates_as_diffusers(refiner, tmp_path, monkeypatch):
+    """The file's pipeline (DDIM from its scheduler config) vs the diffusers refiner on the same weights."""
+    pipe, _, _ = refiner
+    path = ldm_reference.write(ldm_reference.ldm_state_dict(pipe, "sdxl_refiner"), tmp_path / "refiner.ckpt")
     sd = StableDiffusion.from_checkpoint(path, img_height=64, img_width=64, jit_compile=False,
                                          config=ldm_reference.overrides(pipe))
-    assert sd.text_encoder is None and sd.tokenizer.pad_token_id == pipe.tokenizer_2.pad_token_id == 0
-    reference = with_scheduler(pipe, "ddim", checkpoint.config["scheduler"])
     noise = np.random.default_rng(3).standard_normal((1, 8, 8, 4), dtype=np.float32)
     patch_diffusers(pipeline_stable_diffusion_xl_img2img, monkeypatch, noise)
-    expected = reference("a red circle", image=Image.fromarray(picture()), strength=0.7, num_inference_steps=6,
-                         guidance_scale=7.5, output_type="latent", **SCORES).images
+    expected = with_scheduler(pipe, "ddim", sd.config["scheduler"])(
+        "a red circle", image=Image.fromarray(picture()), strength=0.7, num_inference_steps=6, guidance_scale=7.5,
+        output_type="latent", **SCORES).images
     got = sd.image_to_image("a red circle", picture(), strength=0.7, num_steps=6, diffusion_noise=noise,
                             return_latents=True, verbose=False, **SCORES)
     assert_equal_to(pipe, got, expected, "StableDiffusionXLImg2ImgPipeline on the file's weights")
