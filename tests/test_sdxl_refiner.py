@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.loaders import single_file_utils
 from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
 from PIL import Image
@@ -48,12 +48,13 @@ def base(tmp_path_factory):
     return pipe, folder, StableDiffusion.from_checkpoint(folder, jit_compile=False)
 
 
-def with_scheduler(pipe, name, config=None):
+def with_scheduler(pipe, name, config):
     """A copy of the diffusers pipeline `pipe` (its settings too) stepping with the diffusers scheduler of our sampler
-    `name`, from `config` (default: `pipe`'s scheduler config)."""
+    `name`, built from our pipeline's scheduler `config` (diffusers' `from_config` of another class's config would
+    give the keys that config left at their defaults this class's defaults: "linspace" timesteps for Euler)."""
     settings = {key: pipe.config[key] for key in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")
                 if key in pipe.config}
-    scheduler = SCHEDULERS[name].from_config(config or pipe.scheduler.config)
+    scheduler = SCHEDULERS[name].from_config(config)
     return type(pipe)(**{**pipe.components, "scheduler": scheduler}, **settings, add_watermarker=False)
 
 
@@ -65,16 +66,17 @@ def recorder(timesteps):
     return record
 
 
-def assert_equal_to(pipe, got, expected, what):
-    """Our final latents within 1e-4 of their scale (float32 rounding: ~1e-6) of diffusers' `expected` (NCHW), their
-    images (decoded by `pipe`'s VAE as the pipeline does) within one uint8 level of ours."""
+def assert_equal_to(pipe, sd, got, expected, what):
+    """Our final latents `got` within 1e-4 of their scale (float32 rounding: ~1e-6) of diffusers' `expected` (NCHW),
+    and the images `sd` decodes of them within one uint8 level of those `pipe`'s VAE decodes, as the pipeline does."""
     diff = relative_difference(got, nhwc(expected))
     assert diff <= 1e-4, f"final latents: max abs diff {diff:.2e} of their scale vs {what}"
     with torch.no_grad():
         decoded = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
     expected = np.round(nhwc(decoded / 2 + 0.5).clip(0, 1) * 255).astype("uint8")  # the pipeline's postprocessing
     assert expected.std() > 10, "flat reference images: the comparison would prove little"
-    return expected
+    diff = np.abs(sd.decode(got).astype(int) - expected).max()
+    assert diff <= 1, f"max pixel difference {diff} vs {what} (tolerance 1/255)"
 
 
 @pytest.mark.slow  # the default run compares the refiner in the ensemble below
@@ -90,15 +92,13 @@ def test_image_to_image_equals_diffusers(prompts, negative, options, refiner, mo
     guidance, scheduler = options.pop("guidance", 7.5), options.pop("scheduler", "ddim")
     noise = np.random.default_rng(8).standard_normal((len(prompts), 8, 8, 4), dtype=np.float32)
     patch_diffusers(pipeline_stable_diffusion_xl_img2img, monkeypatch, noise)
-    expected = with_scheduler(pipe, scheduler)(
+    expected = with_scheduler(pipe, scheduler, sd.config["scheduler"])(
         prompts, image=Image.fromarray(picture()), negative_prompt=negative, num_inference_steps=5,
         guidance_scale=guidance, output_type="latent", **options).images
     got = sd.image_to_image(prompts, picture(), negative_prompt=negative, num_steps=5, diffusion_noise=noise,
                             unconditional_guidance_scale=guidance, scheduler=scheduler, return_latents=True,
                             verbose=False, **options)
-    expected = assert_equal_to(pipe, got, expected, f"StableDiffusionXLImg2ImgPipeline {options}")
-    diff = np.abs(sd.decode(got).astype(int) - expected).max()
-    assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionXLImg2ImgPipeline (tolerance 1/255)"
+    assert_equal_to(pipe, sd, got, expected, f"StableDiffusionXLImg2ImgPipeline {options}")
 
 
 @pytest.mark.parametrize("scheduler, fraction", [
@@ -115,7 +115,7 @@ def test_ensemble_of_experts_equals_diffusers(scheduler, fraction, base, refiner
     pipe, _, sd = refiner
     noise = np.random.default_rng(5).standard_normal((2, 8, 8, 4), dtype=np.float32)
     theirs, steps, cutoff = [], [], round(1000 * (1 - fraction))
-    expected = with_scheduler(base_pipe, scheduler)(
+    expected = with_scheduler(base_pipe, scheduler, base_sd.config["scheduler"])(
         PROMPTS, num_inference_steps=6, guidance_scale=7.5, height=64, width=64, latents=nchw(noise),
         denoising_end=fraction, output_type="latent", callback_on_step_end=recorder(theirs)).images
     latents = base_sd.text_to_image(PROMPTS, num_steps=6, diffusion_noise=noise, scheduler=scheduler,
@@ -126,16 +126,14 @@ def test_ensemble_of_experts_equals_diffusers(scheduler, fraction, base, refiner
     assert diff <= 1e-4, f"the base's latents: max abs diff {diff:.2e} of their scale vs StableDiffusionXLPipeline"
     theirs.clear()
     steps.clear()
-    expected = with_scheduler(pipe, scheduler)(
+    expected = with_scheduler(pipe, scheduler, sd.config["scheduler"])(
         PROMPTS, image=expected, num_inference_steps=6, guidance_scale=7.5, denoising_start=fraction,
         output_type="latent", callback_on_step_end=recorder(theirs), **SCORES, **SIZES).images
     got = sd.image_to_image(PROMPTS, latents, num_steps=6, denoising_start=fraction, scheduler=scheduler,
                             return_latents=True, verbose=False, callback=lambda step, t, x: steps.append(int(t)),
                             **SCORES, **SIZES)
     assert steps == theirs and max(steps) < cutoff and (len(steps) == 2 or scheduler != "ddim")
-    expected = assert_equal_to(pipe, got, expected, "the refiner's StableDiffusionXLImg2ImgPipeline")
-    diff = np.abs(sd.decode(got).astype(int) - expected).max()
-    assert diff <= 1, f"max pixel difference {diff} vs StableDiffusionXLImg2ImgPipeline (tolerance 1/255)"
+    assert_equal_to(pipe, sd, got, expected, "the refiner's StableDiffusionXLImg2ImgPipeline")
 
 
 def test_what_each_input_changes(refiner):
@@ -206,7 +204,7 @@ def test_single_file_generates_as_diffusers(refiner, tmp_path, monkeypatch):
         output_type="latent", **SCORES).images
     got = sd.image_to_image("a red circle", picture(), strength=0.7, num_steps=6, diffusion_noise=noise,
                             return_latents=True, verbose=False, **SCORES)
-    assert_equal_to(pipe, got, expected, "StableDiffusionXLImg2ImgPipeline on the file's weights")
+    assert_equal_to(pipe, sd, got, expected, "StableDiffusionXLImg2ImgPipeline on the file's weights")
 
 
 @pytest.mark.parametrize("model, call, message", [
