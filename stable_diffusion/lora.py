@@ -1,7 +1,7 @@
 """LoRA files (Hu et al., 2022, "LoRA: Low-Rank Adaptation of Large Language Models") merged into the
-weights of the text encoders (SDXL's two) and the UNet: the kernel W of each adapted layer, in PyTorch's layout (out, in) or
-(out, in, kh, kw), becomes W + scale * alpha / rank * up @ down, so generating with LoRAs costs what it
-costs without. Several files stack; `unload` puts back the values from before the first.
+weights of the text encoders (SDXL's two) and the UNet: the kernel W of each adapted layer, in PyTorch's
+layout (out, in) or (out, in, kh, kw), becomes W + scale * alpha / rank * up @ down, so generating with
+LoRAs costs what it costs without. Several files stack; `unload` puts back the values from before the first.
 
 Formats (`.safetensors`), each tensor named by its module, the diffusers / transformers key prefix that
 names our layers (`weights.variable_key`):
@@ -9,18 +9,18 @@ names our layers (`weights.variable_key`):
   `text_encoder`, CLIP ViT-L, and `lora_te2_...` for `text_encoder_2`, OpenCLIP ViT-bigG) with "_" for ".",
   each with `.lora_down.weight` (rank, in[, kh, kw]), `.lora_up.weight` (out, rank[, 1, 1]) and `.alpha`
   (default: the rank); UNet modules also by their original latent-diffusion / sgm names (`lora_unet_
-  input_blocks_1_1_proj_in`; kohya's SDXL LoRAs name them so), through `ldm.py`'s table.
+  input_blocks_1_1_proj_in`, as kohya's SDXL LoRAs name them), through `ldm.py`'s table.
 - diffusers / PEFT, as `save_lora_weights` writes them: `unet.<module>`, `text_encoder.<module>` and (SDXL)
   `text_encoder_2.<module>` (or `text_encoder.text_model.<module>`, ...) with `.lora_A.weight` (down) and
-  `.lora_B.weight` (up). alpha and
-  rank as in PEFT's `LoraConfig`, read from the file's `lora_adapter_metadata` (`lora_alpha`,
-  `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)); without it alpha = rank, as diffusers does.
+  `.lora_B.weight` (up). alpha and rank as in PEFT's `LoraConfig`, read from the file's
+  `lora_adapter_metadata` (`lora_alpha`, `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)); without it
+  alpha = rank, as diffusers does.
 
 Training goes the other way (`train.train_lora`): `enable` gives chosen Dense and Conv2D layers Keras' own
 LoRA (`layer.enable_lora`: kernel W + alpha / rank * A @ B, A (in, rank) or (kh, kw, in, rank), B (rank, out),
 W frozen) and `write` saves A and B as a diffusers file, the one layout both loaders read.
 
-References: kohya-ss/sd-scripts `networks/lora.py`; diffusers `loaders/lora_conversion_utils.py`
+References: kohya-ss/sd-scripts `networks/lora.py` (SDXL: over `library/sdxl_original_unet.py`); diffusers `loaders/lora_conversion_utils.py`
 (`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`),
 `loaders/lora_base.py` (`write_lora_layers`) and `utils/peft_utils.py` (`get_peft_kwargs`); peft
 `tuners/lora/layer.py` (`get_delta_weight`, `scaling`, `reset_lora_parameters`).

@@ -27,18 +27,21 @@ NOISE = np.random.default_rng(9).standard_normal((1, 8, 8, 4), dtype=np.float32)
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj", "linear_1", "linear_2"]  # linear_*: time and text_time
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+NAMES = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "config")  # what loading an embedding changes
 
 
 @pytest.fixture
 def ours(sdxl):
-    """Our pipeline of the session's tiny SDXL (`conftest.sdxl`), its LoRAs unloaded and its text encoders, tokenizers
-    and config put back after the test."""
+    """Our pipeline of the session's tiny SDXL (`conftest.sdxl`), its LoRAs unloaded and its text encoders, tokenizers,
+    config and compiled encoders (`runtime.skipping_model`) put back after the test."""
     sd = sdxl[2](False)
-    kept = {name: getattr(sd, name) for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "config")}
+    kept = {name: getattr(sd, name) for name in NAMES}
+    skipped = dict(sd.skipped)
     yield sd
     sd.unload_lora()
     for name, value in kept.items():
         setattr(sd, name, value)
+    sd.skipped.update(skipped)
 
 
 def diffusers_sdxl_lora(path, pipe, *, seed, unet_rank=4, text_rank=2):
@@ -93,8 +96,8 @@ def kohya_from_diffusers(path, source, pipe):
 
 
 def generate(pipe_or_sd, prompts=PROMPTS):
-    """(final latents (1, 8, 8, 4), uint8 images) of diffusers' pipeline or ours on `prompts`, NEGATIVE, NOISE; diffusers'
-    latents decoded as its pipeline decodes them (float32, no latents_mean)."""
+    """(final latents (1, 8, 8, 4), uint8 images) of diffusers' pipeline or ours on `prompts`, NEGATIVE, NOISE;
+    diffusers' latents decoded as its pipeline decodes them (float32, no latents_mean)."""
     if isinstance(pipe_or_sd, StableDiffusion):
         latents = pipe_or_sd.text_to_image(prompts, negative_prompt=NEGATIVE, num_steps=STEPS, diffusion_noise=NOISE,
                                            unconditional_guidance_scale=GUIDANCE, return_latents=True, verbose=False)
@@ -109,7 +112,8 @@ def generate(pipe_or_sd, prompts=PROMPTS):
 
 
 def encoded(pipe_or_sd, prompts=PROMPTS):
-    """(states (1, 77, 32), text_embeds (1, 24)) of `prompts`: both text encoders' states, the second's pooled output."""
+    """(states (1, 77, 32), text_embeds (1, 24)) of `prompts`: both text encoders' states, the second's pooled
+    output."""
     if isinstance(pipe_or_sd, StableDiffusion):
         return pipe_or_sd.encode_text(prompts)
     with torch.no_grad():
@@ -117,17 +121,25 @@ def encoded(pipe_or_sd, prompts=PROMPTS):
     return states.numpy(), pooled.numpy()
 
 
-def assert_equal(sd, reference, what, prompts=PROMPTS):
-    """Our text encodings and final latents of `prompts` equal diffusers' `reference` within 1e-4 of their scale, the
-    images within one uint8 level; returns our ((states, text_embeds), latents)."""
+def assert_encoded(sd, reference, what, prompts=PROMPTS):
+    """Our (states, text_embeds) of `prompts` equal diffusers' `encode_prompt` within 1e-4 of their scale; returns
+    ours."""
     got, expected = encoded(sd, prompts), encoded(reference, prompts)
     for name, ours, theirs in zip(("states", "text_embeds"), got, expected):
         assert relative_difference(ours, theirs) < 1e-4, f"{name} vs StableDiffusionXLPipeline with {what}"
+    return got
+
+
+def assert_equal(sd, reference, what, prompts=PROMPTS):
+    """Our text encodings and final latents of `prompts` equal diffusers' `reference` within 1e-4 of their scale, the
+    images within one uint8 level; returns our ((states, text_embeds), latents)."""
+    got = assert_encoded(sd, reference, what, prompts)
     (latents, images), (expected_latents, expected_images) = generate(sd, prompts), generate(reference, prompts)
     diff = relative_difference(latents, expected_latents)
     assert diff <= 1e-4, f"final latents: {diff:.2e} of their scale vs StableDiffusionXLPipeline with {what}"
     assert expected_images.std() > 10, "the reference images are flat: the comparison would prove little"
-    assert np.abs(images.astype(int) - expected_images).max() <= 1, f"images vs StableDiffusionXLPipeline with {what}"
+    diff = np.abs(images.astype(int) - expected_images).max()
+    assert diff <= 1, f"images: max pixel difference {diff} vs StableDiffusionXLPipeline with {what}"
     return got, latents
 
 
@@ -144,8 +156,8 @@ def assert_changed(now, before, what):
 
 def snapshot(sd):
     """[(variable, a copy of its value)] of the weights of `sd`'s text encoders and UNet."""
-    return [(variable, np.array(variable.numpy())) for model in (sd.text_encoder, sd.text_encoder_2, sd.diffusion_model)
-            if model is not None for variable in model.weights]
+    models = [model for model in (sd.text_encoder, sd.text_encoder_2, sd.diffusion_model) if model is not None]
+    return [(variable, np.array(variable.numpy())) for model in models for variable in model.weights]
 
 
 def assert_unchanged(weights):
@@ -157,6 +169,12 @@ def assert_unchanged(weights):
 def before(sdxl):
     """Our (states, text_embeds) and final latents without LoRAs or embeddings."""
     return encoded(sdxl[2](False)), generate(sdxl[2](False))[0]
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    """A tiny SD 1.x pipeline of ours (random weights): the other family."""
+    return StableDiffusion(32, 32, config=TINY_CONFIG, jit_compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +202,8 @@ def test_lora_equals_diffusers(name, sdxl, ours, before, lora_files):
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # peft, on a second adapter
 def test_stacked_loras_equal_diffusers_and_unload_bit_exactly(sdxl, ours, before, lora_files):
-    """The kohya file (sgm's UNet names, `lora_te1_`, `lora_te2_`) at 0.6 and a diffusers file at -0.7 equal diffusers;
-    `unload_lora` restores every weight bit-exactly."""
+    """The kohya file (sgm's UNet names, `lora_te1_`, `lora_te2_`) at 0.6 and a diffusers file at -0.7 equal
+    diffusers; `unload_lora` restores every weight bit-exactly."""
     assert any(key.startswith("lora_unet_output_blocks_") for key in load_file(lora_files["kohya"]))
     weights = snapshot(ours)
     loras = [(lora_files["kohya"], 0.6, {}), (lora_files["other"], -0.7, {})]
@@ -197,17 +215,16 @@ def test_stacked_loras_equal_diffusers_and_unload_bit_exactly(sdxl, ours, before
     np.testing.assert_array_equal(generate(ours)[0], before[1])
 
 
-def test_loras_of_the_other_family_are_refused(ours, reference, lora_files, tmp_path):
+def test_loras_of_the_other_family_are_refused(ours, sd1, reference, lora_files, tmp_path):
     """An SD 1.x LoRA on SDXL, and SDXL's LoRAs on SD 1.x: one ValueError listing what fits no layer (other shapes,
     modules the model lacks); no weight changed."""
-    sd1 = StableDiffusion(32, 32, config=TINY_CONFIG, jit_compile=False)
     sd1_lora = kohya_lora(tmp_path / "sd1.safetensors", reference("sd1")[0], seed=5)
     for sd, path, listed in [
             (ours, sd1_lora, "lora_te_text_model_encoder_layers_0_mlp_fc1 updates a PyTorch (37, 32) weight, "
                              "encoder-layers-0-mlp-fc1/kernel is (16, 37)"),
             (sd1, lora_files["diffusers"], "text_encoder.encoder.layers.0.mlp.fc1 updates a PyTorch (37, 16) weight"),
-            (sd1, lora_files["kohya"], "lora_unet_input_blocks_1_0_in_layers_2 updates a PyTorch (16, 16, 3, 3) weight, "
-                                       "down_blocks-0-resnets-0-conv1/kernel is (3, 3, 8, 8)")]:
+            (sd1, lora_files["kohya"], "lora_unet_input_blocks_1_0_in_layers_2 updates a PyTorch (16, 16, 3, 3) "
+                                       "weight, down_blocks-0-resnets-0-conv1/kernel is (3, 3, 8, 8)")]:
         weights = snapshot(sd)
         with pytest.raises(ValueError, match="does not fit this model") as error:
             sd.load_lora(path)
@@ -223,23 +240,32 @@ def sdxl_embedding(path, vectors):
     return path
 
 
-def test_embedding_equals_diffusers_two_calls(sdxl, ours, tmp_path):
+@pytest.mark.parametrize("images", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_embedding_equals_diffusers_two_calls(images, sdxl, ours, tmp_path):
     """An SDXL embedding of 2 vectors (file name: the token, as A1111 prompts use it) equals diffusers' two
-    `load_textual_inversion` calls, clip_g into text_encoder_2 and clip_l into text_encoder, under the same token."""
+    `load_textual_inversion` calls, clip_g into text_encoder_2 and clip_l into text_encoder, under the same token:
+    the token ids of both tokenizers, both encoders' states and the pooled projection within 1e-4 of their scale
+    (the UNet's inputs), and (`images`) the final latents and images."""
     generator = torch.Generator().manual_seed(3)
     vectors = {key: torch.randn(2, 16, generator=generator) for key in ("clip_l", "clip_g")}
     path = sdxl_embedding(tmp_path / "shiny.safetensors", vectors)
-    pipe = copy.deepcopy(sdxl[0])
+    changed = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")  # the rest is shared
+    pipe = StableDiffusionXLPipeline(**{**sdxl[0].components, **{name: copy.deepcopy(sdxl[0].components[name])
+                                                                for name in changed}}, add_watermarker=False)
     pipe.load_textual_inversion(vectors["clip_g"], token="shiny", text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
-    pipe.load_textual_inversion(vectors["clip_l"], token="shiny", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vectors["clip_l"], token="shiny", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
     prompts = ["a shiny red circle"]
     without = encoded(ours, prompts)  # "shiny" as the word it is without the embedding
     ours.load_textual_inversion(path)
     for tokenizer, theirs in ((ours.tokenizer, pipe.tokenizer), (ours.tokenizer_2, pipe.tokenizer_2)):
         assert tokenizer("a shiny circle")[0, 1:5].tolist() == theirs(
             pipe.maybe_convert_prompt("a shiny circle", theirs)).input_ids[1:5]
-    assert_changed(assert_equal(ours, pipe, "the embedding", prompts), (without, None), "the embedding")
+    if images:
+        assert_changed(assert_equal(ours, pipe, "the embedding", prompts), (without, None), "the embedding")
+    else:
+        assert_changed((assert_encoded(ours, pipe, "the embedding", prompts), None), (without, None), "the embedding")
 
 
 @pytest.mark.parametrize("vectors, sdxl_model, message", [
@@ -249,15 +275,14 @@ def test_embedding_equals_diffusers_two_calls(sdxl, ours, tmp_path):
      "holds vectors for text_encoder; this model's text encoders are text_encoder and text_encoder_2"),
     (dict(clip_l=torch.zeros(1, 8), clip_g=torch.zeros(1, 8)), False,
      "holds vectors for text_encoder and text_encoder_2; this model's text encoders are text_encoder:"),
-])
-def test_embeddings_of_other_widths_or_models_are_refused(vectors, sdxl_model, message, ours, tmp_path):
+], ids=["clip_g of another width", "SD 1.x embedding on SDXL", "SDXL embedding on SD 1.x"])
+def test_embeddings_of_other_widths_or_models_are_refused(vectors, sdxl_model, message, ours, sd1, tmp_path):
     """One ValueError naming the file; the text encoders, tokenizers and config stay as they were."""
-    sd = ours if sdxl_model else StableDiffusion(32, 32, config=TINY_CONFIG, jit_compile=False)
-    names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "config")
-    kept = [getattr(sd, name) for name in names]
+    sd = ours if sdxl_model else sd1
+    kept = [getattr(sd, name) for name in NAMES]
     path = sdxl_embedding(tmp_path / "embedding.safetensors", vectors)
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         sd.load_textual_inversion(path)
     assert str(path) in str(error.value)
-    assert all(getattr(sd, name) is value for name, value in zip(names, kept))
+    assert all(getattr(sd, name) is value for name, value in zip(NAMES, kept))
     assert all(t is None or not t.added_tokens for t in (sd.tokenizer, sd.tokenizer_2))
