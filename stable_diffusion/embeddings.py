@@ -47,7 +47,7 @@ def read(path, token=None):
     data = ({key: read_tensor(path, entry) for key, entry in safetensors_header(path)[0].items()}
             if path.suffix == ".safetensors" else ckpt.read(path))
     encoders = ["text_encoder"]
-    if isinstance(data, dict) and sorted(data) == sorted(SDXL_KEYS.values()):  # SDXL: clip_l, clip_g
+    if isinstance(data, dict) and set(data) == set(SDXL_KEYS.values()):  # SDXL: clip_l, clip_g
         name, encoders, values = path.stem, list(SDXL_KEYS), [data[key] for key in SDXL_KEYS.values()]
     elif isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111 .pt
         name, values = path.stem, list(data["string_to_param"].values())
@@ -87,7 +87,7 @@ def load(sd, path, *, token=None):
         raise ValueError(f"token must be None or a non-empty string, got {token!r}.")
     token, vectors = read(path, token)
     encoders = [name for name in SDXL_KEYS if getattr(sd, name) is not None]
-    if sorted(vectors) != encoders:
+    if set(vectors) != set(encoders):
         raise ValueError(f"{path} holds vectors for {' and '.join(vectors)}; this model's text encoders are "
                          f"{' and '.join(encoders)}: the embedding was made for another model (SDXL's hold clip_l "
                          f"and clip_g).")

@@ -19,7 +19,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from ldm_reference import invert, unet_table
 from reference import TINY_CONFIG, nchw, nhwc, relative_difference
-from stable_diffusion import StableDiffusion, ldm
+from stable_diffusion import StableDiffusion, embeddings, ldm
 from test_lora import kohya_lora, with_loras
 
 STEPS, GUIDANCE, PROMPTS, NEGATIVE = 2, 7.5, ["a red circle"], ["green"]
@@ -238,6 +238,18 @@ def sdxl_embedding(path, vectors):
     1280)}` (here 16 and 16)."""
     save_file(vectors, path)
     return path
+
+
+def test_sdxl_embedding_files_read_as_written(tmp_path):
+    """`.safetensors` and pickled `.pt` (A1111 reads both): the file name as token, each encoder's vectors."""
+    vectors = dict(clip_l=torch.randn(2, 8), clip_g=torch.randn(2, 12))
+    torch.save(vectors, tmp_path / "pickled.pt")
+    for path in (sdxl_embedding(tmp_path / "unaesthetic.safetensors", vectors), tmp_path / "pickled.pt"):
+        token, got = embeddings.read(path)
+        assert token == path.stem and list(got) == ["text_encoder", "text_encoder_2"]
+        for name, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+            np.testing.assert_array_equal(got[name], vectors[key].numpy())
+    assert embeddings.read(path, token="<other>")[0] == "<other>"
 
 
 @pytest.mark.parametrize("images", [False, pytest.param(True, marks=pytest.mark.slow)])
