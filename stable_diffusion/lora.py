@@ -20,8 +20,8 @@ Training goes the other way (`train.train_lora`): `enable` gives chosen Dense an
 LoRA (`layer.enable_lora`: kernel W + alpha / rank * A @ B, A (in, rank) or (kh, kw, in, rank), B (rank, out),
 W frozen) and `write` saves A and B as a diffusers file, the one layout both loaders read.
 
-References: kohya-ss/sd-scripts `networks/lora.py` (SDXL: over `library/sdxl_original_unet.py`); diffusers `loaders/lora_conversion_utils.py`
-(`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`),
+References: kohya-ss/sd-scripts `networks/lora.py` (SDXL: over `library/sdxl_original_unet.py`); diffusers
+`loaders/lora_conversion_utils.py` (`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`),
 `loaders/lora_base.py` (`write_lora_layers`) and `utils/peft_utils.py` (`get_peft_kwargs`); peft
 `tuners/lora/layer.py` (`get_delta_weight`, `scaling`, `reset_lora_parameters`).
 """
