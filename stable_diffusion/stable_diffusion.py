@@ -92,13 +92,15 @@ class StableDiffusion:
 
     @classmethod
     def from_preset(cls, name, **options):
-        """Loads "sd-1.5", "sd-2.1-base" or "sd-2.1": the original checkpoint is downloaded once into the Keras cache
-        and converted once into a bundle there, which later calls load. Keyword options: see `from_checkpoint`."""
+        """Loads a preset of `presets.PRESETS` ("sd-1.5", "sd-2.1-base", "sd-2.1", "sdxl-base-1.0", "sdxl-turbo"): the
+        original file is downloaded once into the Keras cache and converted once into a bundle there, which later calls
+        load. Keyword options: see `from_checkpoint`; Turbo defaults to scheduler="euler_a" at 512x512 (run it with
+        `num_steps` 1-4 and `unconditional_guidance_scale=0`)."""
         converted = presets.preset_bundle(name)
         if not converted.exists():
             path, download_options = presets.download_preset(name)
             cls.from_checkpoint(path, jit_compile=False, **download_options).save(converted)
-        return cls.from_checkpoint(converted, **options)
+        return cls.from_checkpoint(converted, **{**presets.defaults(name), **options})
 
     # Methods whose code lives with the file format it reads or writes: `sd.save(path, *, overwrite=False)`,
     # `sd.load_lora(path, *, scale=1.0)`, `sd.unload_lora()`, `sd.load_textual_inversion(path, *, token=None)`.

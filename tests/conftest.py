@@ -32,6 +32,18 @@ def ours(reference):
     return load
 
 
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory):
+    """(the tiny diffusers StableDiffusionXLPipeline of `reference.make_sdxl_pipeline`, its folder, ours(jit_compile) ->
+    our pipeline loaded from it, once per value); tests that change either put it back."""
+    from reference import make_sdxl_pipeline
+    from stable_diffusion import StableDiffusion
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    pipe = make_sdxl_pipeline(folder)
+    return pipe, folder, functools.cache(lambda jit: StableDiffusion.from_checkpoint(folder, jit_compile=jit))
+
+
 @pytest.fixture
 def interrupted(monkeypatch):
     """`interrupted(train, *args, **kwargs)` runs a training call that stops, as on Ctrl-C, once the `Backup` of

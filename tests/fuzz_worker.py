@@ -135,7 +135,11 @@ def causes(error):
 class Worker:
     """The parent's side: `run(reader, path, **options)` -> the worker's answer, ("crash", exit status,
     output) if it died, or ("hang", seconds) past `timeout`; a worker that crashed or hung is replaced.
-    The worker works in the folder `cwd`."""
+    An "allocation", "crash" or "hang" from a worker that served earlier requests is asked again of a fresh
+    worker, given three times as long, whose answer stands: in a long run, the requests before can leave the
+    capped address space too fragmented for an allocation any fresh worker makes (a MemoryError, or an abort
+    where the allocator is Rust's), and a loaded machine can make a request outlast `timeout`. The worker
+    works in the folder `cwd`."""
 
     def __init__(self, timeout=10.0, cwd=None):
         self.timeout, self.cwd, self.process = timeout, cwd, None
@@ -159,12 +163,21 @@ class Worker:
         return self.log.read()[-2000:].decode(errors="replace")
 
     def run(self, reader, path, **options):
+        fresh = self.process is None
+        result = self.ask(reader, path, options, self.timeout)
+        if result[0] in ("allocation", "crash", "hang") and not fresh:
+            self.stop()
+            result = self.ask(reader, path, options, 3 * self.timeout)
+        return result
+
+    def ask(self, reader, path, options, timeout):
+        """One request to the running worker, started if need be."""
         if self.process is None:
             self.start()
         self.connection.send((reader, str(path), options))
-        if not self.connection.poll(self.timeout):
+        if not self.connection.poll(timeout):
             self.stop()
-            return ("hang", self.timeout)
+            return ("hang", timeout)
         try:
             return self.connection.recv()
         except EOFError:

@@ -39,13 +39,13 @@ def test_files_read_as_written(tmp_path):
     for path, (token, vectors) in write_embeddings(tmp_path, 8).items():
         name, got = embeddings.read(path)
         assert name == token, "diffusers: the key; A1111: the file name"
-        np.testing.assert_array_equal(got, vectors.detach().numpy())
+        np.testing.assert_array_equal(got["text_encoder"], vectors.detach().numpy())
         assert embeddings.read(path, token="other")[0] == "other"
     parameter = torch.nn.Parameter(torch.randn(2, 8, dtype=torch.float16))  # pickled by _rebuild_parameter
     torch.save({"string_to_param": {"*": parameter}, "name": "ignored"}, tmp_path / "half.pt")
     name, got = embeddings.read(tmp_path / "half.pt")
-    assert name == "half" and got.dtype == np.float32
-    np.testing.assert_array_equal(got, parameter.detach().float().numpy())
+    assert name == "half" and list(got) == ["text_encoder"] and got["text_encoder"].dtype == np.float32
+    np.testing.assert_array_equal(got["text_encoder"], parameter.detach().float().numpy())
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
 """Original SDXL base and refiner single files (sgm's `conditioner.embedders.*` layout): the test writer proven
 against diffusers' own single-file converters, our models built from `ldm.plan`'s configs and loaded by its
 names vs the diffusers / transformers models, the family told from the tensors (full-size shapes too), the SDXL
-base file in the pipeline vs StableDiffusionXLPipeline, its bundle and a VAE file replacing its VAE (the refiner
-file in the pipeline: `test_sdxl_refiner.py`)."""
+base file in the pipeline vs StableDiffusionXLPipeline, its bundle, a VAE file replacing its VAE and the Turbo
+preset's settings (the refiner file in the pipeline: `test_sdxl_refiner.py`)."""
 import functools
 import json
 from types import SimpleNamespace
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ import ldm_reference
 from reference import SDXL_UNETS, make_sdxl_pipeline, nchw, nhwc, predicted, relative_difference, rounded, to_numpy
 from test_convert import assert_same_weights
 from test_diffusion_model import TIME_IDS, unet_difference
-from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, settings
+from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, presets, settings
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.diffusion_model import DiffusionModel
 from stable_diffusion.encoder import Encoder
@@ -300,3 +301,21 @@ def test_standalone_vae_keeps_sdxl_scaling_factor(base, tmp_path):
     replaced = checkpoints.read(files(".safetensors", vae=False), vae=vae_file, **options)
     assert replaced.config == checkpoints.read(files(".safetensors"), **options).config
     assert replaced.config["decoder"]["scaling_factor"] == 0.13025
+
+
+def test_turbo_preset_has_trailing_timesteps_and_euler_ancestral_at_512(base, tmp_path, monkeypatch):
+    """"sdxl-turbo" converts its file with "trailing" timesteps and loads with Euler ancestral at 512 pixels unless
+    told otherwise; the second call reads the converted bundle (the tiny base file stands in for the download)."""
+    pipe, files, _ = base
+    turbo = presets.PRESETS["sdxl-turbo"]
+    config = dict(turbo["options"]["config"], **ldm_reference.overrides(pipe))  # the settings a tiny file needs
+    monkeypatch.setitem(turbo, "options", dict(turbo["options"], config=config))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras.utils, "get_file", lambda **kwargs: str(files(".safetensors", torch.float16)))
+    sd = StableDiffusion.from_preset("sdxl-turbo", jit_compile=False)
+    assert (sd.scheduler_name, sd.img_height, sd.img_width) == ("euler_a", 512, 512)
+    assert sd.config["scheduler"]["timestep_spacing"] == "trailing"
+    monkeypatch.setattr(keras.utils, "get_file", lambda **kwargs: pytest.fail("tried to download"))
+    again = StableDiffusion.from_preset("sdxl-turbo", scheduler="ddim", img_height=64, img_width=64, jit_compile=False)
+    assert (again.scheduler_name, again.img_height, again.img_width) == ("ddim", 64, 64)
+    assert_same_weights(again, sd, (*MODELS, "text_encoder_2"))

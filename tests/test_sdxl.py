@@ -1,7 +1,6 @@
 """SDXL's pipeline against diffusers' StableDiffusionXLPipeline on one tiny random-weight model saved with
 `save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
 and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles."""
-import functools
 import shutil
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from reference import make_sdxl_pipeline, nchw, nhwc, relative_difference
+from reference import nchw, nhwc, relative_difference
 from stable_diffusion import StableDiffusion, checkpoints
 from stable_diffusion.train import train_lora, train_textual_inversion
 
@@ -17,15 +16,6 @@ SIZES = dict(original_size=(40, 56), crops_coords_top_left=(8, 16), target_size=
 # diffusers 0.42 concatenates [negative, prompt] time ids before repeating them per image, so for batches of more than
 # one image, negative sizes of their own reach other images' rows than their states: compared with one image.
 NEGATIVE_SIZES = dict(SIZES, negative_original_size=(24, 24), negative_target_size=(64, 64))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    """(the diffusers pipeline, its folder, ours(jit_compile) -> our pipeline loaded from it, once)."""
-    folder = tmp_path_factory.mktemp("sdxl")
-    pipe = make_sdxl_pipeline(folder)
-    ours = functools.cache(lambda jit: StableDiffusion.from_checkpoint(folder, jit_compile=jit))
-    return pipe, folder, ours
 
 
 @pytest.mark.parametrize("prompts, negative, guidance, sizes, jit", [
@@ -95,11 +85,10 @@ def test_bad_micro_conditioning_is_refused(options, error, message, sdxl):
 @pytest.mark.parametrize("call", [
     lambda sd, folder, tmp: train_lora(folder, tmp, tmp / "lora.safetensors"),
     lambda sd, folder, tmp: train_textual_inversion(folder, tmp, tmp / "embeds.safetensors", token="<pink>"),
-    lambda sd, folder, tmp: sd.load_textual_inversion(tmp / "embeds.safetensors"),
     lambda sd, folder, tmp: sd.export(tmp / "exported"),
 ])
 def test_what_sdxl_does_not_do_yet_is_refused(call, sdxl, tmp_path):
-    """Training, SDXL's two-vector embeddings and export: one ValueError saying SDXL, before any work."""
+    """Training and export: one ValueError saying SDXL, before any work."""
     with pytest.raises(ValueError, match="SDXL"):
         call(sdxl[2](False), sdxl[1], tmp_path)
     assert sorted(tmp_path.iterdir()) == []
