@@ -22,6 +22,7 @@ import numpy as np
 from . import schedulers, sdxl
 
 MEMORY_VARIABLE = "STABLE_DIFFUSION_MEMORY_GIB"
+DENOISING = ("denoising_start", "denoising_end")  # the fraction of the schedule a task starts or ends at
 GIB = 2**30
 
 
@@ -66,12 +67,17 @@ def check_seed(seed):
     return None if seed is None else integer(seed, "seed", 0)
 
 
+def finite_number(value, name):
+    """`value` as a float, if it is a finite number (Python or numpy, not a bool)."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
 def check_guidance(scale):
     """The classifier-free guidance scale as a float, if it is a finite number."""
-    number = isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool)
-    if not number or not math.isfinite(scale):
-        raise ValueError(f"unconditional_guidance_scale must be a finite number, got {scale!r}.")
-    return float(scale)
+    return finite_number(scale, "unconditional_guidance_scale")
 
 
 def check_image_size(name, size, multiple=8):
@@ -89,11 +95,12 @@ def check_compiling(jit_compile, compiled_loop):
         raise ValueError(f"compiled_loop must be True or False, got {compiled_loop!r}.")
 
 
-def check_steps(scheduler, config, num_steps, strength=1.0):
-    """Checks `num_steps` and `strength` (ValueError) on a sampler `scheduler` made from `config`, and
-    warns once when the sampler is used below the step count where it is reliable."""
+def check_steps(scheduler, config, num_steps, strength=1.0, **denoising):
+    """Checks `num_steps`, `strength` and `denoising` (`denoising_start`, `denoising_end`) (ValueError) on a sampler
+    `scheduler` made from `config` (`Scheduler.set_timesteps`), and warns once when the sampler is used below the
+    step count where it is reliable."""
     sampler = schedulers.create(scheduler, config)
-    sampler.set_timesteps(num_steps, strength=strength)
+    sampler.set_timesteps(num_steps, strength=strength, **denoising)
     if num_steps < sampler.reliable_steps:
         warn_few_steps(scheduler, num_steps, sampler.reliable_steps)
 
@@ -130,18 +137,27 @@ def prompt_count(prompt):
     return len(prompt) if isinstance(prompt, (list, tuple)) else 1
 
 
-def check_micro_conditioning(micro_conditioning, sdxl_pipeline):
-    """TypeError for a keyword that is not one of `sdxl.KEYWORDS`; ValueError, naming it, for one given to a pipeline
-    that is not SDXL's, or whose value is not None or a pair of integers (sizes > 0, a crop's corner >= 0)."""
+def check_micro_conditioning(micro_conditioning, accepted):
+    """TypeError for a keyword that is not one of `sdxl.KEYWORDS` (nor a task's `denoising_start` / `denoising_end`);
+    ValueError, naming it, for one a task or pipeline does not take (`accepted`: `sdxl.keywords` of the pipeline), or
+    whose value is not None, a pair of integers (sizes > 0, a crop's corner >= 0) or (scores) a finite number."""
     for name, value in micro_conditioning.items():
+        if name in DENOISING:
+            raise ValueError(f"{name} is not an argument of this task (denoising_start: image_to_image; "
+                             f"denoising_end: text_to_image, image_to_image).")
         if name not in sdxl.KEYWORDS:
             raise TypeError(f"got an unexpected keyword argument {name!r} (SDXL's micro-conditioning: "
                             f"{', '.join(sdxl.KEYWORDS)}).")
-        if not sdxl_pipeline:
+        if not accepted:
             raise ValueError(f"{name} is SDXL's micro-conditioning; this pipeline's UNet takes no time ids.")
-        if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2):
+        if name not in accepted:
+            raise ValueError(f"{name} is not in this SDXL pipeline's time ids, which take {', '.join(accepted)} "
+                             f"(aesthetic scores: the refiner's, requires_aesthetics_score; target sizes: the base's).")
+        if value is not None and name in sdxl.SCORES:
+            finite_number(value, name)
+        elif value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2):
             raise ValueError(f"{name} must be a (height, width) pair of integers or None, got {value!r}.")
-        for number in value or ():
+        for number in value if isinstance(value, (tuple, list)) else ():
             integer(number, name, 0 if name.endswith("crops_coords_top_left") else 1)
 
 
@@ -240,14 +256,15 @@ def checked(task):
         values["unconditional_guidance_scale"] = check_guidance(values["unconditional_guidance_scale"])
         if not is_encoded(values["prompt"]):
             check_prompts(values["prompt"])
-        check_micro_conditioning(values.get("micro_conditioning", {}), sd.text_encoder_2 is not None)
+        check_micro_conditioning(values.get("micro_conditioning", {}), sdxl.keywords(
+            sd.text_encoder_2 is not None, sd.config["pipeline"].get("requires_aesthetics_score")))
         batch = check_batch(values["batch_size"], prompt_count(bound.args[1]))
         if values["negative_prompt"] is not None:
             check_count(len(check_prompts(values["negative_prompt"], "negative_prompt")), batch, "negative prompts")
         if np.ndim(values.get("image")) == 4:  # a batch of pictures
             check_count(len(values["image"]), batch, "images")
         check_steps(values["scheduler"] or sd.scheduler_name, sd.config["scheduler"], values["num_steps"],
-                    values.get("strength", 1.0))
+                    values.get("strength", 1.0), **{name: values[name] for name in DENOISING if name in values})
         check_noise(values["diffusion_noise"], batch, sd.latent_shape)
         if values["clip_skip"] is not None:
             integer(values["clip_skip"], "clip_skip", 0)

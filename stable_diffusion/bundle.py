@@ -3,7 +3,8 @@
     config.json                    {"format": "keras-stable-diffusion/2", "img_height", "img_width",
                                     the arguments of each model and of the scheduler, and the
                                     "grammar" of the prompts (`data.GRAMMAR`; {} for most models)}
-    text_encoder.safetensors       one weights file per model, keyed by the diffusers / transformers
+    text_encoder.safetensors       one weights file per model (SDXL: text_encoder_2 too; its refiner: no
+                                   text_encoder, null in config.json), keyed by the diffusers / transformers
     diffusion_model.safetensors    names (`weights.named_variables`, e.g.
     decoder.safetensors            `down_blocks.0.resnets.0.conv1.weight`)
     encoder.safetensors
@@ -59,8 +60,9 @@ def save(sd, path, *, overwrite=False):
 
 
 def model_names(config):
-    """The names of the models a pipeline `config` has: `MODELS`, and SDXL's second text encoder if it has one."""
-    return [*MODELS, *(["text_encoder_2"] if "text_encoder_2" in config else [])]
+    """The names of the models a pipeline `config` has: `MODELS` but a text encoder it has not (None: SDXL's refiner
+    has no first), and SDXL's second text encoder if it has one."""
+    return [name for name in (*MODELS, "text_encoder_2") if config.get(name) is not None]
 
 
 def write_safetensors(path, tensors, metadata=METADATA, alignment=ALIGNMENT):
@@ -100,10 +102,11 @@ def read(folder):
         raise CheckpointError(f"{folder / CONFIG} is not a {FORMAT} config (its format is {found!r}).")
     height, width = config.pop("img_height", None), config.pop("img_width", None)
     names = sorted([*MODELS, "scheduler"])
-    if sorted(set(config) - set(OPTIONAL)) != names or not all(isinstance(v, dict) for v in config.values()):
+    if sorted(set(config) - set(OPTIONAL)) != names or not all(
+            isinstance(v, dict) or v is None and k == "text_encoder" for k, v in config.items()):
         raise CheckpointError(f"{folder / CONFIG} does not hold an object of settings for each of {names} "
-                              f"(and img_height, img_width, format, optionally {', '.join(OPTIONAL)}) but "
-                              f"{config!r:.200}.")
+                              f"(text_encoder: or null, SDXL's refiner; and img_height, img_width, format, "
+                              f"optionally {', '.join(OPTIONAL)}) but {config!r:.200}.")
     files = {name: folder / f"{name}.safetensors" for name in model_names(config)}
     for file in files.values():
         if not file.exists():
@@ -117,8 +120,8 @@ def read(folder):
     parts = {names: partial(load, names=names)  # the VAE one part, as `checkpoints.read(vae=...)` replaces it
              for names in ((name,) for name in files if name not in ("encoder", "decoder"))}
     parts[("encoder", "decoder")] = partial(load, names=("encoder", "decoder"))
-    tokenizers = {TOKENIZERS[name]: Tokenizer.from_folder(folder / TOKENIZERS[name]) for name in files
-                  if name in TOKENIZERS}
+    tokenizers = {"tokenizer": None, **{TOKENIZERS[name]: Tokenizer.from_folder(folder / TOKENIZERS[name])
+                                        for name in files if name in TOKENIZERS}}
     return dict(config=config, **tokenizers, img_height=height, img_width=width, parts=parts,
                 sources=dict.fromkeys([*config, "size"], folder / CONFIG), tensors=tensors)
 

@@ -1,7 +1,7 @@
 """Checkpoints -> Keras models: `read` finds a checkpoint's format and hands it to the module of that
 format: `diffusers_folder.py` (folders as `save_pretrained` writes them), `ldm.py` (original single-file
-SD 1.x / 2.x / XL base `.safetensors` / `.ckpt`) or `bundle.py` (ours, `StableDiffusion.save`). Each gives the
-model configs, the tokenizer, the default image size and loaders that set the models' variables
+SD 1.x / 2.x / XL base and refiner `.safetensors` / `.ckpt`) or `bundle.py` (ours, `StableDiffusion.save`). Each
+gives the model configs, the tokenizer, the default image size and loaders that set the models' variables
 through the one strict name mapping of `weights.py`; `settings.py` checks the configs before any model
 is built.
 """
@@ -22,7 +22,7 @@ class Checkpoint:
     """What `read` found: model configs, tokenizer, default image size, and how to load the weights."""
 
     config: dict
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # None: SDXL's refiner has no first text encoder
     img_height: int
     img_width: int
     parts: dict  # {model names: load(models)}, e.g. {("encoder", "decoder"): ...}
@@ -41,8 +41,8 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
 
     Args:
         path: a diffusers folder, a bundle written by `StableDiffusion.save`, or an original single-file
-            SD 1.x / 2.x / XL base checkpoint (`.safetensors`, or `.ckpt` read with PyTorch's weights-only
-            unpickler); None: the demo model bundle shipped in the package's `assets/demo`.
+            SD 1.x / 2.x / XL (base or refiner) checkpoint (`.safetensors`, or `.ckpt` read with PyTorch's
+            weights-only unpickler); None: the demo model bundle shipped in the package's `assets/demo`.
         vae: a VAE file (`.safetensors` / `.ckpt` in the original layout, e.g. vae-ft-mse-840000)
             replacing the checkpoint's VAE; the latents keep the checkpoint's scaling factor (SDXL's 0.13025).
         prediction_type: "epsilon" or "v_prediction" instead of the checkpoint's. Single files default
@@ -78,8 +78,9 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
     if prediction_type is not None:
         checkpoint.config["scheduler"] = dict(checkpoint.config["scheduler"], prediction_type=prediction_type)
     for name, overrides in (config or {}).items():
-        if name not in checkpoint.config:
-            raise ValueError(f"config has settings for {name!r}; the models are {sorted(checkpoint.config)}.")
+        if checkpoint.config.get(name) is None:  # SDXL's refiner: "text_encoder" None
+            raise ValueError(f"config has settings for {name!r}; the models are "
+                             f"{sorted(key for key, value in checkpoint.config.items() if value is not None)}.")
         checkpoint.config[name] = dict(checkpoint.config[name], **overrides)
         checkpoint.sources[name] = f"{checkpoint.sources[name]} (with config={{{name!r}: ...}})"
     settings.check(checkpoint)

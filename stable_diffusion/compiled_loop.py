@@ -67,7 +67,7 @@ def step_tables(sampler, repaint=None):
     """The rest of `sampler`'s run as float32 tables {name: (steps,)}: per step its timestep, the UNet input's scale
     (`input_scale`), its `coefficients` and, given a `schedulers.Repaint`, the blend's levels after the step."""
     rows = []
-    for index in range(sampler.index, len(sampler.all_timesteps)):
+    for index in range(sampler.index, sampler.end):
         levels = dict(zip(("signal", "level"), repaint.levels(index + 1))) if repaint else {}
         rows.append(dict(timestep=sampler.all_timesteps[index], input_scale=sampler.input_scale(index),
                          **sampler.coefficients(index), **levels))

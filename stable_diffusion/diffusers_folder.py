@@ -1,10 +1,11 @@
 """diffusers pipeline folders, as `save_pretrained` writes them (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/, and SDXL's text_encoder_2/, tokenizer_2/): the configs translated into our models' arguments, the
-weights read by their diffusers and transformers names (`weights.py` maps them).
+scheduler/, and SDXL's text_encoder_2/, tokenizer_2/, which its refiner has alone): the configs translated into our
+models' arguments, the weights read by their diffusers and transformers names (`weights.py` maps them).
 
 References: diffusers `UNet2DConditionModel`, `AutoencoderKL` and `DDIMScheduler` configs,
 transformers `CLIPTextConfig`.
 """
+from .bundle import TOKENIZERS
 from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, Tensors, read_json, strict_loader
@@ -13,38 +14,36 @@ from .weights import CheckpointError, Tensors, read_json, strict_loader
 DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                      steps_offset=0, set_alpha_to_one=True, prediction_type="epsilon", clip_sample=True,
                      clip_sample_range=1.0)
+PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")  # model_index.json keys kept (SDXL)
 
 
 def read(folder):
-    """The fields of a `checkpoints.Checkpoint` of the diffusers folder `folder`."""
+    """The fields of a `checkpoints.Checkpoint` of the diffusers folder `folder`; an SDXL refiner's (no text_encoder/,
+    `requires_aesthetics_score` in model_index.json: 5 time ids) with `config["text_encoder"]` None."""
     unet_config_file, vae_config_file = folder / "unet" / "config.json", folder / "vae" / "config.json"
-    sources = dict(text_encoder=folder / "text_encoder" / "config.json", diffusion_model=unet_config_file,
-                   decoder=vae_config_file, encoder=vae_config_file, size=unet_config_file,
-                   scheduler=folder / "scheduler" / "scheduler_config.json", pipeline=folder / "model_index.json")
+    sources = dict(diffusion_model=unet_config_file, decoder=vae_config_file, encoder=vae_config_file,
+                   size=unet_config_file, scheduler=folder / "scheduler" / "scheduler_config.json",
+                   pipeline=folder / "model_index.json")
     pipeline = read_json(sources["pipeline"])
-    if pipeline.get("requires_aesthetics_score") or not sources["text_encoder"].exists():
-        raise CheckpointError(f"{folder}: an SDXL refiner (no text_encoder, aesthetic score), which this version does "
-                              f"not run yet.")
-    config = dict(text_encoder=translated(sources["text_encoder"], text_encoder_config),
-                  diffusion_model=translated(sources["diffusion_model"], unet_config),
+    num_time_ids = 5 if pipeline.get("requires_aesthetics_score") else 6
+    config = dict(text_encoder=None, diffusion_model=translated(sources["diffusion_model"],
+                                                                lambda c: unet_config(c, num_time_ids)),
                   **translated(sources["decoder"], vae_configs),
                   scheduler={**DDIM_DEFAULTS, **{k: v for k, v in read_json(sources["scheduler"]).items()
                                                  if not k.startswith("_")}},
-                  pipeline={k: pipeline[k] for k in ("force_zeros_for_empty_prompt",) if k in pipeline})
+                  pipeline={k: pipeline[k] for k in PIPELINE_OPTIONS if k in pipeline})
     sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
-    tokenizers = {name: Tokenizer.from_folder(folder / name) if (folder / name).exists() else Tokenizer.from_vendored()
-                  for name in ("tokenizer", "tokenizer_2")}
-    text, unet, vae = text_weights(folder / "text_encoder"), find_weights(folder / "unet"), find_weights(folder / "vae")
-    parts = {("text_encoder",): strict_loader(text, ("embeddings.position_ids",)),
-             ("diffusion_model",): strict_loader(unet), ("encoder", "decoder"): strict_loader(vae)}
-    tensors = dict(text_encoder=text, diffusion_model=unet, encoder=vae, decoder=vae)
-    if (folder / "text_encoder_2").exists():  # SDXL
-        sources["text_encoder_2"] = folder / "text_encoder_2" / "config.json"
-        config["text_encoder_2"] = translated(sources["text_encoder_2"], text_encoder_config)
-        tensors["text_encoder_2"] = text_weights(folder / "text_encoder_2")
-        parts[("text_encoder_2",)] = strict_loader(tensors["text_encoder_2"], ("embeddings.position_ids",))
-    else:
-        tokenizers.pop("tokenizer_2")
+    unet, vae = find_weights(folder / "unet"), find_weights(folder / "vae")
+    parts = {("diffusion_model",): strict_loader(unet), ("encoder", "decoder"): strict_loader(vae)}
+    tensors, tokenizers = dict(diffusion_model=unet, encoder=vae, decoder=vae), dict(tokenizer=None)
+    for name, tokenizer in TOKENIZERS.items():  # the text encoders it has: SD's first, SDXL's both, the refiner's second
+        if (folder / name).exists():
+            sources[name] = folder / name / "config.json"
+            config[name] = translated(sources[name], text_encoder_config)
+            tensors[name] = text_weights(folder / name)
+            parts[(name,)] = strict_loader(tensors[name], ("embeddings.position_ids",))
+            tokenizers[tokenizer] = (Tokenizer.from_folder(folder / tokenizer) if (folder / tokenizer).exists()
+                                     else Tokenizer.from_vendored())
     size = sample_size * 2 ** (len(config["decoder"]["channels"]) - 1)
     return dict(config=config, **tokenizers, img_height=size, img_width=size, parts=parts, sources=sources,
                 tensors=tensors)

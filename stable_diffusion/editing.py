@@ -1,33 +1,49 @@
 """Editing a picture: image-to-image (SDEdit, Meng et al., 2022) starts from the picture's latents noised `strength`
-of the way back; inpainting re-imposes the noised known region after each step (4-channel UNets, as diffusers) or
-gives an inpainting UNet (9 input channels) the mask and masked picture's latents. `StableDiffusion`'s methods
+of the way back (or, with `denoising_start`, from given latents as they are: SDXL's refiner finishing the base's);
+inpainting re-imposes the noised known region after each step (4-channel UNets, as diffusers) or gives an
+inpainting UNet (9 input channels) the mask and masked picture's latents. `StableDiffusion`'s methods
 `image_to_image`, `inpaint` and `encode_images`, on the pipeline's preparation and denoising loop.
 """
 import numpy as np
 
 from . import arguments, schedulers
-from .images import broadcast, load_images, load_masks
+from .images import broadcast, load_images, load_latents, load_masks
 
 
 @arguments.checked
 def image_to_image(sd, prompt, image, *, negative_prompt=None, batch_size=1, num_steps=50,
                    unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                    long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
-                   verbose=True, strength=0.8, sample_latents=False, **micro_conditioning):
+                   verbose=True, strength=0.8, sample_latents=False, denoising_start=None, denoising_end=None,
+                   **micro_conditioning):
     """Redraws a picture after a prompt; returns uint8 numpy (B, H, W, 3).
 
     Args:
-        image: the picture(s), at the pipeline's size (see `images.py`).
+        image: the picture(s), at the pipeline's size (see `images.py`), or their latents, float (B or 1, h, w, C)
+            of the pipeline's `latent_shape` (e.g. `text_to_image(..., return_latents=True)`), as diffusers takes a
+            4-channel image: used as they are, not VAE-encoded.
         diffusion_noise: the noise (B, h, w, C) added to the picture's latents instead of seeded noise.
         strength: in (0, 1]: how far to noise the picture; `int(num_steps * strength)` steps run.
         sample_latents: encode to a sample of the VAE posterior (seeded) instead of its mean.
+        denoising_start: a float in (0, 1): as diffusers, start where that fraction of the training schedule is
+            denoised (the steps at timesteps < round(T (1 - denoising_start))), from `image` as it is, adding no
+            noise; `strength` is then ignored. SDXL's ensemble of experts: the base's `text_to_image(...,
+            denoising_end=0.8, return_latents=True)`, then the refiner's `image_to_image(prompt, latents,
+            denoising_start=0.8)`.
+        denoising_end: stop early, as in `text_to_image`; above denoising_start.
         Other arguments: see `text_to_image`.
+    Bad arguments (latents of another shape too) raise ValueError, naming them, before any model work.
     """
-    images = load_images(image, (sd.img_height, sd.img_width))
+    latents = load_latents(image, sd.latent_shape)
+    images = load_images(image, (sd.img_height, sd.img_width)) if latents is None else None
     setup = sd._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
                         seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-                        clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength, **micro_conditioning)
-    latents = setup.sampler.add_noise(sd.encode_images(images, setup, sample=sample_latents), setup.noise)
+                        clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength,
+                        denoising_start=denoising_start, denoising_end=denoising_end, **micro_conditioning)
+    if latents is None:
+        latents = sd.encode_images(images, setup, sample=sample_latents)
+    latents = broadcast(latents, len(setup.noise), "images")
+    latents = latents if denoising_start is not None else setup.sampler.add_noise(latents, setup.noise)
     latents = sd.denoise(latents, setup, guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
     return latents if return_latents else sd.decode(latents)
 

@@ -1,7 +1,8 @@
 """Pictures and masks as `StableDiffusion.image_to_image` and `inpaint` take them.
 
-Images are uint8 arrays (H, W, 3) / (B, H, W, 3), PIL images or paths; masks are white where to
-repaint: uint8 or bool arrays (H, W) / (B, H, W), PIL images or paths, binarized at 128.
+Images are uint8 arrays (H, W, 3) / (B, H, W, 3), PIL images or paths (image-to-image also takes latents: float
+(B, h, w, C)); masks are white where to repaint: uint8 or bool arrays (H, W) / (B, H, W), PIL images or paths,
+binarized at 128.
 """
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def load_images(image, size, name="image"):
                          f"resize it, or load the pipeline with img_height={image.shape[1]}, "
                          f"img_width={image.shape[2]}.")
     return image.astype("float32") / 255.0 * 2.0 - 1.0  # as diffusers' VaeImageProcessor
+
+
+def load_latents(image, latent_shape):
+    """`image` as latents, float32 (B, h, w, C), if it is a float array of C = `latent_shape[-1]` channels (B, h, w, C)
+    or (h, w, C), else None (a picture: `load_images`); ValueError if it is such an array of other height or width."""
+    if isinstance(image, (str, Path, Image.Image)) or np.asarray(image).dtype.kind != "f":
+        return None
+    latents = np.asarray(image, "float32")
+    if latents.ndim not in (3, 4) or latents.shape[-1] != latent_shape[-1]:
+        return None
+    if latents.shape[-3:] != tuple(latent_shape):
+        raise ValueError(f"image as latents must be (B, h, w, C) = (B, {', '.join(map(str, latent_shape))}) for this "
+                         f"pipeline, got {latents.shape}.")
+    return latents.reshape(-1, *latent_shape)
 
 
 def load_masks(mask, size):

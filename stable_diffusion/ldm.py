@@ -58,7 +58,8 @@ CLASS_CONDITIONED = f"{UNET}label_emb."  # SD 2.x upscaler and unCLIP; SDXL's "t
 # diffusers' StableDiffusionPipeline scheduler config of SD 1.5 and 2.1 (their PNDM config, run as DDIM).
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
-# SDXL base: diffusers' sd_xl_base scheduler_config (an EulerDiscreteScheduler's; the pipeline runs DDIM by default).
+# SDXL base and refiner: diffusers' scheduler_config of sd_xl_base and sd_xl_refiner (the same EulerDiscreteScheduler
+# config; the pipeline runs DDIM by default).
 SDXL_SCHEDULER = dict(SCHEDULER, interpolation_type="linear", sample_max_value=1.0, skip_prk_steps=True,
                       use_karras_sigmas=False)
 # Each text encoder layout's tokenizer padding, as the releases' tokenizer configs: CLIP ViT-L's with the end token,
@@ -378,23 +379,24 @@ def open_single_file(path):
 
 
 def read(path, with_vae=True, prediction_type=None, use_ema=None):
-    """The fields of a `checkpoints.Checkpoint` of an original SD 1.x / 2.x / XL base checkpoint file: UNet, text
-    encoders and (unless replaced) VAE. Without the VAE, "decoder" holds the family's latent `scaling_factor` alone,
-    which the replacing VAE keeps. SDXL refiner files: CheckpointError (the pipeline has no refiner yet)."""
+    """The fields of a `checkpoints.Checkpoint` of an original SD 1.x / 2.x / XL base or refiner checkpoint file: UNet,
+    text encoders and (unless replaced) VAE. Without the VAE, "decoder" holds the family's latent `scaling_factor`
+    alone, which the replacing VAE keeps. SDXL's settings are those of diffusers' `from_single_file`, which takes them
+    from the hub's configs: its scheduler config, 1024 pixels; the base zeroes the states of no negative prompt, the
+    refiner (no first text encoder) does not and takes an aesthetic score (`requires_aesthetics_score`)."""
     tensors, global_step = open_single_file(path)
     found = plan(tensors.shapes, path, use_ema, with_vae)
-    if found.family == "sdxl_refiner":
-        raise CheckpointError(f"{path} is an {FAMILY_NAMES[found.family]} single file: its weights are read "
-                              f"(ldm.plan), but the pipeline has no refiner yet (image-to-image with an aesthetic "
-                              f"score, a ViT-bigG text encoder alone).")
-    sdxl = found.family == "sdxl"
+    sdxl = found.family in SDXL_TIME_IDS
     if prediction_type is None:
-        base = found.family in ("sd1", "sdxl") or global_step == SD2_BASE_GLOBAL_STEP
+        base = found.family != "sd2" or global_step == SD2_BASE_GLOBAL_STEP
         prediction_type = "epsilon" if base else "v_prediction"
     size = 1024 if sdxl else 768 if prediction_type == "v_prediction" else 512  # diffusers' defaults for such files
     config = dict(found.config, scheduler=dict(SDXL_SCHEDULER if sdxl else SCHEDULER, prediction_type=prediction_type))
     if sdxl:
-        config["pipeline"] = dict(force_zeros_for_empty_prompt=True)
+        refiner = found.family == "sdxl_refiner"  # the hub's model_index.json of each
+        config["pipeline"] = (dict(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True) if refiner
+                              else dict(force_zeros_for_empty_prompt=True))
+        config.setdefault("text_encoder", None)
     if not with_vae:
         config["decoder"] = dict(scaling_factor=scaling_factor(found.family))
     parts, tensors_of = {}, {}
@@ -402,8 +404,8 @@ def read(path, with_vae=True, prediction_type=None, use_ema=None):
         subset = tensors.subset(names)
         parts[models] = strict_loader(subset)
         tensors_of.update(dict.fromkeys(models, subset))
-    tokenizers = {model.replace("text_encoder", "tokenizer"): Tokenizer.from_vendored(PAD_TOKENS[layout])
-                  for model, (_, layout) in TEXT_ENCODERS[found.family].items()}
+    tokenizers = {"tokenizer": None} | {model.replace("text_encoder", "tokenizer"): Tokenizer.from_vendored(
+        PAD_TOKENS[layout]) for model, (_, layout) in TEXT_ENCODERS[found.family].items()}  # the refiner: no first
     return dict(config=config, **tokenizers, img_height=size, img_width=size, parts=parts,
                 sources=dict.fromkeys([*config, "size"], path), tensors=tensors_of)
 

@@ -85,23 +85,41 @@ class Scheduler:
         steps = np.linspace(0, train_steps - 1, num_steps)
         return steps.round() if rounded else steps
 
-    def set_timesteps(self, num_steps, strength=1.0):
+    def set_timesteps(self, num_steps, strength=1.0, denoising_start=None, denoising_end=None):
         """Starts a run of `num_steps` steps of which only the last `strength` fraction runs (the
-        image-to-image convention: `int(num_steps * strength)` steps); returns their timesteps.
-        Raises ValueError, before any work, unless num_steps is an integer in [1, num_train_timesteps]
-        and strength a number in (0, 1] leaving at least one step."""
+        image-to-image convention: `int(num_steps * strength)` steps); returns their timesteps. As diffusers'
+        SDXL pipelines, `denoising_start` in (0, 1) runs, instead, the steps whose timesteps are below the
+        cutoff `round(T - denoising_start T)` (T: the training timesteps; strength is then ignored), and
+        `denoising_end` keeps of those the steps at or above `round(T - denoising_end T)`.
+        Raises ValueError, before any work, unless num_steps is an integer in [1, num_train_timesteps],
+        strength a number in (0, 1], denoising_start and denoising_end None or floats in (0, 1), the start
+        below the end, and at least one step is left."""
         train_steps = self.config["num_train_timesteps"]
         integer = isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool)
         if not integer or not 1 <= num_steps <= train_steps:
             raise ValueError(f"num_steps must be an integer between 1 and {train_steps}, got {num_steps!r}.")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
-        if int(num_steps * strength) < 1:
+        for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None and not (isinstance(value, (float, np.floating)) and 0 < value < 1):
+                raise ValueError(f"{name} must be None or a float in (0, 1), got {value!r}.")
+        if None not in (denoising_start, denoising_end) and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}.")
+        if denoising_start is None and int(num_steps * strength) < 1:
             raise ValueError(f"strength {strength} leaves no step of {num_steps}; raise strength or num_steps.")
         self.num_steps, self.memory = int(num_steps), (np.float32(0),) * self.memory_size
         self.all_timesteps = self.make_timesteps(num_steps)
-        self.begin = self.index = num_steps - min(int(num_steps * strength), num_steps)
-        self.timesteps = self.all_timesteps[self.begin:]
+        cutoff = lambda fraction: int(round(train_steps - fraction * train_steps))  # diffusers' discrete cutoff
+        if denoising_start is None:
+            self.begin = num_steps - min(int(num_steps * strength), num_steps)
+        else:
+            self.begin = int(np.sum(self.all_timesteps >= cutoff(denoising_start)))
+        kept = self.all_timesteps[self.begin:]
+        self.end = self.begin + (len(kept) if denoising_end is None else int(np.sum(kept >= cutoff(denoising_end))))
+        if self.end == self.begin:
+            raise ValueError(f"denoising_start={denoising_start}, denoising_end={denoising_end} leave no step of "
+                             f"{num_steps}; raise num_steps or widen the range.")
+        self.index, self.timesteps = self.begin, self.all_timesteps[self.begin:self.end]
         return self.timesteps
 
     def make_timesteps(self, num_steps):

@@ -2,20 +2,43 @@
 before it was resized, the top-left corner of its crop and the size asked for, each (height, width), as diffusers'
 `StableDiffusionXLPipeline` takes them (`original_size`, `crops_coords_top_left`, `target_size`) and lays them out
 (`_get_add_time_ids`); the negative prompt's (`negative_...`) are the prompt's unless its sizes are both given.
+
+The refiner (a pipeline config with `requires_aesthetics_score`, as diffusers' `StableDiffusionXLImg2ImgPipeline`)
+has five ids instead: the sizes and crop, then an aesthetic score (`aesthetic_score`, default 6.0) in place of the
+target size; the negative prompt's take `negative_original_size` (default: the prompt's), its own crop corner
+(`negative_crops_coords_top_left`, default (0, 0)) and `negative_aesthetic_score` (default 2.5).
 """
 import numpy as np
 
 SIZES = ("original_size", "crops_coords_top_left", "target_size")
-KEYWORDS = (*SIZES, *(f"negative_{name}" for name in SIZES))
+SCORES = ("aesthetic_score", "negative_aesthetic_score")
+BASE = (*SIZES, *(f"negative_{name}" for name in SIZES))
+REFINER = ("original_size", "crops_coords_top_left", "negative_original_size", "negative_crops_coords_top_left",
+           *SCORES)
+KEYWORDS = (*BASE, *SCORES)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
 
 
-def time_ids(size, batch_size, *, original_size=None, crops_coords_top_left=None, target_size=None,
-             negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None):
+def keywords(sdxl, requires_aesthetics_score=False):
+    """The micro-conditioning keywords a pipeline takes: none (not `sdxl`), the base's, or the refiner's."""
+    return (REFINER if requires_aesthetics_score else BASE) if sdxl else ()
+
+
+def time_ids(size, batch_size, pipeline, *, original_size=None, crops_coords_top_left=None, target_size=None,
+             negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None,
+             aesthetic_score=None, negative_aesthetic_score=None):
     """The prompt's and the negative prompt's time ids, float32 (batch_size, 6): original size, crop corner, target
-    size; the sizes default to the image's `size`, the corner to (0, 0)."""
-    ids = [*(original_size or size), *(crops_coords_top_left or (0, 0)), *(target_size or size)]
-    negative = ids if negative_original_size is None or negative_target_size is None else [
-        *negative_original_size, *(negative_crops_coords_top_left or (0, 0)), *negative_target_size]
+    size; the sizes default to the image's `size`, the corner to (0, 0). With `pipeline` (the pipeline's config)
+    `requires_aesthetics_score`, the refiner's (batch_size, 5): original size, crop corner, aesthetic score."""
+    original, crop = original_size or size, crops_coords_top_left or (0, 0)
+    if pipeline.get("requires_aesthetics_score"):
+        ids = [*original, *crop, AESTHETIC_SCORE if aesthetic_score is None else aesthetic_score]
+        negative = [*(negative_original_size or original), *(negative_crops_coords_top_left or (0, 0)),
+                    NEGATIVE_AESTHETIC_SCORE if negative_aesthetic_score is None else negative_aesthetic_score]
+    else:
+        ids = [*original, *crop, *(target_size or size)]
+        negative = ids if negative_original_size is None or negative_target_size is None else [
+            *negative_original_size, *(negative_crops_coords_top_left or (0, 0)), *negative_target_size]
     return [np.tile(np.float32(values), (batch_size, 1)) for values in (ids, negative)]
 
 

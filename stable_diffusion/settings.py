@@ -93,20 +93,34 @@ def check_model(name, settings, tensors, source):
 
 def check_sdxl(config, sources):
     """CheckpointError naming the UNet's config unless its text inputs are what the text encoders give: SDXL's
-    (a "text_time" embedding, `pooled_dim`) the two encoders' widths together and the second's projection; another
-    UNet the text encoder's width, and no second encoder."""
-    unet, text = (arguments(name, config[name]) for name in ("diffusion_model", "text_encoder"))
-    second = arguments("text_encoder_2", config["text_encoder_2"]) if "text_encoder_2" in config else None
-    widths = text["width"] + (second["width"] if second else 0)
-    pooled = second["projection_dim"] if second else 0
+    (a "text_time" embedding, `pooled_dim`) the widths of the encoders it has together (the refiner: the second's
+    alone) and the second's projection, and 5 time ids with the pipeline option `requires_aesthetics_score` (the
+    refiner's), else 6; another UNet the text encoder's width, and no second encoder."""
+    unet = arguments("diffusion_model", config["diffusion_model"])
+    encoders = [arguments(name, config[name]) for name in ("text_encoder", "text_encoder_2") if config.get(name)
+                is not None]
+    second, options = config.get("text_encoder_2") is not None, config.get("pipeline", {})
+    if not encoders:
+        raise CheckpointError(f"{sources['diffusion_model']}: the pipeline has no text encoder.")
+    widths, pooled = sum(encoder["width"] for encoder in encoders), encoders[-1]["projection_dim"] if second else 0
     if (unet["context_dim"], unet["pooled_dim"]) != (widths, pooled):
+        ids = f" (beside {unet['num_time_ids']} time ids)" if unet["pooled_dim"] else ""
         raise CheckpointError(f"{sources['diffusion_model']}: the UNet takes context_dim={unet['context_dim']} and "
-                              f"pooled_dim={unet['pooled_dim']}, but its text encoders give {widths} and {pooled} "
-                              f"({'SDXL: both widths, the second projection' if second else 'one CLIP'}).")
-    options = config.get("pipeline", {})
-    if set(options) - {"force_zeros_for_empty_prompt"} or not all(isinstance(v, bool) for v in options.values()):
+                              f"pooled_dim={unet['pooled_dim']}{ids}, but its text encoders give {widths} and {pooled} "
+                              f"({'SDXL: the widths together, the second projection' if second else 'one CLIP'}).")
+    if set(options) - {"force_zeros_for_empty_prompt", "requires_aesthetics_score"} or not all(
+            isinstance(v, bool) for v in options.values()):
         raise CheckpointError(f"{sources.get('pipeline', sources['diffusion_model'])}: the pipeline settings "
-                              f"{options!r:.80} are not force_zeros_for_empty_prompt (true or false).")
+                              f"{options!r:.80} are not force_zeros_for_empty_prompt and requires_aesthetics_score "
+                              f"(true or false).")
+    aesthetic = options.get("requires_aesthetics_score", False)
+    if aesthetic and not second:
+        raise CheckpointError(f"{sources.get('pipeline', sources['diffusion_model'])}: requires_aesthetics_score is "
+                              f"for SDXL refiners, whose UNet takes time ids; this one takes none.")
+    if second and unet["num_time_ids"] != (5 if aesthetic else 6):
+        raise CheckpointError(f"{sources['diffusion_model']}: the UNet takes {unet['num_time_ids']} time ids, but "
+                              f"requires_aesthetics_score={aesthetic} gives {5 if aesthetic else 6} (SDXL's base: 6, "
+                              f"sizes and crop; its refiner: 5, with an aesthetic score).")
 
 
 def check_scheduler(settings, source):
@@ -130,7 +144,7 @@ def check(checkpoint):
     the setting comes from (`checkpoint.sources`)."""
     config, sources = checkpoint.config, checkpoint.sources
     for name in MODELS:
-        if name in config:
+        if config.get(name) is not None:
             check_model(name, config[name], checkpoint.tensors[name], sources[name])
     check_sdxl(config, sources)
     check_scheduler(config["scheduler"], sources["scheduler"])

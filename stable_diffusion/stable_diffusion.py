@@ -33,9 +33,11 @@ class StableDiffusion:
         compiled_loop: with XLA, run all denoising steps as one program (`compiled_loop.py`); False: step by step.
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. SDXL also
-            has "text_encoder_2" and "pipeline" (`{"force_zeros_for_empty_prompt": True}`: no negative prompt gives
-            zero states); "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`).
+            has "text_encoder_2" and "pipeline" (diffusers' options: `force_zeros_for_empty_prompt`, no negative prompt
+            gives zero states; `requires_aesthetics_score`, the refiner's time ids), and its refiner `"text_encoder":
+            None` (none); "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`).
         tokenizer, tokenizer_2: `Tokenizer`s; default: the bundled CLIP vocabulary, padding with the end token, "!".
+            `sd.tokenizer` is the model's first tokenizer, which `tokenize` uses: the refiner's is `tokenizer_2`.
         scheduler: the default sampler, one of `schedulers.SCHEDULERS`, built from `config["scheduler"]`.
         dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
         quantize: "int8": int8 UNet and text encoder, once the weights are loaded (`quantization.py`); default None.
@@ -44,8 +46,9 @@ class StableDiffusion:
 
     def __init__(self, img_height=512, img_width=512, *, jit_compile=None, compiled_loop=True, config=None,
                  tokenizer=None, tokenizer_2=None, scheduler="ddim", dtype=None, quantize=None, weights=None):
-        names = dict.fromkeys((*bundle.MODELS, "scheduler", "grammar", "pipeline", *(config or {})))
-        config = {name: dict((config or {}).get(name, {})) for name in names}
+        given = config or {}
+        names = dict.fromkeys((*bundle.MODELS, "scheduler", "grammar", "pipeline", *given))
+        config = {name: None if name in given and given[name] is None else dict(given.get(name, {})) for name in names}
         vae_factor = 2 ** (len(config["decoder"].get("channels", (0,) * 4)) - 1)
         unet_factor = 2 ** (len(config["diffusion_model"].get("channels", (0,) * 4)) - 1)
         for name, size in (("img_height", img_height), ("img_width", img_width)):
@@ -56,9 +59,8 @@ class StableDiffusion:
         self.config, self.img_height, self.img_width = config, img_height, img_width
         latent_size = dict(latent_height=img_height // vae_factor, latent_width=img_width // vae_factor)
         with keras_internals.created_from(weights, self) if weights else contextlib.nullcontext():
-            self.text_encoder = TextEncoder(**config["text_encoder"], dtype=dtype)
-            sdxl = "text_encoder_2" in config  # SDXL's OpenCLIP bigG
-            self.text_encoder_2 = TextEncoder(**config["text_encoder_2"], dtype=dtype) if sdxl else None
+            for name, _ in ENCODERS:  # None: a model without it (SD 1.x / 2.x: the second; SDXL's refiner: the first)
+                setattr(self, name, None if config.get(name) is None else TextEncoder(**config[name], dtype=dtype))
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
             self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
             self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
@@ -66,8 +68,8 @@ class StableDiffusion:
         self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, {}, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
         self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
-        self.tokenizer = tokenizer or Tokenizer.from_vendored()
         self.tokenizer_2 = tokenizer_2 or Tokenizer.from_vendored("!") if self.text_encoder_2 else None
+        self.tokenizer = tokenizer or Tokenizer.from_vendored() if self.text_encoder else self.tokenizer_2
         self.denoise_step = self._build_denoise_step()
         runtime.compile_models(self, jit_compile=jit_compile, compiled_loop=compiled_loop)
 
@@ -106,14 +108,16 @@ class StableDiffusion:
     export = export.export  # `sd.export(folder, *, format="tf_saved_model")`: static-shape models for `exported.py`
 
     def tokenize(self, prompt, *, long_prompts=False, min_chunks=1):
-        """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts: see `Tokenizer.__call__`."""
+        """Token ids, int32 numpy (B, 77) or with `long_prompts` (B, 77 k), of prompts by `sd.tokenizer` (the model's
+        first tokenizer; SDXL's refiner: tokenizer_2): see `Tokenizer.__call__`."""
         return self.tokenizer(prompt, long_prompts=long_prompts, min_chunks=min_chunks)
 
     def encode_text(self, prompt, *, long_prompts=False, clip_skip=None, prompt_weighting=False, min_chunks=1):
         """CLIP hidden states (B, 77, dim) of prompts; with `long_prompts` (B, 77 k, dim); see `text_to_image`. SDXL:
-        (both encoders' un-normed states before the last layer, concatenated; text_embeds (B, P) of the first chunk)."""
+        (the un-normed states before the last layer of each encoder it has, concatenated (the refiner: text_encoder_2's
+        alone); text_embeds (B, P) of text_encoder_2's first chunk)."""
         sdxl, states = self.text_encoder_2 is not None, []
-        for name, tokenizer in ENCODERS[:1 + sdxl]:
+        for name, tokenizer in [(name, tokenizer) for name, tokenizer in ENCODERS if getattr(self, name) is not None]:
             tokenizer = getattr(self, tokenizer)
             tokens, weights = tokenizer(prompt, long_prompts=long_prompts, prompt_weighting=prompt_weighting,
                                         min_chunks=min_chunks, return_weights=True)
@@ -128,7 +132,7 @@ class StableDiffusion:
     def text_to_image(self, prompt, *, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, diffusion_noise=None, scheduler=None,
                       long_prompts=False, clip_skip=None, prompt_weighting=False, callback=None, return_latents=False,
-                      verbose=True, **micro_conditioning):
+                      verbose=True, denoising_end=None, **micro_conditioning):
         """Generates images for a prompt; returns uint8 numpy (B, H, W, 3).
 
         Args:
@@ -150,14 +154,19 @@ class StableDiffusion:
             callback: called as `callback(step, timestep, latents)` after every step (so no compiled loop).
             return_latents: return the final latents (B, h, w, C) instead of decoding them.
             verbose: report progress on stderr (once, at the end, from a compiled loop).
+            denoising_end: a float in (0, 1): stop where that fraction of the training schedule is denoised, as
+                diffusers (steps at timesteps >= round(T (1 - denoising_end))), e.g. 0.8 with `return_latents` for
+                SDXL's refiner to finish (`image_to_image(..., denoising_start=0.8)`: the ensemble of experts).
             micro_conditioning: SDXL's sizes and crop, as diffusers' keywords `original_size`, `crops_coords_top_left`,
-                `target_size` and their `negative_` counterparts (`sdxl.py`).
+                `target_size` and their `negative_` counterparts; the refiner's `aesthetic_score` (6.0) and
+                `negative_aesthetic_score` (2.5) instead of the target sizes (`sdxl.py`).
         Bad arguments raise ValueError, naming them, before any model work (`arguments.py`).
         """
         data.warn_outside_grammar(prompt, self.config["grammar"])
         setup = self._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
                               seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-                              clip_skip=clip_skip, prompt_weighting=prompt_weighting, **micro_conditioning)
+                              clip_skip=clip_skip, prompt_weighting=prompt_weighting, denoising_end=denoising_end,
+                              **micro_conditioning)
         latents = self.denoise(setup.noise * setup.sampler.init_noise_sigma, setup,
                                guidance=unconditional_guidance_scale, callback=callback, verbose=verbose)
         return latents if return_latents else self.decode(latents)
@@ -167,7 +176,8 @@ class StableDiffusion:
     image_to_image, inpaint, encode_images = editing.image_to_image, editing.inpaint, editing.encode_images
 
     def _prepare(self, prompt, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
-                 long_prompts, clip_skip, prompt_weighting, strength=1.0, **micro_conditioning):
+                 long_prompts, clip_skip, prompt_weighting, strength=1.0, denoising_start=None, denoising_end=None,
+                 **micro_conditioning):
         """What every task starts from (arguments: see `text_to_image`): the UNet's text inputs of prompt and negative
         prompt, [states (B, L, dim)] or (SDXL) [states, text_embeds (B, P), time_ids (B, n)], a fresh sampler,
         draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
@@ -188,11 +198,13 @@ class StableDiffusion:
         if negative[0].shape[1] > length:  # pad the prompt with empty chunks
             empty = encode("", long_prompts=True, min_chunks=(negative[0].shape[1] - length) // chunk)[0]
             context[0] = np.concatenate([context[0], np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
-        if self.text_encoder_2:  # SDXL's size and crop conditioning
-            ids, negative_ids = sdxl.time_ids((self.img_height, self.img_width), batch_size, **micro_conditioning)
+        if self.text_encoder_2:  # SDXL's size and crop conditioning (the refiner's: and aesthetic scores)
+            ids, negative_ids = sdxl.time_ids((self.img_height, self.img_width), batch_size, self.config["pipeline"],
+                                              **micro_conditioning)
             context, negative = [*context, ids], [*negative, negative_ids]
         sampler = schedulers.create(scheduler or self.scheduler_name, self.config["scheduler"])
-        sampler.set_timesteps(num_steps, strength=strength)
+        sampler.set_timesteps(num_steps, strength=strength, denoising_start=denoising_start,
+                              denoising_end=denoising_end)
         seed = np.random.SeedSequence().entropy % 2**32 if seed is None else seed
         generators = [np.random.default_rng(seed + i) for i in range(batch_size)]
         draw_noise = lambda: np.stack([g.standard_normal(self.latent_shape, dtype=np.float32) for g in generators])

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_diffusion import runtime
@@ -154,6 +154,28 @@ def make_sdxl_pipeline(folder, seed=0):
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizers[0], unet=unet,
                                      text_encoder_2=make_projected_text_encoder(folder / "text_encoder_2", seed, 16),
                                      tokenizer_2=tokenizers[1], scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return pipe.to(torch.float32)
+
+
+def make_sdxl_refiner_pipeline(folder, seed=0):
+    """A random-weight SDXL refiner, a StableDiffusionXLImg2ImgPipeline saved to `folder` as the hub's: no first text
+    encoder or tokenizer, `requires_aesthetics_score` (the "refiner" UNet of `SDXL_UNETS`: 5 time ids), states not
+    zeroed for no negative prompt; the projected text encoder alone, 32 wide (the UNet's context), its tokenizer
+    padding with "!"; `make_sdxl_pipeline`'s VAE layout, DDIM."""
+    unet = make_sdxl_unet("refiner", folder / "unet", seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        block_out_channels=(16, 16, 32, 32), layers_per_block=1, scaling_factor=0.13025,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    randomize(vae)
+    Tokenizer.from_vendored("!").save(folder / "vocab")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "vocab", model_max_length=77, pad_token="!")
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                              set_alpha_to_one=False, clip_sample=False)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, tokenizer_2=tokenizer,
+        text_encoder_2=make_projected_text_encoder(folder / "text_encoder_2", seed), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False)
     pipe.save_pretrained(folder)
     return pipe.to(torch.float32)
 

@@ -2,7 +2,7 @@
 against diffusers' own single-file converters, our models built from `ldm.plan`'s configs and loaded by its
 names vs the diffusers / transformers models, the family told from the tensors (full-size shapes too), the SDXL
 base file in the pipeline vs StableDiffusionXLPipeline, its bundle, a VAE file replacing its VAE and the Turbo
-preset's settings, and the pipeline's refusal of refiner files."""
+preset's settings (the refiner file in the pipeline: `test_sdxl_refiner.py`)."""
 import functools
 import json
 from types import SimpleNamespace
@@ -223,16 +223,6 @@ def test_text_time_input_that_does_not_fit_is_one_error(family, sdxl):
     with pytest.raises(CheckpointError, match=rf"{family}: the tensors do not have the {ldm.FAMILY_NAMES[family]} "
                                               rf"layout .*label_emb.0.0.weight .* {ldm.SDXL_TIME_IDS[family]} embedded"):
         ldm.plan(shapes, family)
-
-
-def test_refiner_file_is_refused_with_one_error(sdxl, tmp_path):
-    path = ldm_reference.write(ldm_reference.ldm_state_dict(sdxl("sdxl_refiner"), "sdxl_refiner"),
-                               tmp_path / "refiner.safetensors")
-    message = rf"^{path} is an SDXL refiner single file: .* the pipeline has no refiner yet \(.*\)\.$"
-    with pytest.raises(CheckpointError, match=message):
-        checkpoints.read(path)
-    with pytest.raises(CheckpointError, match=message):
-        StableDiffusion.from_checkpoint(path)
 
 
 @pytest.fixture(scope="module")

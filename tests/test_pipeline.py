@@ -145,8 +145,8 @@ def test_bad_generation_arguments(arguments, message, ours):
 
 
 def test_generation_methods_share_one_keyword_only_order():
-    """The prompt (and picture, mask) positional, every other argument keyword-only, in one order, then SDXL's
-    `**micro_conditioning`."""
+    """The prompt (and picture, mask) positional, every other argument keyword-only, in one order (the shared ones,
+    then each task's own), then SDXL's `**micro_conditioning`."""
     methods = dict(text_to_image=["prompt"], generate_image=["prompt"], image_to_image=["prompt", "image"],
                    inpaint=["prompt", "image", "mask"])
     signatures = {name: inspect.signature(getattr(StableDiffusion, name)).parameters for name in methods}
@@ -156,13 +156,14 @@ def test_generation_methods_share_one_keyword_only_order():
                                                 for n in positional], name  # after the pipeline (self or sd)
         assert kinds[-1] == ("micro_conditioning", inspect.Parameter.VAR_KEYWORD), name
         assert all(kind == inspect.Parameter.KEYWORD_ONLY for _, kind in kinds[len(positional) + 1:-1]), name
-    shared = [(p.name, p.default) for p in signatures["text_to_image"].values() if p.kind == p.KEYWORD_ONLY]
+    shared = [(p.name, p.default) for p in signatures["text_to_image"].values() if p.kind == p.KEYWORD_ONLY][:-1]
     assert [name for name, _ in shared[:3]] == ["negative_prompt", "batch_size", "num_steps"]
-    editing = {"image_to_image": 0.8, "inpaint": 1.0}
+    start, end = ("denoising_start", None), ("denoising_end", None)  # SDXL's ensemble of experts, as diffusers
+    own = dict(text_to_image=[end], generate_image=[end], inpaint=[("strength", 1.0), ("sample_latents", False)],
+               image_to_image=[("strength", 0.8), ("sample_latents", False), start, end])
     for name in methods:
         keywords = [(p.name, p.default) for p in signatures[name].values() if p.kind == p.KEYWORD_ONLY]
-        extra = [("strength", editing[name]), ("sample_latents", False)] if name in editing else []
-        assert keywords == shared + extra, name
+        assert keywords == shared + own[name], name
 
 
 @pytest.mark.parametrize("call", [

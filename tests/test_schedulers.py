@@ -1,11 +1,13 @@
 """The samplers against diffusers' schedulers built from the same config: timesteps, sigmas and whole
 trajectories under a fixed stand-in model, then whole pipelines against `StableDiffusionPipeline` with
-that scheduler; the same noise throughout (injected into diffusers' ancestral sampler)."""
+that scheduler; the same noise throughout (injected into diffusers' ancestral sampler); SDXL's refiner start."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler)
+                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionXLImg2ImgPipeline)
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from reference import nchw, nhwc, relative_difference, to_numpy
@@ -207,3 +209,28 @@ def test_config_without_timestep_spacing_takes_each_diffusers_default(name, refe
     theirs = getattr(diffusers, reference_class).from_config(config)
     theirs.set_timesteps(20)
     np.testing.assert_allclose(np.asarray(ours.timesteps, dtype=float), theirs.timesteps.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("denoising_start", [0.35, 0.799])  # 0.799: the cutoff 201, a timestep ("leading")
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_denoising_start_equals_diffusers(name, spacing, denoising_start, monkeypatch):
+    """SDXL's refiner finishing a run (`denoising_start`, strength ignored): the timesteps of diffusers'
+    `StableDiffusionXLImg2ImgPipeline.get_timesteps`, and the trajectory from there, the scheduler begun at that
+    index as the pipeline begins it (`set_begin_index`; DPM-Solver first order on its first step)."""
+    reference, keys = REFERENCES[name]
+    theirs = reference.from_config(dict(config("epsilon", spacing), **keys))
+    theirs.set_timesteps(10)
+    expected, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=theirs), 10, 0.3, "cpu",
+                                                                 denoising_start=denoising_start)
+    ours = schedulers.create(name, config("epsilon", spacing))
+    timesteps = ours.set_timesteps(10, strength=0.3, denoising_start=denoising_start)
+    np.testing.assert_array_equal(timesteps, expected.numpy())
+    assert 1 < len(timesteps) < 10
+    draws = np.random.default_rng(0).standard_normal((len(timesteps), 1, 4, 4, 3), dtype=np.float32)
+    theirs_noise = iter(nchw(draw) for draw in draws)
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, **k: next(theirs_noise))
+    x = np.random.default_rng(1).standard_normal((1, 4, 4, 3), dtype=np.float32)
+    got = run(ours, timesteps, x, iter(draws).__next__, ours=True)
+    diff = relative_difference(got, run(theirs, expected, nchw(x), None, ours=False))
+    assert diff <= STEP_TOLERANCE, f"max abs diff {diff:.2e} of the latents' scale vs diffusers ({name})"
