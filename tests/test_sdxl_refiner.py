@@ -18,7 +18,7 @@ from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
 from PIL import Image
 
 import ldm_reference
-from reference import make_sdxl_pipeline, make_sdxl_refiner_pipeline, nchw, nhwc, relative_difference
+from reference import make_sdxl_refiner_pipeline, nchw, nhwc, relative_difference
 from test_convert import assert_same_weights
 from test_editing import patch_diffusers, picture
 from stable_diffusion import StableDiffusion, checkpoints
@@ -41,11 +41,10 @@ def refiner(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """(the diffusers SDXL base, its folder, our pipeline loaded from it)."""
-    folder = tmp_path_factory.mktemp("base")
-    pipe = make_sdxl_pipeline(folder)
-    return pipe, folder, StableDiffusion.from_checkpoint(folder, jit_compile=False)
+def base(sdxl):
+    """(the diffusers SDXL base, its folder, our pipeline loaded from it): conftest's, shared with test_sdxl.py."""
+    pipe, folder, ours = sdxl
+    return pipe, folder, ours(False)
 
 
 def with_scheduler(pipe, name, config):
