@@ -29,6 +29,9 @@ PRESETS = {
     "sdxl-base-1.0": dict(url=hub("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
                           sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
                           options=dict(prediction_type="epsilon")),
+    "sdxl-refiner-1.0": dict(url=hub("stabilityai/stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors"),
+                             sha256="7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f",
+                             options=dict(prediction_type="epsilon")),
     # Turbo (Sauer et al., 2023): 1-4 steps of Euler ancestral on "trailing" timesteps, no guidance, 512 px
     "sdxl-turbo": dict(url=hub("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors"),
                        sha256="e869ac7d6942cb327d68d5ed83a40447aadf20e0c3358d98b2cc9e270db0da26",

@@ -92,10 +92,10 @@ class StableDiffusion:
 
     @classmethod
     def from_preset(cls, name, **options):
-        """Loads a preset of `presets.PRESETS` ("sd-1.5", "sd-2.1-base", "sd-2.1", "sdxl-base-1.0", "sdxl-turbo"): the
-        original file is downloaded once into the Keras cache and converted once into a bundle there, which later calls
-        load. Keyword options: see `from_checkpoint`; Turbo defaults to scheduler="euler_a" at 512x512 (run it with
-        `num_steps` 1-4 and `unconditional_guidance_scale=0`)."""
+        """Loads a preset of `presets.PRESETS` ("sd-1.5", "sd-2.1-base", "sd-2.1", "sdxl-base-1.0", "sdxl-refiner-1.0",
+        "sdxl-turbo"): the original file is downloaded once into the Keras cache and converted once into a bundle there,
+        which later calls load. Keyword options: see `from_checkpoint`; Turbo defaults to scheduler="euler_a" at 512x512
+        (run it with `num_steps` 1-4 and `unconditional_guidance_scale=0`)."""
         converted = presets.preset_bundle(name)
         if not converted.exists():
             path, download_options = presets.download_preset(name)
