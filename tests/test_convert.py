@@ -250,7 +250,8 @@ def test_bundle_files_are_aligned_safetensors_in_the_keras_layout(bench, tmp_pat
     assert_same_weights(StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False), sd)
 
 
-@pytest.mark.parametrize("policy, stored", [("float16", "F16"), ("bfloat16", "BF16")])
+@pytest.mark.parametrize("policy, stored", [("float16", "F16"),
+                                            pytest.param("bfloat16", "BF16", marks=pytest.mark.slow)])
 def test_bundle_keeps_the_dtype_of_the_variables(policy, stored, bench, tmp_path):
     bench.load("sd1", bench.file("sd1", ".safetensors")).save(tmp_path / "float32")
     sd = StableDiffusion.from_checkpoint(tmp_path / "float32", jit_compile=False, dtype=policy)
@@ -313,7 +314,7 @@ def test_loading_reads_each_tensor_once_into_memory_of_its_own(bench):
     assert_same_weights(again, sd)
 
 
-@pytest.mark.parametrize("private", ["registry", "variable methods"])
+@pytest.mark.parametrize("private", [pytest.param("registry", marks=pytest.mark.slow), "variable methods"])
 def test_without_private_keras_models_are_built_then_assigned(private, bench, tmp_path, monkeypatch):
     """Where Keras lacks the private registry of variables waiting for a value, or the private Variable
     methods that create them from arrays, the models are built with random values and every variable

@@ -88,7 +88,8 @@ def load(path, settings_of, height, width):
 
 
 # The base's models are compared end to end by the generation test below; the refiner's here (VAE encoder too).
-CASES = [("sdxl_refiner", ".safetensors", torch.float32)]
+# The refiner's single file also loads as its folder does in test_sdxl_refiner.py's default run.
+CASES = [pytest.param("sdxl_refiner", ".safetensors", torch.float32, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("family, suffix, dtype", CASES)

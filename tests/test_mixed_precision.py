@@ -16,7 +16,7 @@ def float32_images(reference):
     return sd.text_to_image("a red circle", num_steps=4, seed=3, verbose=False)
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("policy", [pytest.param("mixed_bfloat16", marks=pytest.mark.slow), "mixed_float16"])
 def test_global_policy(policy, reference, float32_images):
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)

@@ -14,7 +14,8 @@ from other_backend import generate
 from stable_diffusion import runtime
 
 
-@pytest.mark.parametrize("backend", ["openvino", pytest.param("jax", marks=pytest.mark.compiled)])
+@pytest.mark.parametrize("backend", [pytest.param("openvino", marks=pytest.mark.slow),
+                                     pytest.param("jax", marks=pytest.mark.compiled)])
 def test_backend_equals_this_one_and_reads_its_cache(backend, reference, ours, tmp_path):
     """Two pipelines in a subprocess on `backend` (other_backend.py); images against ours here (tolerance 1/255)."""
     _, folder = reference("sd1")
