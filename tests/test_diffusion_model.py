@@ -104,6 +104,6 @@ def test_sdxl_unet_without_a_second_text_encoder_is_refused_before_any_model_is_
     shutil.copytree(reference("sd1")[1], folder)
     shutil.rmtree(folder / "unet")
     make_sdxl_unet("sdxl", folder / "unet")
-    with pytest.raises(CheckpointError, match=r"unet/config.json: the UNet takes context_dim=32 and pooled_dim=24, "
-                                              r"but its text encoders give 32 and 0 \(one CLIP\)"):
+    with pytest.raises(CheckpointError, match=r"unet/config.json: the UNet takes context_dim=32 and pooled_dim=24 "
+                                              r"\(beside 6 time ids\), but its text encoders give 32 and 0 \(one CLIP\)"):
         checkpoints.read(folder)
