@@ -272,6 +272,19 @@ def relative_difference(got, expected):
     return float(np.abs(np.asarray(got) - expected).max() / np.abs(expected).max())
 
 
+def assert_same_generation(pipe, sd, got, expected, what):
+    """Our final latents `got` within 1e-4 of their scale (float32 rounding: ~1e-6) of diffusers' `expected` (NCHW),
+    and the images `sd` decodes of them within one uint8 level of those `pipe`'s VAE decodes, as the pipeline does."""
+    diff = relative_difference(got, nhwc(expected))
+    assert diff <= 1e-4, f"final latents: max abs diff {diff:.2e} of their scale vs {what}"
+    with torch.no_grad():
+        decoded = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
+    expected = np.round(nhwc(decoded / 2 + 0.5).clip(0, 1) * 255).astype("uint8")  # the pipeline's postprocessing
+    assert expected.std() > 10, "flat reference images: the comparison would prove little"
+    diff = np.abs(sd.decode(got).astype(int) - expected).max()
+    assert diff <= 1, f"max pixel difference {diff} vs {what} (tolerance 1/255)"
+
+
 def psnr(got, expected):
     """Peak signal-to-noise ratio, in dB, of uint8 images `got` against `expected`."""
     mse = np.mean((np.asarray(got, "float64") - expected) ** 2)

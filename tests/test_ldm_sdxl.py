@@ -16,7 +16,7 @@ from diffusers.loaders import single_file_utils
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import ldm_reference
-from reference import SDXL_UNETS, make_sdxl_pipeline, nchw, nhwc, predicted, relative_difference, rounded, to_numpy
+from reference import SDXL_UNETS, assert_same_generation, make_sdxl_pipeline, nchw, nhwc, predicted, relative_difference, rounded, to_numpy
 from test_convert import assert_same_weights
 from test_diffusion_model import TIME_IDS, unet_difference
 from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, presets, settings
@@ -273,14 +273,7 @@ def test_base_file_generates_as_diffusers(base):
                              height=64, width=64, latents=nchw(noise), output_type="latent").images
         got = sd.text_to_image(prompts, negative_prompt=negative, num_steps=4, diffusion_noise=noise,
                                unconditional_guidance_scale=guidance, return_latents=True, verbose=False)
-        diff = relative_difference(got, nhwc(expected))
-        assert diff <= 1e-4, f"{suffix} {dtype}: final latents' max abs diff {diff:.2e} of their scale"
-        with torch.no_grad():
-            decoded = reference.vae.decode(expected / reference.vae.config.scaling_factor).sample
-        expected = np.round(nhwc(decoded / 2 + 0.5).clip(0, 1) * 255).astype("uint8")
-        assert expected.std() > 10, "flat reference images: the comparison would prove little"
-        diff = np.abs(sd.decode(got).astype(int) - expected).max()
-        assert diff <= 1, f"{suffix} {dtype}: max pixel difference {diff} (tolerance 1/255)"
+        assert_same_generation(reference, sd, got, expected, f"StableDiffusionXLPipeline, {suffix} {dtype}")
     checkpoint.load_into(sd)  # the float32 weights again, for the other tests
 
 

@@ -11,14 +11,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.loaders import single_file_utils
 from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
 from PIL import Image
 
 import ldm_reference
-from reference import make_sdxl_refiner_pipeline, nchw, nhwc, relative_difference
+from reference import assert_same_generation, make_sdxl_refiner_pipeline, nchw, nhwc, relative_difference
 from test_convert import assert_same_weights
 from test_editing import patch_diffusers, picture
 from stable_diffusion import StableDiffusion, checkpoints
@@ -65,19 +64,6 @@ def recorder(timesteps):
     return record
 
 
-def assert_equal_to(pipe, sd, got, expected, what):
-    """Our final latents `got` within 1e-4 of their scale (float32 rounding: ~1e-6) of diffusers' `expected` (NCHW),
-    and the images `sd` decodes of them within one uint8 level of those `pipe`'s VAE decodes, as the pipeline does."""
-    diff = relative_difference(got, nhwc(expected))
-    assert diff <= 1e-4, f"final latents: max abs diff {diff:.2e} of their scale vs {what}"
-    with torch.no_grad():
-        decoded = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
-    expected = np.round(nhwc(decoded / 2 + 0.5).clip(0, 1) * 255).astype("uint8")  # the pipeline's postprocessing
-    assert expected.std() > 10, "flat reference images: the comparison would prove little"
-    diff = np.abs(sd.decode(got).astype(int) - expected).max()
-    assert diff <= 1, f"max pixel difference {diff} vs {what} (tolerance 1/255)"
-
-
 @pytest.mark.slow  # the default run compares the refiner in the ensemble below
 @pytest.mark.parametrize("prompts, negative, options", [
     (PROMPTS, NEGATIVES, dict(strength=0.8, guidance=5.0, **SCORES, **SIZES)),
@@ -97,7 +83,7 @@ def test_image_to_image_equals_diffusers(prompts, negative, options, refiner, mo
     got = sd.image_to_image(prompts, picture(), negative_prompt=negative, num_steps=5, diffusion_noise=noise,
                             unconditional_guidance_scale=guidance, scheduler=scheduler, return_latents=True,
                             verbose=False, **options)
-    assert_equal_to(pipe, sd, got, expected, f"StableDiffusionXLImg2ImgPipeline {options}")
+    assert_same_generation(pipe, sd, got, expected, f"StableDiffusionXLImg2ImgPipeline {options}")
 
 
 @pytest.mark.parametrize("scheduler, fraction", [
@@ -132,7 +118,7 @@ def test_ensemble_of_experts_equals_diffusers(scheduler, fraction, base, refiner
                             return_latents=True, verbose=False, callback=lambda step, t, x: steps.append(int(t)),
                             **SCORES, **SIZES)
     assert steps == theirs and max(steps) < cutoff and (len(steps) == 2 or scheduler != "ddim")
-    assert_equal_to(pipe, sd, got, expected, "the refiner's StableDiffusionXLImg2ImgPipeline")
+    assert_same_generation(pipe, sd, got, expected, "the refiner's StableDiffusionXLImg2ImgPipeline")
 
 
 def test_what_each_input_changes(refiner):
@@ -203,7 +189,7 @@ def test_single_file_generates_as_diffusers(refiner, tmp_path, monkeypatch):
         output_type="latent", **SCORES).images
     got = sd.image_to_image("a red circle", picture(), strength=0.7, num_steps=6, diffusion_noise=noise,
                             return_latents=True, verbose=False, **SCORES)
-    assert_equal_to(pipe, sd, got, expected, "StableDiffusionXLImg2ImgPipeline on the file's weights")
+    assert_same_generation(pipe, sd, got, expected, "StableDiffusionXLImg2ImgPipeline on the file's weights")
 
 
 @pytest.mark.parametrize("model, call, message", [
