@@ -1,6 +1,7 @@
 """Reference pipelines for the parity tests: tiny random-weight diffusers / transformers models
 saved with `save_pretrained`, in the SD 1.x, SD 2.x and other layouts of the family."""
 import copy
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -83,6 +84,29 @@ HUB_CONFIGS = {
                   hidden_act="gelu", max_position_embeddings=77, vocab_size=49408)),
 }
 
+# Full-size SDXL 1.0 base ("sdxl") and refiner ("sdxl_refiner"): the values of the hub's config.json files.
+SDXL_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, scaling_factor=0.13025,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768)
+BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+             projection_dim=1280)
+HUB_SDXL = {
+    "sdxl": dict(unet=dict(block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+                           transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+                           projection_class_embeddings_input_dim=2816,
+                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                           up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+                 text_encoder=CLIP_L),
+    "sdxl_refiner": dict(unet=dict(block_out_channels=[384, 768, 1536, 1536], attention_head_dim=[6, 12, 24, 24],
+                                   transformer_layers_per_block=4, cross_attention_dim=1280,
+                                   projection_class_embeddings_input_dim=2560,
+                                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                     "DownBlock2D"],
+                                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                                   "UpBlock2D"])),
+}
+
 
 def make_pipeline(kind, folder, seed=0):
     """Builds a random-weight StableDiffusionPipeline of `kind`, saves it to `folder`, returns it."""
@@ -145,17 +169,24 @@ def make_sdxl_pipeline(folder, seed=0):
                         block_out_channels=(16, 16, 32, 32), layers_per_block=1, scaling_factor=0.13025,
                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
     randomize(text_encoder, vae)
+    return save_sdxl_pipeline(folder, SimpleNamespace(
+        unet=unet, vae=vae, text_encoder=text_encoder,
+        text_encoder_2=make_projected_text_encoder(folder / "text_encoder_2", seed, 16))).to(torch.float32)
+
+
+def save_sdxl_pipeline(folder, models):
+    """A StableDiffusionXLPipeline of `models` (attributes unet, vae, text_encoder, text_encoder_2), the first
+    tokenizer padding with the end token, the second with "!", DDIM on SD's noise schedule, saved to `folder`."""
     tokenizers = []
     for pad_token in ("<|endoftext|>", "!"):
         Tokenizer.from_vendored(pad_token).save(folder / "vocab")
         tokenizers.append(CLIPTokenizer.from_pretrained(folder / "vocab", model_max_length=77, pad_token=pad_token))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                               set_alpha_to_one=False, clip_sample=False)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizers[0], unet=unet,
-                                     text_encoder_2=make_projected_text_encoder(folder / "text_encoder_2", seed, 16),
-                                     tokenizer_2=tokenizers[1], scheduler=scheduler, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(**vars(models), tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+                                     scheduler=scheduler, add_watermarker=False)
     pipe.save_pretrained(folder)
-    return pipe.to(torch.float32)
+    return pipe
 
 
 def make_sdxl_refiner_pipeline(folder, seed=0):
@@ -193,6 +224,34 @@ def make_full_size_pipeline(version, folder):
                          clip_sample=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
+
+
+def full_size_sdxl(family):
+    """SDXL 1.0's base ("sdxl") or refiner ("sdxl_refiner") (`HUB_SDXL`) as diffusers / transformers models with
+    diffusers' initial weights, attributes unet, vae, text_encoder_2 and (the base) text_encoder, on torch's
+    default device and dtype: inside `with torch.device("meta"):` they take no memory."""
+    spec, text = HUB_SDXL[family], dict(vocab_size=49408, max_position_embeddings=77)
+    models = SimpleNamespace(
+        unet=UNet2DConditionModel(**spec["unet"], layers_per_block=2, use_linear_projection=True,
+                                  addition_embed_type="text_time", addition_time_embed_dim=256),
+        vae=AutoencoderKL(**SDXL_VAE),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, **BIG_G)))
+    if "text_encoder" in spec:
+        models.text_encoder = CLIPTextModel(CLIPTextConfig(**text, **spec["text_encoder"]))
+    return models
+
+
+def make_full_size_sdxl_pipeline(folder, dtype=torch.float16):
+    """A full-size random-weight SDXL 1.0 base pipeline (`full_size_sdxl`) saved to `folder`, each model created
+    in `dtype` (torch's default dtype meanwhile), so no float32 copy is ever made: 6.9 GB in float16."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        models = full_size_sdxl("sdxl")
+    finally:
+        torch.set_default_dtype(previous)
+    randomize(models.unet.conv_out)  # zero-initialised in diffusers
+    return save_sdxl_pipeline(folder, models)
 
 
 def save_pipeline(folder, unet, vae, text_encoder, pad_token, prediction_type, clip_sample):

@@ -1,16 +1,20 @@
-"""Full-size SD 1.5 and SD 2.1 architectures: parameter counts equal the reference models (diffusers /
-transformers built on the meta device from the hub configs), and the full-size UNet equals diffusers'
-on the same random weights."""
+"""Full-size SD 1.5, SD 2.1 and SDXL 1.0 (base and refiner) architectures: parameter counts equal the reference
+models (diffusers / transformers built on the meta device from the hub configs), and the full-size SD 1.5 UNet equals
+diffusers' on the same random weights."""
+import gc
+
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from reference import FULL_SIZE_VAE as VAE, HUB_CONFIGS, nchw, nhwc, randomize, relative_difference
-from stable_diffusion import diffusers_folder
+import ldm_reference
+from reference import FULL_SIZE_VAE as VAE, HUB_CONFIGS, full_size_sdxl, nchw, nhwc, randomize, relative_difference
+from stable_diffusion import diffusers_folder, ldm
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.diffusion_model import DiffusionModel
+from stable_diffusion.encoder import Encoder
 from stable_diffusion.text_encoder import TextEncoder
 from stable_diffusion.weights import Tensors, load_weights
 
@@ -36,6 +40,37 @@ def test_parameter_counts(version):
     if version == "sd-1.5":  # the published SD 1.5 figures
         assert (count(unet), count(vae.decoder) + count(vae.post_quant_conv), count(text)) == (
             859_520_964, 49_490_199, 123_060_480)
+
+
+# Ours per model name: the class and the size arguments (any size: the counts do not depend on it).
+SDXL_MODELS = {"text_encoder": (TextEncoder, {}), "text_encoder_2": (TextEncoder, {}),
+               "diffusion_model": (DiffusionModel, dict(latent_height=32, latent_width=32)),
+               "decoder": (Decoder, dict(latent_height=None, latent_width=None)),
+               "encoder": (Encoder, dict(img_height=64, img_width=64))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "sdxl_refiner"])
+def test_sdxl_parameter_counts(family):
+    """SDXL 1.0 base and refiner: each of our models, built from the configs `ldm.plan` infers from the full-size
+    original key shapes (the path `sd_xl_base_1.0.safetensors` takes), has as many parameters as its diffusers /
+    transformers counterpart: UNet, CLIP ViT-L, OpenCLIP ViT-bigG with projection, VAE decoder and encoder. Ours are
+    built one at a time in bfloat16 (the base UNet: 5.1 GB)."""
+    with torch.device("meta"):
+        models = full_size_sdxl(family)
+    state = ldm_reference.ldm_state_dict(models, family)
+    config = ldm.plan({key: tuple(value.shape) for key, value in state.items()}, family).config
+    expected = {name: count(getattr(models, name)) for name in ldm.TEXT_ENCODERS[family]}
+    expected.update(diffusion_model=count(models.unet), decoder=count(models.vae.decoder) + count(
+        models.vae.post_quant_conv), encoder=count(models.vae.encoder) + count(models.vae.quant_conv))
+    got = {}
+    for name in expected:
+        model_class, size = SDXL_MODELS[name]
+        got[name] = model_class(**size, **config[name], dtype="bfloat16").count_params()
+        gc.collect()  # the model built, counted and dropped before the next
+    assert got == expected
+    if family == "sdxl":  # the published SDXL base UNet figure
+        assert got["diffusion_model"] == 2_567_463_684
 
 
 @pytest.mark.slow

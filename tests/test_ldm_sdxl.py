@@ -5,18 +5,17 @@ base file in the pipeline vs StableDiffusionXLPipeline, its bundle, a VAE file r
 preset's settings (the refiner file in the pipeline: `test_sdxl_refiner.py`)."""
 import functools
 import json
-from types import SimpleNamespace
 
 import keras
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
 from diffusers.loaders import single_file_utils
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import ldm_reference
-from reference import SDXL_UNETS, assert_same_generation, make_sdxl_pipeline, nchw, nhwc, predicted, relative_difference, rounded, to_numpy
+from reference import (HUB_SDXL, SDXL_UNETS, assert_same_generation, full_size_sdxl, make_sdxl_pipeline, nchw, nhwc,
+                       predicted, relative_difference, rounded, to_numpy)
 from test_convert import assert_same_weights
 from test_diffusion_model import TIME_IDS, unet_difference
 from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, presets, settings
@@ -130,30 +129,6 @@ def test_components_equal_reference(family, suffix, dtype, sdxl, tmp_path):
     assert all(diff <= 1e-4 for diff in diffs.values()), f"VAE vs AutoencoderKL (tolerance 1e-4): {diffs}"
 
 
-# Full-size SDXL 1.0 base and refiner: the values of the hub's config.json files.
-SDXL_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, scaling_factor=0.13025,
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu", projection_dim=768)
-BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
-             projection_dim=1280)
-HUB_SDXL = {
-    "sdxl": dict(unet=dict(block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
-                           transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
-                           projection_class_embeddings_input_dim=2816,
-                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                           up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
-                 text_encoder=CLIP_L),
-    "sdxl_refiner": dict(unet=dict(block_out_channels=[384, 768, 1536, 1536], attention_head_dim=[6, 12, 24, 24],
-                                   transformer_layers_per_block=4, cross_attention_dim=1280,
-                                   projection_class_embeddings_input_dim=2560,
-                                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                                     "DownBlock2D"],
-                                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                                   "UpBlock2D"])),
-}
-
-
 def depth_used(config):
     """The transformer depth of each level with attention, and the middle block's (the last entry): what a
     DiffusionModel builds of its transformer_depth."""
@@ -166,15 +141,8 @@ def depth_used(config):
 def test_full_size_architecture_inferred(family):
     """The family rules (64-wide heads, 6 or 5 time ids, every OpenCLIP layer and the projection, 0.13025) give
     SDXL 1.0's diffusers configs from the full-size key shapes (models on the meta device: no memory)."""
-    spec, text = HUB_SDXL[family], dict(vocab_size=49408, max_position_embeddings=77)
     with torch.device("meta"):
-        models = SimpleNamespace(
-            unet=UNet2DConditionModel(**spec["unet"], layers_per_block=2, use_linear_projection=True,
-                                      addition_embed_type="text_time", addition_time_embed_dim=256),
-            vae=AutoencoderKL(**SDXL_VAE),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, **BIG_G)))
-        if "text_encoder" in spec:
-            models.text_encoder = CLIPTextModel(CLIPTextConfig(**text, **spec["text_encoder"]))
+        models = full_size_sdxl(family)
     state = ldm_reference.ldm_state_dict(models, family)
     found = ldm.plan({k: tuple(v.shape) for k, v in state.items()}, family)
     assert found.family == family and found.config.keys() == {
