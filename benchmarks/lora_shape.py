@@ -37,18 +37,22 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "con
 
 
 def new_shapes(shape, count, rng):
-    """`count` images and captions of `shape`, of the grammar's colours, backgrounds and size words."""
-    attributes = [dict(random_caption(rng)[1], shape=shape) for _ in range(count)]
+    """`count` images and captions of `shape` (a name, or names taken in turn), of the grammar's colours,
+    backgrounds and size words."""
+    shapes = (shape,) if isinstance(shape, str) else tuple(shape)
+    attributes = [dict(random_caption(rng)[1], shape=shapes[k % len(shapes)]) for k in range(count)]
     return np.stack([draw_shape(a, rng) for a in attributes]), [format_caption(a) for a in attributes]
 
 
-def training_folder(folder, shape, num_new, num_others, num_prior=0):
-    """Writes `num_new` images of `shape`, `num_others` of the grammar and `num_prior` the demo model generates
-    from grammar prompts (`prompts(num_prior, SEED + 3)`, image k seeded with SEED + 3 + k: prior preservation,
+def training_folder(folder, shape, num_new, num_others, num_prior=0, others_shapes=None):
+    """Writes `num_new` images of `shape`, `num_others` of the grammar (`data.make_dataset`'s, or of `others_shapes`
+    taken in turn: the shapes the new one must stay apart from) and `num_prior` the demo model generates from grammar
+    prompts (`prompts(num_prior, SEED + 3)`, image k seeded with SEED + 3 + k: prior preservation,
     as DreamBooth's class images), shuffled, to `folder`."""
     images, captions = new_shapes(shape, num_new, np.random.default_rng(SEED))
     if num_others:
-        others, other_captions = make_dataset(num_others, SEED + 1)
+        others, other_captions = (make_dataset(num_others, SEED + 1) if others_shapes is None
+                                  else new_shapes(others_shapes, num_others, np.random.default_rng(SEED + 1)))
         images, captions = np.concatenate([images, others]), captions + other_captions
     if num_prior:
         prior_captions = prompts(num_prior, SEED + 3)
@@ -64,6 +68,8 @@ def main(argv=None):
     parser.add_argument("--shape", choices=NEW_SHAPES, required=True, help="the shape to teach")
     parser.add_argument("--new", type=int, default=32, help="images of the new shape to train on")
     parser.add_argument("--others", type=int, default=8, help="images of the grammar's shapes to train on")
+    parser.add_argument("--others-shapes", nargs="+", choices=SHAPES, metavar="SHAPE", help="the others' shapes, "
+                        "taken in turn (default: the grammar's dataset), e.g. the shape the new one resembles")
     parser.add_argument("--prior", type=int, default=0, help="images the demo model generates from grammar "
                         "prompts, trained on too (prior preservation)")
     parser.add_argument("--rank", type=int, default=16)
@@ -84,7 +90,7 @@ def main(argv=None):
     folder = args.output.with_name(f"{args.output.stem}.data")
     host = machine()  # before training, so the load average is the other jobs'
     start = time.perf_counter()
-    training_folder(folder, args.shape, args.new, args.others, args.prior)
+    training_folder(folder, args.shape, args.new, args.others, args.prior, args.others_shapes)
     result = train_lora(None, folder, args.output, rank=args.rank, targets=args.targets,
                         train_text_encoder=not args.no_text_encoder, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, caption_dropout=args.caption_dropout,
@@ -106,7 +112,8 @@ def main(argv=None):
     steps = args.epochs * -(-(args.new + args.others + args.prior) // args.batch_size)
     command = command_line("benchmarks.lora_shape", argv)
     entry = "\n".join([
-        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {args.new} {args.shape}s + {args.others} others"
+        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {args.new} {args.shape}s + {args.others} "
+        f"{'/'.join(args.others_shapes) + 's' if args.others_shapes else 'others'}"
         f"{f' + {args.prior} generated' if args.prior else ''}, "
         f"rank {args.rank}, {steps} steps",
         "",
