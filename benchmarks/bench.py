@@ -172,7 +172,8 @@ def main(argv=None):
             jax.config.update("jax_default_matmul_precision", "highest")
 
     folder, pipe = reference_pipeline(args)
-    options = dict(img_height=args.size, img_width=args.size, jit_compile=not args.no_xla, dtype=args.dtype_policy)
+    options = dict(img_height=args.size, img_width=args.size, jit_compile=not args.no_xla, dtype=args.dtype_policy,
+                   scheduler="ddim")  # as the reference's
     ours = {"ours": StableDiffusion.from_checkpoint(folder, **options)}
     if args.int8:
         ours["ours int8"] = StableDiffusion.from_checkpoint(folder, quantize="int8", **options)

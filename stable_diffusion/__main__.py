@@ -93,7 +93,8 @@ def build_parser():
                         help="classifier-free guidance scale, 1 for none (default: %(default)s)")
     parser.add_argument("--seed", type=number(int), help="noise seed, >= 0; image i of a batch gets seed + i "
                         "(default: random, printed and stored in each PNG)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the one the checkpoint's "
+                        "scheduler config names, else ddim)")
     parser.add_argument("--init-image", type=Path, help="start from this picture (image-to-image, "
                         "or inpainting with --mask); the image's size must be the model's or --height/--width")
     parser.add_argument("--mask", type=Path, help="inpaint the white part of this mask of --init-image")
@@ -175,7 +176,7 @@ def check_arguments(args):
     for name, size in (("img_height", args.height), ("img_width", args.width)):
         if size is not None:
             arguments.check_image_size(name, size)
-    arguments.check_steps(args.scheduler or "ddim", {}, args.steps, 1.0 if args.strength is None else args.strength)
+    arguments.check_steps(args.scheduler, {}, args.steps, 1.0 if args.strength is None else args.strength)
     tiling.checked_tile_size(args.vae_tiling, VAE_FACTOR)
     paths = output_paths(args.output, args.batch_size)
     existing = [str(path) for path in paths if path.exists() and not path.is_dir()]
@@ -213,7 +214,7 @@ def load(args):
     try:
         sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.height, img_width=args.width,
                                              jit_compile=args.xla or None, compiled_loop=not args.numpy_loop,
-                                             quantize="int8" if args.int8 else None)
+                                             quantize="int8" if args.int8 else None, scheduler=args.scheduler)
     except FileNotFoundError as error:
         if args.checkpoint is None:
             raise ValueError(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "
@@ -237,17 +238,16 @@ def generate(sd, args):
     else:
         task, inputs = sd.inpaint, (args.init_image, args.mask)
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
-    scheduler = args.scheduler or sd.scheduler_name
     strength = {} if args.strength is None else dict(strength=args.strength)
-    print(f"Seed {seed}; {args.steps} {scheduler} steps, guidance {args.guidance}, {sd.img_width}x{sd.img_height}.",
-          flush=True)
+    print(f"Seed {seed}; {args.steps} {sd.scheduler_name} steps, guidance {args.guidance}, "
+          f"{sd.img_width}x{sd.img_height}.", flush=True)
     images = task(args.prompt, *inputs, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                  num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed, scheduler=scheduler,
+                  num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed,
                   clip_skip=args.clip_skip, **strength)
     editing = dict(init_image=args.init_image, mask=args.mask, strength=args.strength, clip_skip=args.clip_skip,
                    embedding=" ".join(map(str, args.embedding)) or None)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
-                    guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
+                    guidance=args.guidance, scheduler=sd.scheduler_name, height=sd.img_height, width=sd.img_width,
                     model=str(args.checkpoint or "built-in demo") + (", int8" if args.int8 else ""),
                     **({"lora": " ".join(f"{path}:{scale}" for path, scale in args.lora)} if args.lora else {}),
                     **{key: value for key, value in editing.items() if value is not None})
