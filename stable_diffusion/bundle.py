@@ -44,8 +44,9 @@ RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
 
 def save(sd, path, *, overwrite=False):
     """`StableDiffusion.save`: writes `sd` as a bundle folder for `from_checkpoint`: config (with `sd`'s sampler, the
-    bundle's default), a `.safetensors` per model, tokenizer; under a temporary name renamed once complete (`files.staged`). FileExistsError if `path`
-    exists, unless `overwrite`; ValueError for a quantized pipeline (`quantization.py`): bundles hold float weights."""
+    bundle's default), a `.safetensors` per model, tokenizer; under a temporary name renamed once complete
+    (`files.staged`). FileExistsError if `path` exists, unless `overwrite`; ValueError for a quantized pipeline
+    (`quantization.py`): bundles hold float weights."""
     names = model_names(sd.config)
     if any(layer.quantization_mode for name in names for layer in getattr(sd, name).layers):
         raise ValueError('A quantized pipeline cannot be saved (bundles hold float weights): save it unquantized '

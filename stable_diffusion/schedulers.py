@@ -396,8 +396,8 @@ def default_name(config):
             return name
     if found is not None:
         keys = dict.fromkeys(key for options in variants.values() for key in options)  # in order, once each
-        options = [f"{key}={value(key)!r:.40}" for key in keys if all(value(key) != o[key] for o in variants.values())]
-        warnings.warn(f"The checkpoint names the sampler {found!r:.80}{' with ' if options else ''}{', '.join(options)}"
+        other = [f"{key}={value(key)!r:.40}" for key in keys if all(value(key) != o[key] for o in variants.values())]
+        warnings.warn(f"The checkpoint names the sampler {found!r:.80}{' with ' if other else ''}{', '.join(other)}"
                       f", which this library does not implement: it samples with DDIM unless given a scheduler (one of "
                       f"{', '.join(map(repr, SCHEDULERS))}).", stacklevel=3)
     return "ddim"

@@ -124,7 +124,7 @@ def test_default_sampler_is_the_one_its_config_names():
     """No `scheduler`: the sampler of the scheduler config's diffusers class (`schedulers.default_name`: a folder's,
     or a bundle's, the saved pipeline's as above); a given one wins."""
     config = dict(TINY_CONFIG, scheduler={"_class_name": "EulerAncestralDiscreteScheduler"})
-    names = [StableDiffusion(32, 32, config=config, **options).scheduler_name for options in ({}, {"scheduler": "pndm"})]
+    names = [StableDiffusion(32, 32, config=config, **given).scheduler_name for given in ({}, dict(scheduler="pndm"))]
     assert names == ["euler_a", "pndm"]
 
 
