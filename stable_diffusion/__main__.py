@@ -4,8 +4,8 @@ LoRAs merged with `--lora PATH[:SCALE]` (repeatable), SDXL's micro-conditioning 
 and the other keywords of `sdxl.py` as flags.
 
 Argument checks and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
-negative prompt, seed, steps, guidance, sampler, size, model and LoRAs (and the editing inputs, embeddings
-and clip skip used) as PNG text chunks (read them with
+negative prompt, seed, steps, guidance, sampler, size, model and LoRAs (and the editing inputs, embeddings,
+clip skip and micro-conditioning used) as PNG text chunks (read them with
 `PIL.Image.open(path).text`), so any image can be made again, alone (to within one pixel level): image i
 of a batch has seed + i. Bad arguments, and outputs that could not be written, are reported before the
 model loads (TensorFlow is imported only then): one line on stderr, exit status 2, nothing written.
