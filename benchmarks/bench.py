@@ -194,7 +194,8 @@ def main(argv=None):
 
     folder = reference_folder(args)
     resident, loads = dict(run=ResidentMemory(), load=ResidentMemory()), {}  # from here on; of each load
-    options = dict(img_height=args.size, img_width=args.size, jit_compile=not args.no_xla, dtype=args.dtype_policy)
+    options = dict(img_height=args.size, img_width=args.size, jit_compile=not args.no_xla, dtype=args.dtype_policy,
+                   scheduler="ddim")  # as the reference's
     pipe, loads[REFERENCE] = loaded(lambda: reference_pipeline(folder, args), resident["load"])
     sd, loads["ours"] = loaded(lambda: StableDiffusion.from_checkpoint(folder, **options), resident["load"])
     ours = {"ours": sd}

@@ -1,10 +1,11 @@
 """Command line text-to-image: `python -m stable_diffusion "a red circle on a white background"`;
 image-to-image with `--init-image PATH [--strength S]`, inpainting with `--init-image PATH --mask PATH`,
-LoRAs merged with `--lora PATH[:SCALE]` (repeatable).
+LoRAs merged with `--lora PATH[:SCALE]` (repeatable), SDXL's micro-conditioning with `--original-size HEIGHT WIDTH`
+and the other keywords of `sdxl.py` as flags.
 
 Argument checks and PNG writing only; `StableDiffusion` does the work. Each PNG stores the prompt,
-negative prompt, seed, steps, guidance, sampler, size, model and LoRAs (and the editing inputs, embeddings
-and clip skip used) as PNG text chunks (read them with
+negative prompt, seed, steps, guidance, sampler, size, model and LoRAs (and the editing inputs, embeddings,
+clip skip and micro-conditioning used) as PNG text chunks (read them with
 `PIL.Image.open(path).text`), so any image can be made again, alone (to within one pixel level): image i
 of a batch has seed + i. Bad arguments, and outputs that could not be written, are reported before the
 model loads (TensorFlow is imported only then): one line on stderr, exit status 2, nothing written.
@@ -28,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import arguments, files, tiling
+from . import arguments, files, sdxl, tiling
 from .schedulers import SCHEDULERS
 
 PROG = "python -m stable_diffusion"
@@ -40,7 +41,8 @@ DEMO_NOTICE = ("Using the built-in demo model: 64x64 images of one shape on a pl
 FLAGS = {"img_height": "--height", "img_width": "--width", "num_steps": "--steps", "batch_size": "--batch-size",
          "unconditional_guidance_scale": "--guidance", "seed": "--seed", "negative_prompt": "--negative-prompt",
          "scheduler": "--scheduler", "strength": "--strength", "tile_size": "--vae-tiling",
-         "enable_vae_tiling": "--vae-tiling", "overwrite": "--overwrite", "clip_skip": "--clip-skip"}
+         "enable_vae_tiling": "--vae-tiling", "overwrite": "--overwrite", "clip_skip": "--clip-skip",
+         **{name: f"--{name.replace('_', '-')}" for name in sdxl.KEYWORDS}}
 STEPS, GUIDANCE = 50, 7.5  # the pipeline's defaults (test_cli checks them), stated in --help
 VAE_FACTOR = 8  # pixels per latent of the SD 1.x / 2.x VAEs: the unit of --vae-tiling before a model loads
 # What TensorFlow's C++ libraries log while they load (absl INFO / WARNING lines, oneDNN, CUDA probing).
@@ -93,7 +95,8 @@ def build_parser():
                         help="classifier-free guidance scale, 1 for none (default: %(default)s)")
     parser.add_argument("--seed", type=number(int), help="noise seed, >= 0; image i of a batch gets seed + i "
                         "(default: random, printed and stored in each PNG)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the one the checkpoint's "
+                        "scheduler config names, else ddim)")
     parser.add_argument("--init-image", type=Path, help="start from this picture (image-to-image, "
                         "or inpainting with --mask); the image's size must be the model's or --height/--width")
     parser.add_argument("--mask", type=Path, help="inpaint the white part of this mask of --init-image")
@@ -127,6 +130,24 @@ def build_parser():
                         "in overlapping tiles of this size, a multiple of 8, to bound memory (e.g. 512; see "
                         "enable_vae_tiling)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    micro = parser.add_argument_group("SDXL micro-conditioning", "what SDXL's UNet is told of its training image "
+                                      "(Podell et al., 2023), as diffusers' keywords of the same names; a pair is "
+                                      "diffusers' (height, width) or (top, left) tuple, in pixels")
+    size = dict(nargs=2, type=number(int), metavar=("HEIGHT", "WIDTH"))
+    corner = dict(size, metavar=("TOP", "LEFT"))
+    micro.add_argument("--original-size", **size, help="its size before resizing (default: the image's size)")
+    micro.add_argument("--crops-coords-top-left", **corner, help="the top-left corner of its crop (default: 0 0)")
+    micro.add_argument("--target-size", **size, help="SDXL base: the size asked for (default: the image's size)")
+    micro.add_argument("--negative-original-size", **size, help="the negative prompt's --original-size (default: "
+                       "the prompt's; SDXL base: with --negative-target-size, else the prompt's sizes and corner)")
+    micro.add_argument("--negative-crops-coords-top-left", **corner, help="the negative prompt's corner (default: "
+                       "0 0; SDXL base: with both negative sizes)")
+    micro.add_argument("--negative-target-size", **size, help="SDXL base: the negative prompt's --target-size "
+                       "(with --negative-original-size)")
+    micro.add_argument("--aesthetic-score", type=number(float), metavar="SCORE", help="SDXL refiner: the aesthetic "
+                       f"score to condition on (default: {sdxl.AESTHETIC_SCORE})")
+    micro.add_argument("--negative-aesthetic-score", type=number(float), metavar="SCORE", help="SDXL refiner: the "
+                       f"negative prompt's (default: {sdxl.NEGATIVE_AESTHETIC_SCORE})")
     return parser
 
 
@@ -136,6 +157,11 @@ def in_flag_names(message):
     def flag(match):
         return FLAGS[match[1]] + ("" if match[2] in (None, "True") else " ")
     return re.sub(rf"(?<![\w-])({'|'.join(FLAGS)})\b(?:=(True\b|))?", flag, str(message))
+
+
+def micro_conditioning(args):
+    """The SDXL micro-conditioning keywords (`sdxl.KEYWORDS`) the flags give."""
+    return {name: getattr(args, name) for name in sdxl.KEYWORDS if getattr(args, name) is not None}
 
 
 def output_paths(output, batch_size):
@@ -175,7 +201,8 @@ def check_arguments(args):
     for name, size in (("img_height", args.height), ("img_width", args.width)):
         if size is not None:
             arguments.check_image_size(name, size)
-    arguments.check_steps(args.scheduler or "ddim", {}, args.steps, 1.0 if args.strength is None else args.strength)
+    arguments.check_steps(args.scheduler, {}, args.steps, 1.0 if args.strength is None else args.strength)
+    arguments.check_micro_conditioning(micro_conditioning(args), sdxl.KEYWORDS)  # the values; the model takes which
     tiling.checked_tile_size(args.vae_tiling, VAE_FACTOR)
     paths = output_paths(args.output, args.batch_size)
     existing = [str(path) for path in paths if path.exists() and not path.is_dir()]
@@ -213,7 +240,7 @@ def load(args):
     try:
         sd = StableDiffusion.from_checkpoint(args.checkpoint, img_height=args.height, img_width=args.width,
                                              jit_compile=args.xla or None, compiled_loop=not args.numpy_loop,
-                                             quantize="int8" if args.int8 else None)
+                                             quantize="int8" if args.int8 else None, scheduler=args.scheduler)
     except FileNotFoundError as error:
         if args.checkpoint is None:
             raise ValueError(f"the built-in demo model is not installed ({str(error).rstrip('.')}); "
@@ -237,17 +264,18 @@ def generate(sd, args):
     else:
         task, inputs = sd.inpaint, (args.init_image, args.mask)
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
-    scheduler = args.scheduler or sd.scheduler_name
-    strength = {} if args.strength is None else dict(strength=args.strength)
-    print(f"Seed {seed}; {args.steps} {scheduler} steps, guidance {args.guidance}, {sd.img_width}x{sd.img_height}.",
-          flush=True)
+    strength, micro = {} if args.strength is None else dict(strength=args.strength), micro_conditioning(args)
+    print(f"Seed {seed}; {args.steps} {sd.scheduler_name} steps, guidance {args.guidance}, "
+          f"{sd.img_width}x{sd.img_height}.", flush=True)
     images = task(args.prompt, *inputs, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-                  num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed, scheduler=scheduler,
-                  clip_skip=args.clip_skip, **strength)
+                  num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed,
+                  clip_skip=args.clip_skip, **strength, **micro)
     editing = dict(init_image=args.init_image, mask=args.mask, strength=args.strength, clip_skip=args.clip_skip,
-                   embedding=" ".join(map(str, args.embedding)) or None)
+                   embedding=" ".join(map(str, args.embedding)) or None,
+                   **{name: " ".join(map(str, value)) if isinstance(value, list) else value
+                      for name, value in micro.items()})  # as the flags take them
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
-                    guidance=args.guidance, scheduler=scheduler, height=sd.img_height, width=sd.img_width,
+                    guidance=args.guidance, scheduler=sd.scheduler_name, height=sd.img_height, width=sd.img_width,
                     model=str(args.checkpoint or "built-in demo") + (", int8" if args.int8 else ""),
                     **({"lora": " ".join(f"{path}:{scale}" for path, scale in args.lora)} if args.lora else {}),
                     **{key: value for key, value in editing.items() if value is not None})

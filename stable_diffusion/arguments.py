@@ -98,10 +98,10 @@ def check_compiling(jit_compile, compiled_loop):
 def check_steps(scheduler, config, num_steps, strength=1.0, **denoising):
     """Checks `num_steps`, `strength` and `denoising` (`denoising_start`, `denoising_end`) (ValueError) on a sampler
     `scheduler` made from `config` (`Scheduler.set_timesteps`), and warns once when the sampler is used below the
-    step count where it is reliable."""
-    sampler = schedulers.create(scheduler, config)
+    step count where it is reliable. `scheduler` None: a model's default, not known yet: the checks alone."""
+    sampler = schedulers.create(scheduler, config) if scheduler else schedulers.Scheduler(**config)
     sampler.set_timesteps(num_steps, strength=strength, **denoising)
-    if num_steps < sampler.reliable_steps:
+    if scheduler and num_steps < sampler.reliable_steps:
         warn_few_steps(scheduler, num_steps, sampler.reliable_steps)
 
 

@@ -1,8 +1,10 @@
 """Our bundle format, written by `StableDiffusion.save`, a folder of:
 
     config.json                    {"format": "keras-stable-diffusion/2", "img_height", "img_width",
-                                    the arguments of each model and of the scheduler, and the
-                                    "grammar" of the prompts (`data.GRAMMAR`; {} for most models)}
+                                    the arguments of each model, the scheduler config naming the
+                                    pipeline's sampler (diffusers' `_class_name`: the default sampler
+                                    when loaded), and the "grammar" of the prompts (`data.GRAMMAR`;
+                                    {} for most models)}
     text_encoder.safetensors       one weights file per model (SDXL: text_encoder_2 too; its refiner: no
                                    text_encoder, null in config.json), keyed by the diffusers / transformers
     diffusion_model.safetensors    names (`weights.named_variables`, e.g.
@@ -25,7 +27,7 @@ from functools import partial
 
 import numpy as np
 
-from . import files
+from . import files, schedulers
 from .tokenizer import Tokenizer
 from .weights import (SAFETENSORS_DTYPES, CheckpointError, Tensors, keras_layout, load_weights, named_variables,
                       read_json, safetensors_header)
@@ -41,16 +43,19 @@ RECONVERT = "python -m stable_diffusion.convert ORIGINAL_CHECKPOINT NEW_BUNDLE"
 
 
 def save(sd, path, *, overwrite=False):
-    """`StableDiffusion.save`: writes `sd` as a bundle folder for `from_checkpoint`: config, a `.safetensors` per
-    model, tokenizer; under a temporary name renamed once complete (`files.staged`). FileExistsError if `path`
-    exists, unless `overwrite`; ValueError for a quantized pipeline (`quantization.py`): bundles hold float weights."""
+    """`StableDiffusion.save`: writes `sd` as a bundle folder for `from_checkpoint`: config (with `sd`'s sampler, the
+    bundle's default), a `.safetensors` per model, tokenizer; under a temporary name renamed once complete
+    (`files.staged`). FileExistsError if `path` exists, unless `overwrite`; ValueError for a quantized pipeline
+    (`quantization.py`): bundles hold float weights."""
     names = model_names(sd.config)
     if any(layer.quantization_mode for name in names for layer in getattr(sd, name).layers):
         raise ValueError('A quantized pipeline cannot be saved (bundles hold float weights): save it unquantized '
                          'and load the bundle with quantize="int8".')
     with files.staged(path, overwrite=overwrite) as staging:
         staging.mkdir(parents=True)
-        config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width, **sd.config)
+        scheduler = schedulers.diffusers_config(sd.scheduler_name, sd.config["scheduler"])  # the sampler it loads with
+        config = dict(format=FORMAT, img_height=sd.img_height, img_width=sd.img_width,
+                      **dict(sd.config, scheduler=scheduler))
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
         for name in names:
             write_safetensors(staging / f"{name}.safetensors", named_variables(getattr(sd, name)))

@@ -30,7 +30,7 @@ def read(folder):
                                                                 lambda c: unet_config(c, num_time_ids)),
                   **translated(sources["decoder"], vae_configs),
                   scheduler={**DDIM_DEFAULTS, **{k: v for k, v in read_json(sources["scheduler"]).items()
-                                                 if not k.startswith("_")}},
+                                                 if k == "_class_name" or not k.startswith("_")}},  # the sampler
                   pipeline={k: pipeline[k] for k in PIPELINE_OPTIONS if k in pipeline})
     sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
     unet, vae = find_weights(folder / "unet"), find_weights(folder / "vae")

@@ -55,11 +55,12 @@ KNOWN_UNUSED = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
 UNSUPPORTED = {"control_model.": "ControlNet", f"{UNET}joint_blocks.": "SD3", "text_encoders.": "SD3",
                f"{UNET}double_blocks.": "Flux", "double_blocks.": "Flux"}
 CLASS_CONDITIONED = f"{UNET}label_emb."  # SD 2.x upscaler and unCLIP; SDXL's "text_time" embedding
-# diffusers' StableDiffusionPipeline scheduler config of SD 1.5 and 2.1 (their PNDM config, run as DDIM).
+# diffusers' StableDiffusionPipeline scheduler config of SD 1.5 and 2.1 (their PNDM config without its class, so the
+# default sampler is DDIM: `schedulers.default_name`).
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
 # SDXL base and refiner: diffusers' scheduler_config of sd_xl_base and sd_xl_refiner (the same EulerDiscreteScheduler
-# config; the pipeline runs DDIM by default).
+# config, without its class: the default sampler is DDIM).
 SDXL_SCHEDULER = dict(SCHEDULER, interpolation_type="linear", sample_max_value=1.0, skip_prk_steps=True,
                       use_karras_sigmas=False)
 # Each text encoder layout's tokenizer padding, as the releases' tokenizer configs: CLIP ViT-L's with the end token,

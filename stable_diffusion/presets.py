@@ -32,8 +32,9 @@ PRESETS = {
     # Turbo (Sauer et al., 2023): 1-4 steps of Euler ancestral on "trailing" timesteps, no guidance, 512 px
     "sdxl-turbo": original("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors",
                            "e869ac7d6942cb327d68d5ed83a40447aadf20e0c3358d98b2cc9e270db0da26",
-                           config={"scheduler": {"timestep_spacing": "trailing"}},
-                           defaults=dict(scheduler="euler_a", img_height=512, img_width=512)),
+                           config={"scheduler": {"_class_name": "EulerAncestralDiscreteScheduler",
+                                                 "timestep_spacing": "trailing"}},
+                           defaults=dict(img_height=512, img_width=512)),
 }
 
 
@@ -77,5 +78,5 @@ def download_preset(name):
 
 
 def defaults(name):
-    """The options preset `name`'s bundle loads with unless the caller gives them (Turbo's sampler and size)."""
+    """The options preset `name`'s bundle loads with unless the caller gives them (Turbo's size)."""
     return PRESETS[name]["defaults"]

@@ -7,7 +7,8 @@
 - PNDM's linear multistep part, PLMS (Liu et al., 2022): diffusers' `PNDMScheduler(skip_prk_steps=True)`.
 
 Each takes the keys of a diffusers scheduler config (a checkpoint's, often a `PNDMScheduler` one) and
-gives the timesteps and updates of that diffusers class built `from_config` of it. A scheduler object
+gives the timesteps and updates of that diffusers class built `from_config` of it. A pipeline's default sampler is
+the one its config's `_class_name` and options name (`CLASSES`, `default_name`), else DDIM. A scheduler object
 holds one run: `set_timesteps`, then per step `scale_model_input` and `step` (numpy, float32), which
 keep the history the multistep methods need. The UNet call stays in the pipeline's compiled step.
 
@@ -18,6 +19,8 @@ steps (`memory_size` latent-shaped arrays: the multistep history) and, for ances
 with those scalars `c`, in float32 array arithmetic (`xp`: the module with `clip`): numpy here (`step`),
 keras.ops inside one compiled program that reads the coefficients from tables (`compiled_loop.py`).
 """
+import warnings
+
 import numpy as np
 
 
@@ -59,8 +62,10 @@ class Scheduler:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
         if timestep_spacing not in ("leading", "trailing", "linspace"):
             raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}.")
-        if config.get("thresholding") or config.get("trained_betas") is not None:
-            raise ValueError("Scheduler configs with thresholding or trained_betas are not supported.")
+        unsupported = [key for key in ("thresholding", "trained_betas", "rescale_betas_zero_snr")
+                       if config.get(key) not in (None, False)]
+        if unsupported:
+            raise ValueError(f"Scheduler configs with {' or '.join(unsupported)} are not supported.")
         self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
                            beta_end=beta_end, beta_schedule=beta_schedule, steps_offset=steps_offset,
                            set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
@@ -334,6 +339,20 @@ SCHEDULERS = {
     "dpmpp_2m_karras": lambda **config: DPMSolverScheduler(karras=True, **config),
     "pndm": PNDMScheduler,
 }
+# Each sampler as a diffusers scheduler config names it: its class (`_class_name`) and the options of that class that
+# select our method, at our values; `DEFAULT_OPTIONS`: diffusers' values of those options where a config has none.
+SIGMAS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, final_sigmas_type="zero")
+DPM_SOLVER = dict(SIGMAS, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", use_lu_lambdas=False,
+                  use_flow_sigmas=False, lambda_min_clipped=-float("inf"), variance_type=None)
+CLASSES = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", dict(SIGMAS, interpolation_type="linear", timestep_type="discrete")),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", DPM_SOLVER),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(DPM_SOLVER, use_karras_sigmas=True)),
+    "pndm": ("PNDMScheduler", dict(skip_prk_steps=True)),
+}
+DEFAULT_OPTIONS = dict(DPM_SOLVER, interpolation_type="linear", timestep_type="discrete", skip_prk_steps=False)
 
 
 class Repaint:
@@ -363,3 +382,28 @@ def create(name, config):
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(map(repr, SCHEDULERS))}; got {name!r}.")
     return SCHEDULERS[name](**config)
+
+
+def default_name(config):
+    """The sampler of `SCHEDULERS` a diffusers scheduler config names (`CLASSES`): a diffusers folder's class and
+    options. "ddim" for a config that names no class (original single files, older bundles) and, with a warning, for
+    a class or options of a method none of ours is."""
+    found = config.get("_class_name")
+    variants = {name: options for name, (class_name, options) in CLASSES.items() if class_name == found}
+    value = lambda key: config.get(key, DEFAULT_OPTIONS[key])
+    for name, options in variants.items():
+        if all(value(key) == wanted for key, wanted in options.items()):
+            return name
+    if found is not None:
+        keys = dict.fromkeys(key for options in variants.values() for key in options)  # in order, once each
+        other = [f"{key}={value(key)!r:.40}" for key in keys if all(value(key) != o[key] for o in variants.values())]
+        warnings.warn(f"The checkpoint names the sampler {found!r:.80}{' with ' if other else ''}{', '.join(other)}"
+                      f", which this library does not implement: it samples with DDIM unless given a scheduler (one of "
+                      f"{', '.join(map(repr, SCHEDULERS))}).", stacklevel=3)
+    return "ddim"
+
+
+def diffusers_config(name, config):
+    """The scheduler config `config` naming the sampler `name` (`CLASSES`), as `default_name` reads it."""
+    class_name, options = CLASSES[name]
+    return dict(config, _class_name=class_name, **options)

@@ -38,14 +38,14 @@ class StableDiffusion:
             None` (none); "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`).
         tokenizer, tokenizer_2: `Tokenizer`s; default: the bundled CLIP vocabulary, padding with the end token, "!".
             `sd.tokenizer` is the model's first tokenizer, which `tokenize` uses: the refiner's is `tokenizer_2`.
-        scheduler: the default sampler, one of `schedulers.SCHEDULERS`, built from `config["scheduler"]`.
+        scheduler: the default sampler (`schedulers.SCHEDULERS`); default: the one `config["scheduler"]` names, or DDIM.
         dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
         quantize: "int8": int8 UNet and text encoder, once the weights are loaded (`quantization.py`); default None.
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
 
     def __init__(self, img_height=512, img_width=512, *, jit_compile=None, compiled_loop=True, config=None,
-                 tokenizer=None, tokenizer_2=None, scheduler="ddim", dtype=None, quantize=None, weights=None):
+                 tokenizer=None, tokenizer_2=None, scheduler=None, dtype=None, quantize=None, weights=None):
         given = config or {}
         names = dict.fromkeys((*bundle.MODELS, "scheduler", "grammar", "pipeline", *given))
         config = {name: None if name in given and given[name] is None else dict(given.get(name, {})) for name in names}
@@ -67,7 +67,8 @@ class StableDiffusion:
         quantization.apply(self, quantize)
         self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, {}, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
-        self.scheduler_name, self.scheduler = scheduler, schedulers.create(scheduler, config["scheduler"])
+        self.scheduler_name = scheduler or schedulers.default_name(config["scheduler"])
+        self.scheduler = schedulers.create(self.scheduler_name, config["scheduler"])
         self.tokenizer_2 = tokenizer_2 or Tokenizer.from_vendored("!") if self.text_encoder_2 else None
         self.tokenizer = tokenizer or Tokenizer.from_vendored() if self.text_encoder else self.tokenizer_2
         self.denoise_step = self._build_denoise_step()

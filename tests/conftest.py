@@ -21,13 +21,14 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ours(reference):
     """ours(kind, height=64, width=64, jit_compile=False) -> our StableDiffusion loaded from the reference
-    folder; eager unless a test is about the XLA path."""
+    folder; eager unless a test is about the XLA path; DDIM, as the reference pipelines (their folders name
+    PNDMScheduler, as the hub's SD folders: the default sampler would be PNDM)."""
     from stable_diffusion import StableDiffusion
 
     @functools.cache
     def load(kind, height=64, width=64, jit_compile=False):
         return StableDiffusion.from_checkpoint(reference(kind)[1], img_height=height, img_width=width,
-                                               jit_compile=jit_compile)
+                                               jit_compile=jit_compile, scheduler="ddim")
 
     return load
 

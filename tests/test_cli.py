@@ -1,7 +1,7 @@
 """The command line (`python -m stable_diffusion`) on a tiny random-weight bundle: PNGs with their
 settings as metadata, reproducible seeds, no overwriting, one-line errors that write nothing, checked
 before the model loads; one-line warnings; outputs that appear whole or not at all; Ctrl-C; a quick,
-quiet start."""
+quiet start; SDXL's micro-conditioning flags on conftest's tiny SDXL folder."""
 import errno
 import inspect
 import json
@@ -129,6 +129,10 @@ def test_refuses_to_overwrite(bundle, workdir, capsys):
     (["a", "--unknown"], "unrecognized arguments: --unknown"),
     (["a", "--lora", "missing.safetensors:0.5"], "--lora: no file at 'missing.safetensors'"),
     (["a", "--lora", "style.safetensors:nan"], "--lora: expected PATH[:SCALE] with a finite SCALE, got 'style"),
+    (["a", "--original-size", "0", "64"], "--original-size must be an integer >= 1, got 0"),
+    (["a", "--negative-crops-coords-top-left", "-1", "0"], "--negative-crops-coords-top-left must be an integer >= 0"),
+    (["a", "--target-size", "64"], "--target-size: expected 2 arguments"),
+    (["a", "--aesthetic-score", "nan"], "--aesthetic-score must be a finite number, got nan"),
 ])
 def test_bad_arguments_exit_with_one_line_and_no_file(argv, message, workdir, capsys, monkeypatch):
     """Why 1, 9: flag names, not the API's keywords; reported before the model loads."""
@@ -172,6 +176,42 @@ def test_bad_pictures_exit_with_one_line_and_no_file(extra, message, bundle, wor
     err = run_failing(["a cat", "--checkpoint", str(bundle), "--steps", "10", *extra], capsys)
     assert re.search(message, err), err
     assert not Path("out.png").exists()
+
+
+def test_micro_conditioning_flags_give_sdxls_keywords():
+    args = cli.build_parser().parse_args(["a", "--original-size", "1", "2", "--crops-coords-top-left", "3", "4",
+                                          "--target-size", "5", "6", "--negative-original-size", "7", "8",
+                                          "--negative-crops-coords-top-left", "9", "10", "--negative-target-size", "11",
+                                          "12", "--aesthetic-score", "6.5", "--negative-aesthetic-score", "2"])
+    assert cli.micro_conditioning(args) == dict(
+        original_size=[1, 2], crops_coords_top_left=[3, 4], target_size=[5, 6], negative_original_size=[7, 8],
+        negative_crops_coords_top_left=[9, 10], negative_target_size=[11, 12], aesthetic_score=6.5,
+        negative_aesthetic_score=2.0)
+
+
+def test_micro_conditioning_flags_reach_the_sdxl_pipeline(sdxl, workdir, monkeypatch):
+    """The image of an SDXL folder with the flags is the API call's with those keywords (which change it), and its
+    PNG stores them as the flags take them."""
+    pipe, folder, ours = sdxl
+    sd = ours(False)
+    monkeypatch.setattr(cli, "load", lambda args: sd)  # the folder, as conftest's fixture loaded it
+    main(["a red circle", "--checkpoint", str(folder), "--steps", "2", "--seed", "3", "--original-size", "40", "56",
+          "--crops-coords-top-left", "8", "16", "--target-size", "48", "32", "--negative-original-size", "24", "24",
+          "--negative-target-size", "64", "64"])
+    options = dict(negative_prompt="", num_steps=2, seed=3, verbose=False)
+    expected = sd.text_to_image("a red circle", original_size=(40, 56), crops_coords_top_left=(8, 16),
+                                target_size=(48, 32), negative_original_size=(24, 24), negative_target_size=(64, 64),
+                                **options)
+    assert np.abs(expected.astype(int) - sd.text_to_image("a red circle", **options)).max() > 1, "no change"
+    with Image.open(workdir / "out.png") as image:
+        assert np.abs(np.asarray(image).astype(int) - expected[0]).max() <= 1
+        assert (image.text["original_size"], image.text["negative_target_size"]) == ("40 56", "64 64")
+
+
+def test_micro_conditioning_refused_on_a_model_without_it(bundle, workdir, capsys):
+    err = run_failing(["a cat", "--checkpoint", str(bundle), "--steps", "2", "--original-size", "32", "32"], capsys)
+    assert "error: --original-size is SDXL's micro-conditioning; this pipeline's UNet takes no time ids" in err
+    assert list(workdir.iterdir()) == []
 
 
 def test_vae_tiling(bundle, workdir, capsys):

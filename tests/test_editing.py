@@ -95,7 +95,7 @@ def test_inpaint_equals_diffusers(unet_channels, strength, reference, ours, monk
         sd, components = ours("sd1"), own_components(reference("sd1")[0])
     else:
         components, folder = inpainting_checkpoint(reference, tmp_path)
-        sd = StableDiffusion.from_checkpoint(folder)
+        sd = StableDiffusion.from_checkpoint(folder, scheduler="ddim")  # as the reference's components
     inpaint = StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
     noise = np.random.default_rng(9).standard_normal((1, 8, 8, 4), dtype=np.float32)
     patch_diffusers(pipeline_stable_diffusion_inpaint, monkeypatch, noise)

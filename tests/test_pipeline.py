@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import nchw, reference_images
+from reference import TINY_CONFIG, nchw, reference_images
 from stable_diffusion import StableDiffusion
 
 
@@ -109,6 +109,7 @@ def test_bundle_reloads_bit_exact(ours, tmp_path):
         "text_encoder.safetensors", "tokenizer"]
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle")
     assert (again.img_height, again.img_width) == (64, 64)
+    assert again.scheduler_name == "ddim"  # the saved pipeline's sampler, not its folder's PNDMScheduler
     assert again.tokenizer.pad_token_id == 0  # SD 2.x pads with "!"
     for name in ("text_encoder", "diffusion_model", "decoder", "encoder"):
         for a, b in zip(getattr(sd, name).weights, getattr(again, name).weights):
@@ -117,6 +118,14 @@ def test_bundle_reloads_bit_exact(ours, tmp_path):
     assert np.abs(images[0].astype(int) - images[1]).max() <= 1  # XLA (sd) and eager (again) differ by ~1e-6
     with pytest.raises(FileExistsError, match="overwrite"):
         sd.save(tmp_path / "bundle")
+
+
+def test_default_sampler_is_the_one_its_config_names():
+    """No `scheduler`: the sampler of the scheduler config's diffusers class (`schedulers.default_name`: a folder's,
+    or a bundle's, the saved pipeline's as above); a given one wins."""
+    config = dict(TINY_CONFIG, scheduler={"_class_name": "EulerAncestralDiscreteScheduler"})
+    names = [StableDiffusion(32, 32, config=config, **given).scheduler_name for given in ({}, dict(scheduler="pndm"))]
+    assert names == ["euler_a", "pndm"]
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -1,6 +1,10 @@
 """The samplers against diffusers' schedulers built from the same config: timesteps, sigmas and whole
 trajectories under a fixed stand-in model, then whole pipelines against `StableDiffusionPipeline` with
-that scheduler; the same noise throughout (injected into diffusers' ancestral sampler); SDXL's refiner start."""
+that scheduler; the same noise throughout (injected into diffusers' ancestral sampler); SDXL's refiner start; the
+sampler a config's diffusers class names."""
+import inspect
+import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -193,6 +197,53 @@ def test_bad_steps_or_strength(arguments, message):
 def test_unknown_scheduler():
     with pytest.raises(ValueError, match="'heun'.*"):
         schedulers.create("heun", {})
+
+
+@pytest.mark.parametrize("key, value", [("thresholding", True), ("trained_betas", [0.001] * 1000),
+                                        ("rescale_betas_zero_snr", True)])
+def test_configs_of_other_noise_schedules_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"with {key} are not supported"):
+        schedulers.create("euler", {key: value})
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_default_sampler_of_each_diffusers_config(name):
+    """The sampler a scheduler config names as diffusers writes it (`_class_name`, every option) is ours of that class
+    and options; the config a bundle saves for our sampler builds that diffusers class with those options."""
+    import diffusers
+
+    reference, keys = REFERENCES[name]
+    written = json.loads(reference.from_config(dict(config("epsilon", "leading"), **keys)).to_json_string())
+    assert schedulers.default_name(written) == name
+    saved = schedulers.diffusers_config(name, config("epsilon", "leading"))
+    theirs = getattr(diffusers, saved["_class_name"]).from_config(saved)
+    assert type(theirs) is reference and {key: theirs.config[key] for key in keys} == keys
+
+
+def test_options_left_out_take_diffusers_defaults():
+    import diffusers
+
+    for class_name, options in schedulers.CLASSES.values():
+        parameters = inspect.signature(getattr(diffusers, class_name)).parameters
+        defaults = {key: parameters[key].default for key in options}
+        assert defaults == {key: schedulers.DEFAULT_OPTIONS[key] for key in options}, class_name
+
+
+@pytest.mark.parametrize("named, message", [
+    (dict(_class_name="LMSDiscreteScheduler"), "'LMSDiscreteScheduler', which"),
+    (dict(_class_name="PNDMScheduler"), "'PNDMScheduler' with skip_prk_steps=False, which"),  # its Runge-Kutta start
+    (dict(_class_name="EulerDiscreteScheduler", use_karras_sigmas=True), "with use_karras_sigmas=True, which"),
+    (dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++", solver_order=3),
+     "with algorithm_type='sde-dpmsolver++', solver_order=3, which"),
+])
+def test_sampler_not_implemented_warns_and_is_ddim(named, message):
+    with pytest.warns(UserWarning, match=re.escape(message) + " this library does not implement: it samples with DDIM"):
+        assert schedulers.default_name(dict(config("epsilon", "leading"), **named)) == "ddim"
+
+
+def test_config_without_class_is_ddim(recwarn):
+    assert schedulers.default_name(config("epsilon", "leading")) == "ddim"
+    assert not recwarn.list
 
 
 @pytest.mark.parametrize("name, reference_class", [

@@ -1,14 +1,16 @@
 """SDXL's pipeline against diffusers' StableDiffusionXLPipeline on one tiny random-weight model saved with
 `save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
-and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles."""
+and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, bundles, and the
+default sampler a folder's scheduler config names (Turbo's)."""
 import shutil
 
 import numpy as np
 import pytest
-from diffusers import StableDiffusionXLPipeline
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
-from reference import assert_same_generation, nchw, nhwc, relative_difference
-from stable_diffusion import StableDiffusion, checkpoints
+from reference import assert_same_generation, nchw, relative_difference
+from stable_diffusion import StableDiffusion
 from stable_diffusion.train import train_lora, train_textual_inversion
 
 SIZES = dict(original_size=(40, 56), crops_coords_top_left=(8, 16), target_size=(48, 32))
@@ -86,26 +88,24 @@ def test_what_sdxl_does_not_do_yet_is_refused(call, sdxl, tmp_path):
     assert sorted(tmp_path.iterdir()) == []
 
 
-def test_turbo_one_step_without_guidance_equals_diffusers(sdxl, tmp_path, monkeypatch):
-    """SDXL Turbo's way: Euler ancestral with "trailing" timesteps (its scheduler config, as a folder gives it), one
-    step, guidance 0 (none, as in diffusers: the prompt's prediction alone). One step adds no ancestral noise, so the
-    runs compare. Our pipeline of the same weights takes the Turbo folder's scheduler config (monkeypatched in)."""
-    from diffusers import EulerAncestralDiscreteScheduler
-
-    pipe, folder, ours = sdxl
+def test_turbo_folder_samples_as_its_scheduler_config_says(sdxl, tmp_path, monkeypatch):
+    """SDXL Turbo's way, from a folder whose scheduler diffusers wrote as Euler ancestral with "trailing" timesteps,
+    no sampler passed: two steps, guidance 0 (none, as in diffusers: the prompt's prediction alone) equal diffusers'
+    pipeline with that scheduler, given the same step noise (one step would add none: Euler's result)."""
+    pipe, folder, _ = sdxl
     scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     shutil.copytree(folder, tmp_path / "turbo")
     scheduler.save_pretrained(tmp_path / "turbo" / "scheduler")
-    config = checkpoints.read(tmp_path / "turbo").config["scheduler"]
-    assert config["timestep_spacing"] == "trailing"
-    noise = np.random.default_rng(6).standard_normal((2, 8, 8, 4), dtype=np.float32)
-    prompts = ["a red circle", "a blue square"]
+    sd = StableDiffusion.from_checkpoint(tmp_path / "turbo", jit_compile=False)
+    assert (sd.scheduler_name, sd.config["scheduler"]["timestep_spacing"]) == ("euler_a", "trailing")
+    seed, steps, prompts = 6, 2, ["a red circle", "a blue square"]
+    generators = [np.random.default_rng(seed + i) for i in range(len(prompts))]  # image i's noise, as ours draws it
+    draws = [np.stack([g.standard_normal((8, 8, 4), dtype=np.float32) for g in generators]) for _ in range(steps + 1)]
+    step_noise = iter(nchw(draw) for draw in draws[1:])
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, **k: next(step_noise))
     expected = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": scheduler})(
-        prompts, num_inference_steps=1, guidance_scale=0.0, height=64, width=64, latents=nchw(noise),
+        prompts, num_inference_steps=steps, guidance_scale=0.0, height=64, width=64, latents=nchw(draws[0]),
         output_type="latent").images
-    sd = ours(False)
-    monkeypatch.setitem(sd.config, "scheduler", config)
-    got = sd.text_to_image(prompts, num_steps=1, unconditional_guidance_scale=0.0, scheduler="euler_a",
-                           diffusion_noise=noise, return_latents=True, verbose=False)
-    diff = relative_difference(got, nhwc(expected))
-    assert diff <= 1e-4, f"final latents: max abs diff {diff:.2e} of their scale vs StableDiffusionXLPipeline"
+    got = sd.text_to_image(prompts, num_steps=steps, unconditional_guidance_scale=0.0, seed=seed, return_latents=True,
+                           verbose=False)
+    assert_same_generation(pipe, sd, got, expected, "StableDiffusionXLPipeline + EulerAncestralDiscreteScheduler")
