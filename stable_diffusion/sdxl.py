@@ -7,7 +7,11 @@ The refiner (a pipeline config with `requires_aesthetics_score`, as diffusers' `
 has five ids instead: the sizes and crop, then an aesthetic score (`aesthetic_score`, default 6.0) in place of the
 target size; the negative prompt's take `negative_original_size` (default: the prompt's), its own crop corner
 (`negative_crops_coords_top_left`, default (0, 0)) and `negative_aesthetic_score` (default 2.5).
+
+The VAE's precision (`vae_dtypes`): SDXL's VAE overflows float16, so diffusers' SDXL pipelines run one whose config
+says `force_upcast` in float32 (madebyollin's fp16-fix VAE says false).
 """
+import keras
 import numpy as np
 
 SIZES = ("original_size", "crops_coords_top_left", "target_size")
@@ -40,6 +44,17 @@ def time_ids(size, batch_size, pipeline, *, original_size=None, crops_coords_top
         negative = ids if negative_original_size is None or negative_target_size is None else [
             *negative_original_size, *(negative_crops_coords_top_left or (0, 0)), *negative_target_size]
     return [np.tile(np.float32(values), (batch_size, 1)) for values in (ids, negative)]
+
+
+def vae_dtypes(dtype, pipeline):
+    """The (encoder, decoder) dtype policies of a pipeline of dtype policy `dtype` (None: the global one) whose config
+    `pipeline` may say `force_upcast`, as diffusers' SDXL pipelines read it from the VAE's config: the encoder then in
+    float32 whatever the policy (their image-to-image and inpainting), the decoder when the policy computes in
+    float16 (their decoding; bfloat16 has float32's range); without it, both in `dtype`."""
+    if not pipeline.get("force_upcast"):
+        return dtype, dtype
+    float16 = keras.dtype_policies.get(dtype or keras.config.dtype_policy()).compute_dtype == "float16"
+    return "float32", "float32" if float16 else dtype
 
 
 def listed(encoded):

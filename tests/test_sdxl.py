@@ -1,15 +1,18 @@
 """SDXL's pipeline against diffusers' StableDiffusionXLPipeline on one tiny random-weight model saved with
 `save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
 and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles."""
+import json
 import shutil
 
 import numpy as np
 import pytest
 from diffusers import StableDiffusionXLPipeline
 
+import ldm_reference
 from reference import assert_same_generation, nchw, nhwc, relative_difference
 from stable_diffusion import StableDiffusion, checkpoints
 from stable_diffusion.train import train_lora, train_textual_inversion
+from stable_diffusion.weights import CheckpointError
 
 SIZES = dict(original_size=(40, 56), crops_coords_top_left=(8, 16), target_size=(48, 32))
 # diffusers 0.42 concatenates [negative, prompt] time ids before repeating them per image, so for batches of more than
@@ -61,6 +64,27 @@ def test_encoded_prompt_and_bundle_give_the_same_images(sdxl, tmp_path):
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
     assert again.tokenizer_2.pad_token_id == sd.tokenizer_2.pad_token_id == 0
     np.testing.assert_array_equal(again.text_to_image("a red circle", num_steps=3, seed=2, verbose=False), first)
+
+
+def test_force_upcast_is_read_from_the_vae_config(sdxl, tmp_path):
+    """The VAE precision setting diffusers' SDXL pipelines read from the VAE's config, `force_upcast` (float32 under
+    float16 policies: `test_mixed_precision.py`): a folder's (AutoencoderKL's default true; madebyollin's fp16-fix
+    VAE: false; anything else refused, naming the file); a `vae=` file, which has no config, gets
+    `AutoencoderKL.from_single_file`'s true. Original files have the hub's true, bundles keep it (`test_ldm_sdxl.py`,
+    `test_sdxl_refiner.py`)."""
+    pipe, folder, ours = sdxl
+    assert ours(False).config["pipeline"]["force_upcast"] is True
+    fixed = tmp_path / "fp16_fix"
+    shutil.copytree(folder, fixed)
+    vae_config = json.loads((fixed / "vae" / "config.json").read_text())
+    (fixed / "vae" / "config.json").write_text(json.dumps(dict(vae_config, force_upcast=False)))
+    assert checkpoints.read(fixed).config["pipeline"]["force_upcast"] is False
+    vae = ldm_reference.write(ldm_reference.vae_state_dict(pipe.vae, prefix=""), tmp_path / "vae.safetensors")
+    replaced = checkpoints.read(fixed, vae=vae, config=ldm_reference.overrides(pipe))
+    assert replaced.config["pipeline"]["force_upcast"] is True
+    (fixed / "vae" / "config.json").write_text(json.dumps(dict(vae_config, force_upcast="yes")))
+    with pytest.raises(CheckpointError, match=r"vae/config.json: force_upcast='yes' is not true or false"):
+        checkpoints.read(fixed)
 
 
 @pytest.mark.parametrize("options, error, message", [
