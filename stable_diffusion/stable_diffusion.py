@@ -179,10 +179,11 @@ class StableDiffusion:
 
     def _prepare(self, prompt, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
                  long_prompts, clip_skip, prompt_weighting, strength=1.0, denoising_start=None, denoising_end=None,
-                 **micro_conditioning):
-        """What every task starts from (arguments: see `text_to_image`): the UNet's text inputs of prompt and negative
-        prompt, [states (B, L, dim)] or (SDXL) [states, text_embeds (B, P), time_ids (B, n)], a fresh sampler,
-        draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
+                 editing=False, **micro_conditioning):
+        """What every task starts from (arguments: see `text_to_image`; `editing`: image-to-image or inpainting, whose
+        SDXL time ids differ): the UNet's text inputs of prompt and negative prompt, [states (B, L, dim)] or (SDXL)
+        [states, text_embeds (B, P), time_ids (B, n)], a fresh sampler, draw_noise() -> the next seeded noise
+        (B, h, w, C), the first noise (or `diffusion_noise`)."""
         encode = lambda text, **options: sdxl.listed(self.encode_text(text, clip_skip=clip_skip,
                                                                       prompt_weighting=prompt_weighting, **options))
         encoded = sdxl.listed(prompt) if arguments.is_encoded(prompt) else encode(prompt, long_prompts=long_prompts)
@@ -202,7 +203,7 @@ class StableDiffusion:
             context[0] = np.concatenate([context[0], np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
         if self.text_encoder_2:  # SDXL's size and crop conditioning (the refiner's: and aesthetic scores)
             ids, negative_ids = sdxl.time_ids((self.img_height, self.img_width), batch_size, self.config["pipeline"],
-                                              **micro_conditioning)
+                                              editing=editing, **micro_conditioning)
             context, negative = [*context, ids], [*negative, negative_ids]
         sampler = schedulers.create(scheduler or self.scheduler_name, self.config["scheduler"])
         sampler.set_timesteps(num_steps, strength=strength, denoising_start=denoising_start,

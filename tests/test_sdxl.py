@@ -1,15 +1,19 @@
 """SDXL's pipeline against diffusers' StableDiffusionXLPipeline on one tiny random-weight model saved with
 `save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
-and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles."""
+and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, and bundles; the
+VAE's `force_upcast` setting; image-to-image against StableDiffusionXLImg2ImgPipeline (its negative time ids)."""
 import json
 import shutil
 
 import numpy as np
 import pytest
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
+from PIL import Image
 
 import ldm_reference
 from reference import assert_same_generation, nchw, nhwc, relative_difference
+from test_editing import patch_diffusers, picture
 from stable_diffusion import StableDiffusion, checkpoints
 from stable_diffusion.train import train_lora, train_textual_inversion
 from stable_diffusion.weights import CheckpointError
@@ -38,6 +42,29 @@ def test_text_to_image_equals_diffusers(prompts, negative, guidance, sizes, jit,
     got = ours(jit).text_to_image(prompts, negative_prompt=negative, num_steps=8, diffusion_noise=noise,
                                   unconditional_guidance_scale=guidance, return_latents=True, verbose=False, **sizes)
     assert_same_generation(pipe, ours(jit), got, expected, "StableDiffusionXLPipeline")
+
+
+@pytest.mark.parametrize("prompts, negative, sizes", [  # the first: the target size and crop corner the prompt's
+    (["a red circle", "a blue square"], ["green", "a triangle"], dict(SIZES, negative_original_size=(24, 24))),
+    pytest.param(["a red circle"], None, NEGATIVE_SIZES, marks=pytest.mark.slow),
+    pytest.param(["a red circle", "a blue square"], ["green", "a triangle"], SIZES, marks=pytest.mark.slow),
+])
+def test_image_to_image_equals_diffusers(prompts, negative, sizes, sdxl, monkeypatch):
+    """SDXL base image-to-image against StableDiffusionXLImg2ImgPipeline of the same models, whose negative time ids
+    are not text-to-image's: each negative size the prompt's unless given (one alone counts), the crop corner always
+    the prompt's. diffusers' VAE posterior sample and noise replaced by its mean and our noise (`patch_diffusers`);
+    the final latents within 1e-4 of their scale, the images within one uint8 level (`assert_same_generation`)."""
+    pipe, _, ours = sdxl
+    noise = np.random.default_rng(7).standard_normal((len(prompts), 8, 8, 4), dtype=np.float32)
+    patch_diffusers(pipeline_stable_diffusion_xl_img2img, monkeypatch, noise)
+    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=False,
+                                               force_zeros_for_empty_prompt=True, add_watermarker=False)
+    expected = img2img(prompts, image=Image.fromarray(picture()), negative_prompt=negative, strength=0.7,
+                       num_inference_steps=5, guidance_scale=5.0, output_type="latent", **sizes).images
+    got = ours(False).image_to_image(prompts, picture(), negative_prompt=negative, strength=0.7, num_steps=5,
+                                     diffusion_noise=noise, unconditional_guidance_scale=5.0, return_latents=True,
+                                     verbose=False, **sizes)
+    assert_same_generation(pipe, ours(False), got, expected, f"StableDiffusionXLImg2ImgPipeline {sizes}")
 
 
 def test_what_each_input_changes(sdxl):

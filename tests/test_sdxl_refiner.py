@@ -198,6 +198,10 @@ def test_single_file_generates_as_diffusers(refiner, tmp_path, monkeypatch):
      r"^aesthetic_score is not in this SDXL pipeline's time ids"),
     ("refiner", lambda sd: sd.image_to_image("a", picture(), target_size=(64, 64)),
      r"^target_size is not in this SDXL pipeline's time ids"),
+    ("base", lambda sd: sd.image_to_image("a", picture(), negative_crops_coords_top_left=(0, 8)),
+     r"^negative_crops_coords_top_left is not in this SDXL pipeline's time ids, which take original_size, "
+     r"crops_coords_top_left, target_size, negative_original_size, negative_target_size \(.* its image-to-image and "
+     r"inpainting take the prompt's crop for the negative prompt\)"),
     ("refiner", lambda sd: sd.image_to_image("a", picture(), negative_aesthetic_score=float("nan")),
      r"^negative_aesthetic_score must be a finite number"),
     ("refiner", lambda sd: sd.image_to_image("a", picture(), denoising_start=1.0),
