@@ -152,7 +152,8 @@ def check_micro_conditioning(micro_conditioning, accepted):
             raise ValueError(f"{name} is SDXL's micro-conditioning; this pipeline's UNet takes no time ids.")
         if name not in accepted:
             raise ValueError(f"{name} is not in this SDXL pipeline's time ids, which take {', '.join(accepted)} "
-                             f"(aesthetic scores: the refiner's, requires_aesthetics_score; target sizes: the base's).")
+                             f"(aesthetic scores: the refiner's, requires_aesthetics_score; target sizes: the base's; "
+                             f"its image-to-image and inpainting take the prompt's crop for the negative prompt).")
         if value is not None and name in sdxl.SCORES:
             finite_number(value, name)
         elif value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2):
@@ -257,7 +258,7 @@ def checked(task):
         if not is_encoded(values["prompt"]):
             check_prompts(values["prompt"])
         check_micro_conditioning(values.get("micro_conditioning", {}), sdxl.keywords(
-            sd.text_encoder_2 is not None, sd.config["pipeline"].get("requires_aesthetics_score")))
+            sd.text_encoder_2 is not None, sd.config["pipeline"].get("requires_aesthetics_score"), "image" in values))
         batch = check_batch(values["batch_size"], prompt_count(bound.args[1]))
         if values["negative_prompt"] is not None:
             check_count(len(check_prompts(values["negative_prompt"], "negative_prompt")), batch, "negative prompts")

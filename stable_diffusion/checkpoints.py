@@ -44,7 +44,9 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
             SD 1.x / 2.x / XL (base or refiner) checkpoint (`.safetensors`, or `.ckpt` read with PyTorch's
             weights-only unpickler); None: the demo model bundle shipped in the package's `assets/demo`.
         vae: a VAE file (`.safetensors` / `.ckpt` in the original layout, e.g. vae-ft-mse-840000)
-            replacing the checkpoint's VAE; the latents keep the checkpoint's scaling factor (SDXL's 0.13025).
+            replacing the checkpoint's VAE; the latents keep the checkpoint's scaling factor (SDXL's 0.13025). SDXL
+            runs it in float32 under float16 policies, as diffusers (`force_upcast`; an fp16-fix VAE can run in
+            float16: `config={"pipeline": {"force_upcast": False}}`).
         prediction_type: "epsilon" or "v_prediction" instead of the checkpoint's. Single files default
             as diffusers decides: SD 2.x is v_prediction (768-v) unless its global_step is 875000.
         use_ema: single files holding EMA and training weights (`model_ema.*`): which UNet weights to
@@ -73,6 +75,8 @@ def read(path=None, vae=None, prediction_type=None, use_ema=None, config=None):
         latent_scaling = checkpoint.config["decoder"].get("scaling_factor", SCALING_FACTOR)
         vae_config, checkpoint.parts[("encoder", "decoder")], tensors = ldm.read_vae(Path(vae), latent_scaling)
         checkpoint.config.update(vae_config)
+        if checkpoint.config.get("text_encoder_2") is not None:  # SDXL: AutoencoderKL.from_single_file's setting
+            checkpoint.config["pipeline"] = dict(checkpoint.config["pipeline"], force_upcast=True)
         checkpoint.sources.update(encoder=Path(vae), decoder=Path(vae))
         checkpoint.tensors.update(encoder=tensors, decoder=tensors)
     if prediction_type is not None:

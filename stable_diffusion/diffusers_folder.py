@@ -19,7 +19,8 @@ PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
 
 def read(folder):
     """The fields of a `checkpoints.Checkpoint` of the diffusers folder `folder`; an SDXL refiner's (no text_encoder/,
-    `requires_aesthetics_score` in model_index.json: 5 time ids) with `config["text_encoder"]` None."""
+    `requires_aesthetics_score` in model_index.json: 5 time ids) with `config["text_encoder"]` None; SDXL's with the
+    VAE config's `force_upcast` among the pipeline's settings (`sdxl.vae_dtypes`)."""
     unet_config_file, vae_config_file = folder / "unet" / "config.json", folder / "vae" / "config.json"
     sources = dict(diffusion_model=unet_config_file, decoder=vae_config_file, encoder=vae_config_file,
                    size=unet_config_file, scheduler=folder / "scheduler" / "scheduler_config.json",
@@ -32,6 +33,8 @@ def read(folder):
                   scheduler={**DDIM_DEFAULTS, **{k: v for k, v in read_json(sources["scheduler"]).items()
                                                  if k == "_class_name" or not k.startswith("_")}},  # the sampler
                   pipeline={k: pipeline[k] for k in PIPELINE_OPTIONS if k in pipeline})
+    if (folder / "text_encoder_2").exists():  # SDXL's pipelines read the VAE's
+        config["pipeline"]["force_upcast"] = translated(sources["decoder"], force_upcast)
     sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
     unet, vae = find_weights(folder / "unet"), find_weights(folder / "vae")
     parts = {("diffusion_model",): strict_loader(unet), ("encoder", "decoder"): strict_loader(vae)}
@@ -125,6 +128,13 @@ def unet_config(c, num_time_ids=6):
                              f"{num_time_ids} time ids of addition_time_embed_dim={time_dim!r}")
         config.update(pooled_dim=inputs - num_time_ids * time_dim, num_time_ids=num_time_ids, time_id_dim=time_dim)
     return config
+
+
+def force_upcast(c):
+    """The `force_upcast` of a diffusers AutoencoderKL config: true (its default) or false."""
+    if not isinstance(c.get("force_upcast", True), bool):
+        raise ValueError(f"force_upcast={c['force_upcast']!r:.40} is not true or false")
+    return c.get("force_upcast", True)
 
 
 def vae_configs(c):

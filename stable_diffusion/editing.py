@@ -31,6 +31,9 @@ def image_to_image(sd, prompt, image, *, negative_prompt=None, batch_size=1, num
             denoising_end=0.8, return_latents=True)`, then the refiner's `image_to_image(prompt, latents,
             denoising_start=0.8)`.
         denoising_end: stop early, as in `text_to_image`; above denoising_start.
+        micro_conditioning: as in `text_to_image`, but as diffusers' SDXL image-to-image and inpainting pipelines take
+            them, the base's negative sizes default each to the prompt's and its negative crop corner is the prompt's
+            (`sdxl.py`).
         Other arguments: see `text_to_image`.
     Bad arguments (latents of another shape too) raise ValueError, naming them, before any model work.
     """
@@ -39,7 +42,8 @@ def image_to_image(sd, prompt, image, *, negative_prompt=None, batch_size=1, num
     setup = sd._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
                         seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
                         clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength,
-                        denoising_start=denoising_start, denoising_end=denoising_end, **micro_conditioning)
+                        denoising_start=denoising_start, denoising_end=denoising_end, editing=True,
+                        **micro_conditioning)
     if latents is None:
         latents = sd.encode_images(images, setup, sample=sample_latents)
     latents = broadcast(latents, len(setup.noise), "images")
@@ -65,7 +69,8 @@ def inpaint(sd, prompt, image, mask, *, negative_prompt=None, batch_size=1, num_
     masks = load_masks(mask, images.shape[1:3])
     setup = sd._prepare(prompt, negative_prompt=negative_prompt, batch_size=batch_size, num_steps=num_steps,
                         seed=seed, diffusion_noise=diffusion_noise, scheduler=scheduler, long_prompts=long_prompts,
-                        clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength, **micro_conditioning)
+                        clip_skip=clip_skip, prompt_weighting=prompt_weighting, strength=strength, editing=True,
+                        **micro_conditioning)
     sampler, noise = setup.sampler, setup.noise
     known = sd.encode_images(images, setup, sample=sample_latents)
     latents = noise * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(known, noise)

@@ -384,7 +384,8 @@ def read(path, with_vae=True, prediction_type=None, use_ema=None):
     text encoders and (unless replaced) VAE. Without the VAE, "decoder" holds the family's latent `scaling_factor`
     alone, which the replacing VAE keeps. SDXL's settings are those of diffusers' `from_single_file`, which takes them
     from the hub's configs: its scheduler config, 1024 pixels; the base zeroes the states of no negative prompt, the
-    refiner (no first text encoder) does not and takes an aesthetic score (`requires_aesthetics_score`)."""
+    refiner (no first text encoder) does not and takes an aesthetic score (`requires_aesthetics_score`); both run the
+    VAE in float32 under float16 policies (`force_upcast`, `sdxl.vae_dtypes`)."""
     tensors, global_step = open_single_file(path)
     found = plan(tensors.shapes, path, use_ema, with_vae)
     sdxl = found.family in SDXL_TIME_IDS
@@ -394,9 +395,9 @@ def read(path, with_vae=True, prediction_type=None, use_ema=None):
     size = 1024 if sdxl else 768 if prediction_type == "v_prediction" else 512  # diffusers' defaults for such files
     config = dict(found.config, scheduler=dict(SDXL_SCHEDULER if sdxl else SCHEDULER, prediction_type=prediction_type))
     if sdxl:
-        refiner = found.family == "sdxl_refiner"  # the hub's model_index.json of each
-        config["pipeline"] = (dict(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True) if refiner
-                              else dict(force_zeros_for_empty_prompt=True))
+        refiner = found.family == "sdxl_refiner"  # the hub's model_index.json and vae/config.json of each
+        config["pipeline"] = dict(force_zeros_for_empty_prompt=not refiner, force_upcast=True,
+                                  **(dict(requires_aesthetics_score=True) if refiner else {}))
         config.setdefault("text_encoder", None)
     if not with_vae:
         config["decoder"] = dict(scaling_factor=scaling_factor(found.family))

@@ -29,6 +29,7 @@ BLOCK_COUNTS = {("text_encoder", "num_layers"): ("encoder.layers.", 0),
                 ("diffusion_model", "transformer_depth"): ("mid_block.attentions.0.transformer_blocks.", 0),
                 ("encoder", "layers_per_block"): ("encoder.down_blocks.0.resnets.", 0),
                 ("decoder", "layers_per_block"): ("decoder.up_blocks.0.resnets.", 1)}
+PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score", "force_upcast")  # "pipeline"
 MAX_SIZE = 2**16  # image sizes and training timesteps: far above any of the family's (768 px, 1000 steps)
 
 
@@ -95,7 +96,8 @@ def check_sdxl(config, sources):
     """CheckpointError naming the UNet's config unless its text inputs are what the text encoders give: SDXL's
     (a "text_time" embedding, `pooled_dim`) the widths of the encoders it has together (the refiner: the second's
     alone) and the second's projection, and 5 time ids with the pipeline option `requires_aesthetics_score` (the
-    refiner's), else 6; another UNet the text encoder's width, and no second encoder."""
+    refiner's), else 6; another UNet the text encoder's width, and no second encoder. The pipeline's settings (naming
+    its file): `PIPELINE_OPTIONS`, true or false."""
     unet = arguments("diffusion_model", config["diffusion_model"])
     encoders = [arguments(name, config[name]) for name in ("text_encoder", "text_encoder_2") if config.get(name)
                 is not None]
@@ -108,11 +110,9 @@ def check_sdxl(config, sources):
         raise CheckpointError(f"{sources['diffusion_model']}: the UNet takes context_dim={unet['context_dim']} and "
                               f"pooled_dim={unet['pooled_dim']}{ids}, but its text encoders give {widths} and {pooled} "
                               f"({'SDXL: the widths together, the second projection' if second else 'one CLIP'}).")
-    if set(options) - {"force_zeros_for_empty_prompt", "requires_aesthetics_score"} or not all(
-            isinstance(v, bool) for v in options.values()):
+    if set(options) - set(PIPELINE_OPTIONS) or not all(isinstance(v, bool) for v in options.values()):
         raise CheckpointError(f"{sources.get('pipeline', sources['diffusion_model'])}: the pipeline settings "
-                              f"{options!r:.80} are not force_zeros_for_empty_prompt and requires_aesthetics_score "
-                              f"(true or false).")
+                              f"{options!r:.80} are not {', '.join(PIPELINE_OPTIONS)} (true or false).")
     aesthetic = options.get("requires_aesthetics_score", False)
     if aesthetic and not second:
         raise CheckpointError(f"{sources.get('pipeline', sources['diffusion_model'])}: requires_aesthetics_score is "

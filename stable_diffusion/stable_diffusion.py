@@ -34,12 +34,13 @@ class StableDiffusion:
         config: keyword arguments per component, `{"text_encoder": {...}, "diffusion_model": {...},
             "decoder": {...}, "encoder": {...}, "scheduler": {...}}`; missing ones take SD 1.5's values. SDXL also
             has "text_encoder_2" and "pipeline" (diffusers' options: `force_zeros_for_empty_prompt`, no negative prompt
-            gives zero states; `requires_aesthetics_score`, the refiner's time ids), and its refiner `"text_encoder":
-            None` (none); "grammar": the caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`).
+            gives zero states; `requires_aesthetics_score`, the refiner's time ids; `force_upcast`, the VAE in float32
+            under float16 policies, `sdxl.vae_dtypes`), and its refiner `"text_encoder": None` (none); "grammar": the
+            caption words of a model trained on `data.py`'s shapes (`data.GRAMMAR`).
         tokenizer, tokenizer_2: `Tokenizer`s; default: the bundled CLIP vocabulary, padding with the end token, "!".
             `sd.tokenizer` is the model's first tokenizer, which `tokenize` uses: the refiner's is `tokenizer_2`.
         scheduler: the default sampler (`schedulers.SCHEDULERS`); default: the one `config["scheduler"]` names, or DDIM.
-        dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one.
+        dtype: the models' Keras dtype policy, e.g. "mixed_bfloat16"; default: the global one (the VAE: see "pipeline").
         quantize: "int8": int8 UNet and text encoder, once the weights are loaded (`quantization.py`); default None.
         weights: a `checkpoints.Checkpoint` (`checkpoints.read`) to create the weights from; default: random.
     """
@@ -62,8 +63,9 @@ class StableDiffusion:
             for name, _ in ENCODERS:  # None: a model without it (SD 1.x / 2.x: the second; SDXL's refiner: the first)
                 setattr(self, name, None if config.get(name) is None else TextEncoder(**config[name], dtype=dtype))
             self.diffusion_model = DiffusionModel(**latent_size, **config["diffusion_model"], dtype=dtype)
-            self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=dtype)
-            self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=dtype)
+            encoder_dtype, decoder_dtype = sdxl.vae_dtypes(dtype, config["pipeline"])  # SDXL's float32 VAE
+            self.decoder = Decoder(latent_height=None, latent_width=None, **config["decoder"], dtype=decoder_dtype)
+            self.encoder = Encoder(img_height=img_height, img_width=img_width, **config["encoder"], dtype=encoder_dtype)
         quantization.apply(self, quantize)
         self.vae_factor, self.vae_tile_size, self.skipped, self.lora_originals = vae_factor, None, {}, {}
         self.latent_shape = (img_height // vae_factor, img_width // vae_factor, self.decoder.inputs[0].shape[-1])
@@ -178,10 +180,11 @@ class StableDiffusion:
 
     def _prepare(self, prompt, *, negative_prompt, batch_size, num_steps, seed, diffusion_noise, scheduler,
                  long_prompts, clip_skip, prompt_weighting, strength=1.0, denoising_start=None, denoising_end=None,
-                 **micro_conditioning):
-        """What every task starts from (arguments: see `text_to_image`): the UNet's text inputs of prompt and negative
-        prompt, [states (B, L, dim)] or (SDXL) [states, text_embeds (B, P), time_ids (B, n)], a fresh sampler,
-        draw_noise() -> the next seeded noise (B, h, w, C), the first noise (or `diffusion_noise`)."""
+                 editing=False, **micro_conditioning):
+        """What every task starts from (arguments: see `text_to_image`; `editing`: image-to-image or inpainting, whose
+        SDXL time ids differ): the UNet's text inputs of prompt and negative prompt, [states (B, L, dim)] or (SDXL)
+        [states, text_embeds (B, P), time_ids (B, n)], a fresh sampler, draw_noise() -> the next seeded noise
+        (B, h, w, C), the first noise (or `diffusion_noise`)."""
         encode = lambda text, **options: sdxl.listed(self.encode_text(text, clip_skip=clip_skip,
                                                                       prompt_weighting=prompt_weighting, **options))
         encoded = sdxl.listed(prompt) if arguments.is_encoded(prompt) else encode(prompt, long_prompts=long_prompts)
@@ -201,7 +204,7 @@ class StableDiffusion:
             context[0] = np.concatenate([context[0], np.broadcast_to(empty, (batch_size, *empty.shape[1:]))], axis=1)
         if self.text_encoder_2:  # SDXL's size and crop conditioning (the refiner's: and aesthetic scores)
             ids, negative_ids = sdxl.time_ids((self.img_height, self.img_width), batch_size, self.config["pipeline"],
-                                              **micro_conditioning)
+                                              editing=editing, **micro_conditioning)
             context, negative = [*context, ids], [*negative, negative_ids]
         sampler = schedulers.create(scheduler or self.scheduler_name, self.config["scheduler"])
         sampler.set_timesteps(num_steps, strength=strength, denoising_start=denoising_start,

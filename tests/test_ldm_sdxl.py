@@ -217,16 +217,16 @@ GENERATION = [(".ckpt", torch.float32, None, 7.5), (".safetensors", torch.float1
 
 def test_base_file_generates_as_diffusers(base):
     """The file's settings as diffusers' `from_single_file` takes them for SDXL base (its scheduler config, 1024
-    pixels, both tokenizers, zero states for no negative prompt), and the final latents within 1e-4 of their scale
-    (float32 rounding: ~1e-6) of StableDiffusionXLPipeline's on the same weights, float32 and rounded through
-    float16 (loaded into the same models), the images within one uint8 level."""
+    pixels, both tokenizers, zero states for no negative prompt, the VAE's force_upcast), and the final latents within
+    1e-4 of their scale (float32 rounding: ~1e-6) of StableDiffusionXLPipeline's on the same weights, float32 and
+    rounded through float16 (loaded into the same models), the images within one uint8 level."""
     pipe, files, sd = base
     checkpoint = checkpoints.read(files(".ckpt"), config=ldm_reference.overrides(pipe))
     scheduler = {key: checkpoint.config["scheduler"][key] for key in single_file_utils.SCHEDULER_DEFAULT_CONFIG}
     assert scheduler == single_file_utils.SCHEDULER_DEFAULT_CONFIG
     assert (checkpoint.img_height, checkpoint.img_width) == (single_file_utils.DIFFUSERS_TO_LDM_DEFAULT_IMAGE_SIZE_MAP
                                                              ["xl_base"],) * 2 == (1024, 1024)
-    assert checkpoint.config["pipeline"] == {"force_zeros_for_empty_prompt": True}
+    assert checkpoint.config["pipeline"] == {"force_zeros_for_empty_prompt": True, "force_upcast": True}
     assert checkpoint.config["decoder"]["scaling_factor"] == 0.13025
     assert (sd.tokenizer.pad_token_id, sd.tokenizer_2.pad_token_id) == (
         pipe.tokenizer.pad_token_id, pipe.tokenizer_2.pad_token_id) == (49407, 0)

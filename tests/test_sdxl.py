@@ -1,17 +1,24 @@
 """SDXL's pipeline against diffusers' StableDiffusionXLPipeline on one tiny random-weight model saved with
 `save_pretrained` (`reference.make_sdxl_pipeline`): two text encoders, pooled text embeddings, the time ids of sizes
-and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, bundles, and the
-default sampler a folder's scheduler config names (Turbo's)."""
+and crop, the zero negative states of `force_zeros_for_empty_prompt`, no guidance at a scale of 1, bundles, the
+default sampler a folder's scheduler config names (Turbo's); the VAE's `force_upcast` setting; image-to-image
+against StableDiffusionXLImg2ImgPipeline (its negative time ids)."""
+import json
 import shutil
 
 import numpy as np
 import pytest
-from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
+from PIL import Image
 
-from reference import assert_same_generation, nchw, relative_difference
-from stable_diffusion import StableDiffusion
+import ldm_reference
+from reference import assert_same_generation, nchw, nhwc, relative_difference
+from test_editing import patch_diffusers, picture
+from stable_diffusion import StableDiffusion, checkpoints
 from stable_diffusion.train import train_lora, train_textual_inversion
+from stable_diffusion.weights import CheckpointError
 
 SIZES = dict(original_size=(40, 56), crops_coords_top_left=(8, 16), target_size=(48, 32))
 # diffusers 0.42 concatenates [negative, prompt] time ids before repeating them per image, so for batches of more than
@@ -39,6 +46,29 @@ def test_text_to_image_equals_diffusers(prompts, negative, guidance, sizes, jit,
     assert_same_generation(pipe, ours(jit), got, expected, "StableDiffusionXLPipeline")
 
 
+@pytest.mark.parametrize("prompts, negative, sizes", [  # the first: the target size and crop corner the prompt's
+    (["a red circle", "a blue square"], ["green", "a triangle"], dict(SIZES, negative_original_size=(24, 24))),
+    pytest.param(["a red circle"], None, NEGATIVE_SIZES, marks=pytest.mark.slow),
+    pytest.param(["a red circle", "a blue square"], ["green", "a triangle"], SIZES, marks=pytest.mark.slow),
+])
+def test_image_to_image_equals_diffusers(prompts, negative, sizes, sdxl, monkeypatch):
+    """SDXL base image-to-image against StableDiffusionXLImg2ImgPipeline of the same models, whose negative time ids
+    are not text-to-image's: each negative size the prompt's unless given (one alone counts), the crop corner always
+    the prompt's. diffusers' VAE posterior sample and noise replaced by its mean and our noise (`patch_diffusers`);
+    the final latents within 1e-4 of their scale, the images within one uint8 level (`assert_same_generation`)."""
+    pipe, _, ours = sdxl
+    noise = np.random.default_rng(7).standard_normal((len(prompts), 8, 8, 4), dtype=np.float32)
+    patch_diffusers(pipeline_stable_diffusion_xl_img2img, monkeypatch, noise)
+    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=False,
+                                               force_zeros_for_empty_prompt=True, add_watermarker=False)
+    expected = img2img(prompts, image=Image.fromarray(picture()), negative_prompt=negative, strength=0.7,
+                       num_inference_steps=5, guidance_scale=5.0, output_type="latent", **sizes).images
+    got = ours(False).image_to_image(prompts, picture(), negative_prompt=negative, strength=0.7, num_steps=5,
+                                     diffusion_noise=noise, unconditional_guidance_scale=5.0, return_latents=True,
+                                     verbose=False, **sizes)
+    assert_same_generation(pipe, ours(False), got, expected, f"StableDiffusionXLImg2ImgPipeline {sizes}")
+
+
 def test_what_each_input_changes(sdxl):
     """The comparisons above could pass with an input ignored only if diffusers ignored it too: each changes the
     final latents here by far more than float32 rounding (~1e-6)."""
@@ -63,6 +93,27 @@ def test_encoded_prompt_and_bundle_give_the_same_images(sdxl, tmp_path):
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
     assert again.tokenizer_2.pad_token_id == sd.tokenizer_2.pad_token_id == 0
     np.testing.assert_array_equal(again.text_to_image("a red circle", num_steps=3, seed=2, verbose=False), first)
+
+
+def test_force_upcast_is_read_from_the_vae_config(sdxl, tmp_path):
+    """The VAE precision setting diffusers' SDXL pipelines read from the VAE's config, `force_upcast` (float32 under
+    float16 policies: `test_mixed_precision.py`): a folder's (AutoencoderKL's default true; madebyollin's fp16-fix
+    VAE: false; anything else refused, naming the file); a `vae=` file, which has no config, gets
+    `AutoencoderKL.from_single_file`'s true. Original files have the hub's true, bundles keep it (`test_ldm_sdxl.py`,
+    `test_sdxl_refiner.py`)."""
+    pipe, folder, ours = sdxl
+    assert ours(False).config["pipeline"]["force_upcast"] is True
+    fixed = tmp_path / "fp16_fix"
+    shutil.copytree(folder, fixed)
+    vae_config = json.loads((fixed / "vae" / "config.json").read_text())
+    (fixed / "vae" / "config.json").write_text(json.dumps(dict(vae_config, force_upcast=False)))
+    assert checkpoints.read(fixed).config["pipeline"]["force_upcast"] is False
+    vae = ldm_reference.write(ldm_reference.vae_state_dict(pipe.vae, prefix=""), tmp_path / "vae.safetensors")
+    replaced = checkpoints.read(fixed, vae=vae, config=ldm_reference.overrides(pipe))
+    assert replaced.config["pipeline"]["force_upcast"] is True
+    (fixed / "vae" / "config.json").write_text(json.dumps(dict(vae_config, force_upcast="yes")))
+    with pytest.raises(CheckpointError, match=r"vae/config.json: force_upcast='yes' is not true or false"):
+        checkpoints.read(fixed)
 
 
 @pytest.mark.parametrize("options, error, message", [

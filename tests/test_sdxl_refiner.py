@@ -137,11 +137,12 @@ def test_what_each_input_changes(refiner):
 
 def test_folder_settings_and_bundle_round_trip(refiner, tmp_path):
     """The folder's refiner settings (no first text encoder, the refiner's tokenizer as `sd.tokenizer`, 5 time ids,
-    requires_aesthetics_score, no zero states), and a bundle that keeps them and every weight."""
+    requires_aesthetics_score, no zero states, the VAE's force_upcast), and a bundle that keeps them and every weight."""
     _, _, sd = refiner
     assert sd.text_encoder is None and sd.tokenizer is sd.tokenizer_2 and sd.tokenizer.pad_token_id == 0
     assert sd.config["text_encoder"] is None and sd.config["diffusion_model"]["num_time_ids"] == 5
-    assert sd.config["pipeline"] == dict(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True)
+    assert sd.config["pipeline"] == dict(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True,
+                                         force_upcast=True)
     states, text_embeds = sd.encode_text(PROMPTS)
     assert states.shape == (2, 77, 32) and text_embeds.shape == (2, 24)
     np.testing.assert_array_equal(sd.tokenize(PROMPTS), sd.tokenizer_2(PROMPTS))
@@ -197,6 +198,10 @@ def test_single_file_generates_as_diffusers(refiner, tmp_path, monkeypatch):
      r"^aesthetic_score is not in this SDXL pipeline's time ids"),
     ("refiner", lambda sd: sd.image_to_image("a", picture(), target_size=(64, 64)),
      r"^target_size is not in this SDXL pipeline's time ids"),
+    ("base", lambda sd: sd.image_to_image("a", picture(), negative_crops_coords_top_left=(0, 8)),
+     r"^negative_crops_coords_top_left is not in this SDXL pipeline's time ids, which take original_size, "
+     r"crops_coords_top_left, target_size, negative_original_size, negative_target_size \(.* its image-to-image and "
+     r"inpainting take the prompt's crop for the negative prompt\)"),
     ("refiner", lambda sd: sd.image_to_image("a", picture(), negative_aesthetic_score=float("nan")),
      r"^negative_aesthetic_score must be a finite number"),
     ("refiner", lambda sd: sd.image_to_image("a", picture(), denoising_start=1.0),
