@@ -18,7 +18,7 @@ from reference import (HUB_SDXL, SDXL_UNETS, assert_same_generation, full_size_s
                        predicted, relative_difference, rounded, to_numpy)
 from test_convert import assert_same_weights
 from test_diffusion_model import TIME_IDS, unet_difference
-from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, presets, settings
+from stable_diffusion import StableDiffusion, checkpoints, diffusers_folder, ldm, presets, schedulers, settings
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.diffusion_model import DiffusionModel
 from stable_diffusion.encoder import Encoder
@@ -246,11 +246,13 @@ def test_base_file_generates_as_diffusers(base):
 
 
 def test_base_bundle_reloads_bit_exact(base, tmp_path):
-    """Every setting, both tokenizers and every weight (text_encoder_2's too) of the loaded file."""
+    """Every setting, the sampler it ran (named in the scheduler config), both tokenizers and every weight
+    (text_encoder_2's too) of the loaded file."""
     _, _, sd = base
     sd.save(tmp_path / "bundle")
     again = StableDiffusion.from_checkpoint(tmp_path / "bundle", jit_compile=False)
-    assert again.config == json.loads(json.dumps(sd.config)) and (again.img_height, again.img_width) == (64, 64)
+    saved = dict(sd.config, scheduler=schedulers.diffusers_config(sd.scheduler_name, sd.config["scheduler"]))
+    assert again.config == json.loads(json.dumps(saved)) and (again.img_height, again.img_width) == (64, 64)
     assert (again.tokenizer.pad_token_id, again.tokenizer_2.pad_token_id) == (49407, 0)
     assert_same_weights(again, sd, (*MODELS, "text_encoder_2"))
 
