@@ -5,6 +5,8 @@ models' arguments, the weights read by their diffusers and transformers names (`
 References: diffusers `UNet2DConditionModel`, `AutoencoderKL` and `DDIMScheduler` configs,
 transformers `CLIPTextConfig`.
 """
+import operator
+
 from .bundle import TOKENIZERS
 from .decoder import SCALING_FACTOR
 from .tokenizer import Tokenizer
@@ -35,7 +37,7 @@ def read(folder):
                   pipeline={k: pipeline[k] for k in PIPELINE_OPTIONS if k in pipeline})
     if (folder / "text_encoder_2").exists():  # SDXL's pipelines read the VAE's
         config["pipeline"]["force_upcast"] = translated(sources["decoder"], force_upcast)
-    sample_size = translated(sources["size"], lambda unet: unet["sample_size"])
+    sample_size = translated(sources["size"], lambda unet: operator.index(unet["sample_size"]))
     unet, vae = find_weights(folder / "unet"), find_weights(folder / "vae")
     parts = {("diffusion_model",): strict_loader(unet), ("encoder", "decoder"): strict_loader(vae)}
     tensors, tokenizers = dict(diffusion_model=unet, encoder=vae, decoder=vae), dict(tokenizer=None)

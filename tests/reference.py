@@ -232,7 +232,7 @@ def full_size_sdxl(family):
     default device and dtype: inside `with torch.device("meta"):` they take no memory."""
     spec, text = HUB_SDXL[family], dict(vocab_size=49408, max_position_embeddings=77)
     models = SimpleNamespace(
-        unet=UNet2DConditionModel(**spec["unet"], layers_per_block=2, use_linear_projection=True,
+        unet=UNet2DConditionModel(**spec["unet"], sample_size=128, layers_per_block=2, use_linear_projection=True,
                                   addition_embed_type="text_time", addition_time_embed_dim=256),
         vae=AutoencoderKL(**SDXL_VAE),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, **BIG_G)))

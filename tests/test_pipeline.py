@@ -222,6 +222,15 @@ def test_checkpoint_with_mismatched_shapes(key, value, message, reference, tmp_p
         StableDiffusion.from_checkpoint(folder)
 
 
+def test_checkpoint_whose_sample_size_is_no_integer(reference, tmp_path):
+    """A UNet config with `"sample_size": null` (the image size comes from it): one error naming the file."""
+    folder = copy_checkpoint(reference, tmp_path)
+    config = json.loads((folder / "unet/config.json").read_text())
+    (folder / "unet/config.json").write_text(json.dumps(dict(config, sample_size=None)))
+    with pytest.raises(ValueError, match=r"unet.config\.json: 'NoneType' object cannot be interpreted as an integer"):
+        StableDiffusion.from_checkpoint(folder)
+
+
 def test_unsupported_or_unknown_checkpoints(reference, tmp_path):
     folder = copy_checkpoint(reference, tmp_path)
     config = json.loads((folder / "unet/config.json").read_text())
