@@ -13,7 +13,6 @@ target size; the negative prompt's take `negative_original_size` (default: the p
 The VAE's precision (`vae_dtypes`): SDXL's VAE overflows float16, so diffusers' SDXL pipelines run one whose config
 says `force_upcast` in float32 (madebyollin's fp16-fix VAE says false).
 """
-import keras
 import numpy as np
 
 SIZES = ("original_size", "crops_coords_top_left", "target_size")
@@ -60,6 +59,8 @@ def vae_dtypes(dtype, pipeline):
     float16 (their decoding; bfloat16 has float32's range); without it, both in `dtype`."""
     if not pipeline.get("force_upcast"):
         return dtype, dtype
+    import keras  # here: the CLI reads this module's keywords before it loads Keras (and its backend)
+
     float16 = keras.dtype_policies.get(dtype or keras.config.dtype_policy()).compute_dtype == "float16"
     return "float32", "float32" if float16 else dtype
 

@@ -189,6 +189,7 @@ def test_micro_conditioning_flags_give_sdxls_keywords():
         negative_aesthetic_score=2.0)
 
 
+@pytest.mark.slow  # two SDXL generations; the flags' keywords are checked above by default
 def test_micro_conditioning_flags_reach_the_sdxl_pipeline(sdxl, workdir, monkeypatch):
     """The image of an SDXL folder with the flags is the API call's with those keywords (which change it), and its
     PNG stores them as the flags take them."""

@@ -344,6 +344,7 @@ def trained_step(reference, tmp_path_factory):
     return out, torch_step(theirs, latents, tokens, noise, timesteps)
 
 
+@pytest.mark.slow  # with the next: a 25 s fixture (one fit step and one PEFT step)
 def test_one_training_step_equals_peft_and_torch_adamw(trained_step):
     """The LoRA weights after one step equal PEFT's after torch AdamW's (lr 1e-3, weight decay 1e-2, epsilon: see
     `torch_step`, gradients clipped to norm 1), from the same start: 99% of them to within 0.1% of the learning
@@ -361,6 +362,7 @@ def test_one_training_step_equals_peft_and_torch_adamw(trained_step):
     assert np.median(moved) > 0.5 * LEARNING_RATE, "the step hardly moves the weights: the comparison would prove little"
 
 
+@pytest.mark.slow
 def test_trained_lora_loads_in_diffusers_as_in_ours(trained_step, reference, loaded):
     """What `lora.write` saved after the step: diffusers' `load_lora_weights` and our `load_lora` make the same
     images (one uint8 level) and text states."""

@@ -29,7 +29,8 @@ NEGATIVE_SIZES = dict(SIZES, negative_original_size=(24, 24), negative_target_si
 @pytest.mark.parametrize("prompts, negative, guidance, sizes, jit", [
     (["a red circle", "a blue square"], ["green", "a triangle"], 7.5, {}, False),
     (["a red circle", "a blue square"], None, 7.5, {}, False),  # force_zeros_for_empty_prompt: zero states
-    (["a red circle", "a blue square"], ["green", "a triangle"], 5.0, SIZES, False),
+    pytest.param(["a red circle", "a blue square"], ["green", "a triangle"], 5.0, SIZES, False,
+                 marks=pytest.mark.slow),  # sizes as below, a batch of two
     (["a red circle"], ["green"], 5.0, NEGATIVE_SIZES, False),
     (["a red circle", "a blue square"], ["green", "a triangle"], 1.0, SIZES, False),  # no guidance: the prompt's
     pytest.param(["a red circle"], ["green"], 7.5, NEGATIVE_SIZES, True, marks=pytest.mark.compiled),  # XLA's loop
