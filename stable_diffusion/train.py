@@ -304,6 +304,18 @@ def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, back
                adamw=adamw)
 
 
+def deterministic():
+    """Makes training on TensorFlow give the same weights run after run on one machine, resumed or not: one op at a
+    time, each still on all cores (with ops run side by side, two runs of `train_demo` drift apart within stage 1:
+    `benchmarks/RESULTS.md`). Call it before TensorFlow runs its first op; RuntimeError after, and ValueError on
+    other backends."""
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"Deterministic training is for the TensorFlow backend, not {keras.backend.backend()}.")
+    import tensorflow as tf
+
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
 def run_stage(work_dir, name, models, train):
     """Runs `train()`, which returns the stage's final loss, and saves the models it trains in
     `work_dir`; if an earlier run finished the stage, loads them instead. Returns the final loss."""
@@ -512,6 +524,20 @@ def train_lora(checkpoint, data, output, *, rank=4, alpha=None, targets=UNET_TAR
     return dict(loss=loss, num_images=len(images), modules=len(modules))
 
 
+def parse(parser, argv):
+    """`parser.parse_args(argv)` with --deterministic (`deterministic`) added and, when given, applied, its
+    ValueError a usage error of the flag; the namespace has no `deterministic`."""
+    parser.add_argument("--deterministic", action="store_true", help="the same weights every run on this machine, "
+                        "resumed or not (TensorFlow: one op at a time)")
+    args = parser.parse_args(argv)
+    try:
+        if vars(args).pop("deterministic"):
+            deterministic()
+    except ValueError as error:
+        parser.error(f"--deterministic: {error}")
+    return args
+
+
 def run_command_line(parser, train, argv):
     """The command line of a training function: adds the options every one has (--work-dir, --seed, --verbose) to
     `parser`, whose other options each set one of `train`'s keywords, parses `argv`, calls `train` and prints what
@@ -519,7 +545,7 @@ def run_command_line(parser, train, argv):
     parser.add_argument("--work-dir", help="backup for resuming (default: .OUTPUT.work beside --output)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", default="auto", choices=("auto", "0", "1", "2"), help="Keras fit verbosity")
-    options = vars(parser.parse_args(argv))
+    options = vars(parse(parser, argv))
     options["verbose"] = "auto" if options["verbose"] == "auto" else int(options["verbose"])
     try:
         result = train(**options)
@@ -688,7 +714,7 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, help="default: 2e-3, fine-tuning 1e-4")
     parser.add_argument("--work-dir", help="checkpoints for resuming (default: beside --output)")
     parser.add_argument("--verbose", default="auto", help="Keras fit verbosity: auto, 0, 1 or 2")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if bool(args.checkpoint) != bool(args.data):
         parser.error("--checkpoint and --data go together (fine-tuning); give neither to train from scratch.")
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
