@@ -3,6 +3,9 @@ against diffusers' training objective, LoRA training end to end (its step agains
 inversion (its file in diffusers: test_embeddings.py).
 .ci/run also runs the two stage tests on the JAX and torch backends."""
 import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -228,6 +231,27 @@ def test_train_cli_refuses_bad_arguments_before_loading(argv, message, tmp_path,
     assert exit.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [tmp_path / "D"], "something was written"
+
+
+def test_deterministic_is_refused_on_other_backends_in_flags(monkeypatch, capsys):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(SystemExit) as exit:
+        main([*LORA, "--deterministic"])
+    assert exit.value.code == 2
+    assert "--deterministic: Deterministic training is for the TensorFlow backend, not jax." in capsys.readouterr().err
+
+
+@pytest.mark.training
+def test_deterministic_runs_tensorflow_ops_one_at_a_time():
+    """In a new process, as the flag must act before TensorFlow's first op: one inter-op thread (default 0: one
+    per core)."""
+    code = ("import argparse, tensorflow as tf; from stable_diffusion.train import parse; "
+            "parse(argparse.ArgumentParser(), ['--deterministic']); "
+            "print(tf.config.threading.get_inter_op_parallelism_threads())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1"]
 
 
 @pytest.mark.parametrize("train, keywords, message", [
