@@ -152,7 +152,7 @@ def train_dreambooth(checkpoint, instance_data, output, *, instance_prompt, clas
                                 prediction_type=sd.scheduler.config["prediction_type"],
                                 prior_loss_weight=prior_loss_weight)
     loss = fit(trainer, x, epochs, batch_size, learning_rate, work_dir or output.with_name(f".{output.name}.work"),
-               verbose=verbose, adamw=TORCH_ADAMW)
+               verbose=verbose, adamw=TORCH_ADAMW, seed=seed)
     output.parent.mkdir(parents=True, exist_ok=True)
     if lora_rank:
         lora.write(output, {"unet": sd.diffusion_model, "text_encoder": sd.text_encoder})

@@ -158,7 +158,7 @@ class DiffusionTrainer(keras.Model):
 class Backup(keras.callbacks.Callback):
     """Resumable training: after each epoch, writes what training changes (the trainable variables, the
     optimizer's variables and the trainer's seed generator), by variable path, with the epochs done, to
-    `folder/backup.safetensors`; `restore` reads them back, and the file goes once training completes.
+    `folder/backup.safetensors`; `restore` reads them back, and `remove` deletes them once training completes.
     Keras' `BackupAndRestore` saves the model's weights, in which a LoRA layer stores its merged kernel and
     no LoRA weights (they load back as zeros), and every frozen weight.
 
@@ -197,7 +197,8 @@ class Backup(keras.callbacks.Callback):
         write_safetensors(partial, self.variables, {"epochs": str(epoch + 1)}, alignment=1)
         partial.replace(self.path)
 
-    def on_train_end(self, logs=None):
+    def remove(self):
+        """Deletes the backup, and its folder if that is left empty: training is done."""
         self.path.unlink(missing_ok=True)
         if self.path.parent.exists() and not any(self.path.parent.iterdir()):
             self.path.parent.rmdir()
@@ -247,11 +248,15 @@ def padded(array, multiple):
 
 
 def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_momentum=None, verbose="auto",
-        jit_compile=None, adamw=None):
-    """Compiles and fits a trainer on x (arrays, shuffled each epoch), with a `Backup` in `backup_dir`,
-    from which a rerun resumes; `ema_momentum`, `adamw`: see `optimizer`. Under a `keras.distribution`
-    that splits batches in n parts (`batch_shards`), x is `padded` to a multiple of n rows, so that every
-    batch splits; ValueError if `batch_size` is no multiple of n (`check_batch_size`).
+        jit_compile=None, adamw=None, seed=None):
+    """Compiles and fits a trainer on x (arrays), with a `Backup` in `backup_dir`, from which a rerun resumes;
+    `ema_momentum`, `adamw`: see `optimizer`. Under a `keras.distribution` that splits batches in n parts
+    (`batch_shards`), x is `padded` to a multiple of n rows, so that every batch splits; ValueError if `batch_size`
+    is no multiple of n (`check_batch_size`).
+
+    Epoch e takes the rows in the order `numpy.random.default_rng([seed, e]).permutation` draws (None: an unseeded
+    one), so a resumed run sees the orders an uninterrupted one would. (Keras' `fit(shuffle=True)` shuffles once: on
+    TensorFlow, under `keras.utils.set_random_seed`, every epoch repeats the first one's order.)
 
     Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
     the EMA weights are copied into the trained variables at the end.
@@ -262,16 +267,24 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
         jit_compile = keras.backend.backend() == "jax"
     check_batch_size(batch_size)
     x = keras.tree.map_structure(lambda array: padded(array, batch_shards()), x)
-    steps = epochs * -(-len(x[0] if isinstance(x, tuple) else x) // batch_size)
-    trainer.compile(optimizer=optimizer(learning_rate, steps, ema_momentum, adamw), jit_compile=jit_compile)
+    rows = len(keras.tree.flatten(x)[0])
+    trainer.compile(optimizer=optimizer(learning_rate, epochs * -(-rows // batch_size), ema_momentum, adamw),
+                    jit_compile=jit_compile)
     trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, and the optimizer, as Backup needs
     trainer.optimizer.build(trainer.trainable_variables)
     backup = Backup(backup_dir, trainer) if backup_dir else None
-    history = trainer.fit(x, epochs=epochs, batch_size=batch_size, shuffle=True, callbacks=[backup] if backup else [],
-                          verbose=verbose, initial_epoch=backup.restore() if backup else 0)
+    loss = None
+    for epoch in range(backup.restore() if backup else 0, epochs):
+        order = np.random.default_rng(None if seed is None else [seed, epoch]).permutation(rows)
+        history = trainer.fit(keras.tree.map_structure(lambda array: array[order], x), batch_size=batch_size,
+                              epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
+                              callbacks=[backup] if backup else [], verbose=verbose)
+        loss = history.history["loss"][-1]
+    if backup:
+        backup.remove()
     if ema_momentum is not None:
         trainer.optimizer.finalize_variable_values(trainer.trainable_variables)
-    return history.history["loss"][-1] if history.history else None
+    return loss
 
 
 def encode_latents(encoder, images, scaling_factor=1.0, batch_size=256):
@@ -301,7 +314,7 @@ def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, back
                                sd.tokenize("")[0], caption_dropout, offset_noise, seed,
                                sd.scheduler.config["prediction_type"])
     return fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, ema_momentum, verbose,
-               adamw=adamw)
+               adamw=adamw, seed=seed)
 
 
 def deterministic():
@@ -368,7 +381,7 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
     decoder = Decoder(size // levels, size // levels, **config["decoder"])
     losses = dict(vae_loss=run_stage(work_dir, "vae", (encoder, decoder), lambda: fit(
         VAETrainer(encoder, decoder, edge_weight=edge_weight, seed=seed), images, vae_epochs, vae_batch_size, vae_lr,
-        work_dir / "vae_backup", verbose=verbose)))
+        work_dir / "vae_backup", verbose=verbose, seed=seed)))
 
     latents = encode_latents(encoder, images)
     config["decoder"]["scaling_factor"] = scaling_factor = float(1.0 / latents.std())
@@ -381,7 +394,6 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
     sd.text_encoder.trainable = False
     for r in range(1, (tune_rounds if tune_images else 0) + 1):
         images, captions = make_dataset(tune_images, seed + r)
-        keras.utils.set_random_seed(seed)  # each round shuffles as `fine_tune` does
         losses[f"tune_loss_{r}"] = run_stage(work_dir, f"tune_{r}", (sd.diffusion_model,), lambda: train_diffusion(
             sd, encode_latents(sd.encoder, images, scaling_factor), sd.tokenize(captions), tune_epochs, batch_size,
             tune_lr, backup_dir=work_dir / f"tune_{r}_backup", seed=seed, verbose=verbose))
@@ -591,7 +603,7 @@ def train_embedding(sd, vectors, latents, tokens, epochs, batch_size, learning_r
                                    caption_dropout=0.0, offset_noise=0.0, seed=seed,
                                    prediction_type=sd.scheduler.config["prediction_type"])
         loss = fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, verbose=verbose,
-                   adamw=TORCH_ADAMW)
+                   adamw=TORCH_ADAMW, seed=seed)
     finally:
         for model, flag in zip(models, trainable):
             model.trainable = flag

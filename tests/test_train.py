@@ -68,6 +68,37 @@ def test_vae_loss_weighs_edges():
     assert loss(10.0, np.full_like(target, 0.5)) == pytest.approx(0.5)
 
 
+def test_fit_draws_a_new_order_each_epoch_and_a_resumed_run_the_same_orders(tmp_path, interrupted):
+    """Keras' own shuffle repeats its first order every epoch (under `set_random_seed`); ours draws one per epoch
+    from the seed and the epoch, so resuming after epoch 1 goes on as an uninterrupted run."""
+    seen = []
+
+    class Trainer(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.seed_generator = keras.layers.Dense(1), keras.random.SeedGenerator(0)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            return keras.ops.mean(keras.ops.square(y_pred))
+
+        def fit(self, x, **kwargs):
+            seen.append(x[:, 0].tolist())
+            return super().fit(x, **kwargs)
+
+    rows = np.arange(8, dtype="float32")[:, None]
+    fit(Trainer(), rows, 3, 4, 1e-3, tmp_path / "whole", verbose=0, seed=5)
+    whole, seen[:] = seen[:], []
+    assert len(whole) == 3 and len({tuple(order) for order in whole}) == 3
+    assert all(sorted(order) == list(range(8)) for order in whole)
+    trainer = Trainer()
+    interrupted(fit, trainer, rows, 3, 4, 1e-3, tmp_path / "resumed", verbose=0, seed=5)
+    fit(trainer, rows, 3, 4, 1e-3, tmp_path / "resumed", verbose=0, seed=5)
+    assert seen == whole
+
+
 @pytest.mark.training
 def test_diffusion_stage_fits_and_resumes(tmp_path):
     sd = StableDiffusion(SIZE, SIZE, config=TINY_CONFIG)
