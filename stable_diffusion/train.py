@@ -254,9 +254,9 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
     (`batch_shards`), x is `padded` to a multiple of n rows, so that every batch splits; ValueError if `batch_size`
     is no multiple of n (`check_batch_size`).
 
-    Epoch e takes the rows in the order `numpy.random.default_rng([seed, e]).permutation` draws (None: an unseeded
-    one), so a resumed run sees the orders an uninterrupted one would. (Keras' `fit(shuffle=True)` shuffles once: on
-    TensorFlow, under `keras.utils.set_random_seed`, every epoch repeats the first one's order.)
+    Epoch e takes the rows in the order of `Epochs` (from `seed` and e), so a resumed run sees the orders an
+    uninterrupted one would. (Keras' `fit(shuffle=True)` shuffles once: on TensorFlow, under
+    `keras.utils.set_random_seed`, every epoch repeats the first one's order.)
 
     Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
     the EMA weights are copied into the trained variables at the end.
@@ -273,18 +273,46 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
     trainer(keras.tree.map_structure(lambda array: array[:1], x))  # built, and the optimizer, as Backup needs
     trainer.optimizer.build(trainer.trainable_variables)
     backup = Backup(backup_dir, trainer) if backup_dir else None
-    loss = None
-    for epoch in range(backup.restore() if backup else 0, epochs):
-        order = np.random.default_rng(None if seed is None else [seed, epoch]).permutation(rows)
-        history = trainer.fit(keras.tree.map_structure(lambda array: array[order], x), batch_size=batch_size,
-                              epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
-                              callbacks=[backup] if backup else [], verbose=verbose)
-        loss = history.history["loss"][-1]
+    start = backup.restore() if backup else 0
+    batches = Epochs(x, batch_size, seed, start)
+    history = trainer.fit(batches, epochs=epochs, initial_epoch=start, steps_per_epoch=len(batches),
+                          shuffle=False, callbacks=[backup] if backup else [], verbose=verbose)
     if backup:
         backup.remove()
     if ema_momentum is not None:
         trainer.optimizer.finalize_variable_values(trainer.trainable_variables)
-    return loss
+    return history.history["loss"][-1] if history.history else None
+
+
+class Epochs(keras.utils.PyDataset):
+    """The batches of the rows of x (arrays of one length, or one array), epoch after epoch from epoch `start`:
+    batch i of the stream is batch i % n of epoch start + i // n (n batches an epoch), whose rows come in the order
+    `numpy.random.default_rng([seed, epoch]).permutation` draws (seed None: an unseeded one). A function of i
+    alone, so Keras may read ahead across epochs; `fit` it with `steps_per_epoch=len(epochs)`."""
+
+    def __init__(self, x, batch_size, seed, start):
+        super().__init__()
+        self.x, self.batch_size, self.seed, self.start = x, batch_size, seed, start
+        self.rows = len(keras.tree.flatten(x)[0])
+        self.orders = {}
+
+    def __len__(self):
+        return -(-self.rows // self.batch_size)
+
+    @property
+    def num_batches(self):
+        return None  # endless: read as one stream across epochs
+
+    def order(self, epoch):
+        if epoch not in self.orders:
+            rng = np.random.default_rng(None if self.seed is None else [self.seed, epoch])
+            self.orders = {epoch: rng.permutation(self.rows)}  # the epoch being read; the one before is done
+        return self.orders[epoch]
+
+    def __getitem__(self, index):
+        epoch, batch = divmod(index, len(self))
+        rows = self.order(self.start + epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+        return (keras.tree.map_structure(lambda array: array[rows], self.x),)  # x alone, no targets
 
 
 def encode_latents(encoder, images, scaling_factor=1.0, batch_size=256):
