@@ -88,14 +88,14 @@ def test_fit_draws_a_new_order_each_epoch_and_a_resumed_run_the_same_orders(tmp_
         self.start + index // len(self), index % len(self), tuple(read(self, index)[0][:, 0]))), read(self, index))[1])
     rows = np.arange(8, dtype="float32")[:, None]
     fit(Trainer(), rows, 3, 4, 1e-3, tmp_path / "whole", verbose=0, seed=5)
-    whole = {(epoch, batch): rows for epoch, batch, rows in reads if epoch < 3}
+    whole = {(epoch, batch): read_rows for epoch, batch, read_rows in reads if epoch < 3}
     orders = [whole[epoch, 0] + whole[epoch, 1] for epoch in range(3)]
     assert len(set(orders)) == 3 and all(sorted(order) == list(range(8)) for order in orders)
     reads.clear()
     trainer = Trainer()
     interrupted(fit, trainer, rows, 3, 4, 1e-3, tmp_path / "resumed", verbose=0, seed=5)
     fit(trainer, rows, 3, 4, 1e-3, tmp_path / "resumed", verbose=0, seed=5)
-    assert {(epoch, batch): rows for epoch, batch, rows in reads if epoch < 3} == whole
+    assert {(epoch, batch): read_rows for epoch, batch, read_rows in reads if epoch < 3} == whole
 
 
 @pytest.mark.training
