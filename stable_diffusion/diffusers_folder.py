@@ -9,14 +9,16 @@ import operator
 
 from .bundle import TOKENIZERS
 from .decoder import SCALING_FACTOR
+from .settings import PIPELINE_OPTIONS
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, Tensors, read_json, strict_loader
 
-# diffusers' DDIMScheduler defaults, for keys a checkpoint's scheduler config leaves out.
+# diffusers' DDIMScheduler defaults, for keys a checkpoint's scheduler config leaves out. diffusers gives such keys the
+# defaults of the class built `from_config` (the sampler), not of the class the file names; these are DDIM's, the
+# fallback sampler's, which the others share where they read the key, but for PNDM's `set_alpha_to_one` (False).
 DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                      steps_offset=0, set_alpha_to_one=True, prediction_type="epsilon", clip_sample=True,
                      clip_sample_range=1.0)
-PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")  # model_index.json keys kept (SDXL)
 
 
 def read(folder):
@@ -34,7 +36,7 @@ def read(folder):
                   **translated(sources["decoder"], vae_configs),
                   scheduler={**DDIM_DEFAULTS, **{k: v for k, v in read_json(sources["scheduler"]).items()
                                                  if k == "_class_name" or not k.startswith("_")}},  # the sampler
-                  pipeline={k: pipeline[k] for k in PIPELINE_OPTIONS if k in pipeline})
+                  pipeline={k: pipeline[k] for k in PIPELINE_OPTIONS if k in pipeline})  # model_index.json's (SDXL)
     if (folder / "text_encoder_2").exists():  # SDXL's pipelines read the VAE's
         config["pipeline"]["force_upcast"] = translated(sources["decoder"], force_upcast)
     sample_size = translated(sources["size"], lambda unet: operator.index(unet["sample_size"]))

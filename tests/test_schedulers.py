@@ -229,6 +229,22 @@ def test_options_left_out_take_diffusers_defaults():
         assert defaults == {key: schedulers.DEFAULT_OPTIONS[key] for key in options}, class_name
 
 
+def test_keys_a_folder_config_leaves_out_take_ddims_defaults_as_every_sampler_but_pndm_would():
+    """diffusers fills the keys a saved config leaves out with the defaults of the class built from it (the sampler):
+    `diffusers_folder.DDIM_DEFAULTS` are DDIM's, and every other sampler's where it reads the key, but PNDM's
+    `set_alpha_to_one` (the one difference, named in that comment)."""
+    import diffusers
+
+    from stable_diffusion.diffusers_folder import DDIM_DEFAULTS
+
+    differing = {}
+    for class_name in {class_name for class_name, _ in schedulers.CLASSES.values()}:
+        theirs = getattr(diffusers, class_name).from_config({}).config
+        differing.update({(class_name, key): theirs[key] for key, value in DDIM_DEFAULTS.items()
+                          if key in theirs and theirs[key] != value})
+    assert differing == {("PNDMScheduler", "set_alpha_to_one"): False}
+
+
 @pytest.mark.parametrize("named, message", [
     (dict(_class_name="LMSDiscreteScheduler"), "'LMSDiscreteScheduler', which"),
     (dict(_class_name="PNDMScheduler"), "'PNDMScheduler' with skip_prk_steps=False, which"),  # its Runge-Kutta start
