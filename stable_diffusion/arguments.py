@@ -258,7 +258,9 @@ def checked(task):
         if not is_encoded(values["prompt"]):
             check_prompts(values["prompt"])
         check_micro_conditioning(values.get("micro_conditioning", {}), sdxl.keywords(
-            sd.text_encoder_2 is not None, sd.config["pipeline"].get("requires_aesthetics_score"), "image" in values))
+            sd.text_encoder_2 is not None,
+            requires_aesthetics_score=sd.config["pipeline"].get("requires_aesthetics_score", False),
+            editing="image" in values))
         batch = check_batch(values["batch_size"], prompt_count(bound.args[1]))
         if values["negative_prompt"] is not None:
             check_count(len(check_prompts(values["negative_prompt"], "negative_prompt")), batch, "negative prompts")

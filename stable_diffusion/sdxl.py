@@ -24,7 +24,7 @@ KEYWORDS = (*BASE, *SCORES)
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
 
 
-def keywords(sdxl, requires_aesthetics_score=False, editing=False):
+def keywords(sdxl, *, requires_aesthetics_score=False, editing=False):
     """The micro-conditioning keywords a pipeline takes: none (not `sdxl`), the refiner's, or the base's (`editing`,
     image-to-image and inpainting: no negative crop corner)."""
     base = tuple(name for name in BASE if not editing or name != "negative_crops_coords_top_left")
