@@ -346,10 +346,10 @@ def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, back
 
 
 def deterministic():
-    """Makes training on TensorFlow give the same weights run after run on one machine, resumed or not: one op at a
-    time, each still on all cores (with ops run side by side, two runs of `train_demo` drift apart within stage 1:
-    `benchmarks/RESULTS.md`). Call it before TensorFlow runs its first op; RuntimeError after, and ValueError on
-    other backends."""
+    """Makes training on TensorFlow give the same weights run after run on one machine, resumed or not (not on a CPU
+    of other vector instructions: AVX2 and AVX-512 kernels round differently): one op at a time, each still on all
+    cores (with ops run side by side, two runs of `train_demo` drift apart within stage 1: `benchmarks/RESULTS.md`).
+    Call it before TensorFlow runs its first op; RuntimeError after, and ValueError on other backends."""
     if keras.backend.backend() != "tensorflow":
         raise ValueError(f"Deterministic training is for the TensorFlow backend, not {keras.backend.backend()}.")
     import tensorflow as tf
