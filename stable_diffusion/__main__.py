@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import sys
 import tempfile
 import warnings
@@ -327,13 +328,39 @@ def one_line_warnings():
         yield
 
 
+@contextlib.contextmanager
+def ctrl_c_exits_130(parser):
+    """Ctrl-C within the block exits with status 130 and one line. Python's own SIGINT handler raises
+    KeyboardInterrupt, but one raised inside TensorFlow's C++ (tracing a function) comes out as another
+    error; so the handler here also notes the signal, and any error after it counts as the interrupt."""
+    seen = []
+
+    def interrupt(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    except Exception as error:
+        if seen:
+            parser.exit(130, f"{PROG}: interrupted\n")
+        raise
+    except KeyboardInterrupt:
+        parser.exit(130, f"{PROG}: interrupted\n")
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @one_line_warnings()
 def main(argv=None):
     """Runs the command line on `argv` (default: `sys.argv[1:]`). Exit status: 0 done, 1 an image not
     written where asked, 2 bad arguments (nothing written), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with ctrl_c_exits_130(parser):
         try:
             check_arguments(args)
             sd = load(args)
@@ -343,8 +370,6 @@ def main(argv=None):
         except (OSError, ValueError) as error:
             parser.error(in_flag_names(error))
         failures = write_images(images, settings, args)
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG}: interrupted\n")
     if failures:
         parser.exit(1, "".join(f"{PROG}: error: {failure}\n" for failure in failures))
 
