@@ -89,7 +89,8 @@ def inpainting_checkpoint(reference, tmp_path):
     return dict(own_components(pipe), unet=unet.to(torch.float32)), target
 
 
-@pytest.mark.parametrize("unet_channels, strength", [(4, 1.0), (4, 0.7), (9, 1.0), (9, 0.75)])
+@pytest.mark.parametrize("unet_channels, strength", [pytest.param(4, 1.0, marks=pytest.mark.slow), (4, 0.7),
+                                                     (9, 1.0), (9, 0.75)])
 def test_inpaint_equals_diffusers(unet_channels, strength, reference, ours, monkeypatch, tmp_path):
     if unet_channels == 4:
         sd, components = ours("sd1"), own_components(reference("sd1")[0])

@@ -212,10 +212,12 @@ def base(tmp_path_factory):
 
 
 # (file, its dtype, negative prompts, guidance): None negative prompts are force_zeros_for_empty_prompt's zeros.
-GENERATION = [(".ckpt", torch.float32, None, 7.5), (".safetensors", torch.float16, ["green", "a triangle"], 5.0)]
+GENERATION = [(".ckpt", torch.float32, None, 7.5),
+              pytest.param(".safetensors", torch.float16, ["green", "a triangle"], 5.0, marks=pytest.mark.slow)]
 
 
-def test_base_file_generates_as_diffusers(base):
+@pytest.mark.parametrize("suffix, dtype, negative, guidance", GENERATION)
+def test_base_file_generates_as_diffusers(suffix, dtype, negative, guidance, base):
     """The file's settings as diffusers' `from_single_file` takes them for SDXL base (its scheduler config, 1024
     pixels, both tokenizers, zero states for no negative prompt, the VAE's force_upcast), and the final latents within
     1e-4 of their scale (float32 rounding: ~1e-6) of StableDiffusionXLPipeline's on the same weights, float32 and
@@ -232,17 +234,18 @@ def test_base_file_generates_as_diffusers(base):
         pipe.tokenizer.pad_token_id, pipe.tokenizer_2.pad_token_id) == (49407, 0)
     prompts, noise = ["a red circle", "a blue square"], np.random.default_rng(4).standard_normal((2, 8, 8, 4),
                                                                                                   dtype=np.float32)
-    for suffix, dtype, negative, guidance in GENERATION:
-        reference = rounded(pipe, dtype)
-        reference.scheduler = DDIMScheduler.from_config(checkpoint.config["scheduler"])  # as run by our default
-        if dtype != torch.float32:
-            checkpoints.read(files(suffix, dtype), config=ldm_reference.overrides(pipe)).load_into(sd)
+    reference = rounded(pipe, dtype)
+    reference.scheduler = DDIMScheduler.from_config(checkpoint.config["scheduler"])  # as run by our default
+    if dtype != torch.float32:
+        checkpoints.read(files(suffix, dtype), config=ldm_reference.overrides(pipe)).load_into(sd)
+    try:
         expected = reference(prompts, negative_prompt=negative, num_inference_steps=4, guidance_scale=guidance,
                              height=64, width=64, latents=nchw(noise), output_type="latent").images
         got = sd.text_to_image(prompts, negative_prompt=negative, num_steps=4, diffusion_noise=noise,
                                unconditional_guidance_scale=guidance, return_latents=True, verbose=False)
         assert_same_generation(reference, sd, got, expected, f"StableDiffusionXLPipeline, {suffix} {dtype}")
-    checkpoint.load_into(sd)  # the float32 weights again, for the other tests
+    finally:
+        checkpoint.load_into(sd)  # the float32 weights again, for the other tests
 
 
 def test_base_bundle_reloads_bit_exact(base, tmp_path):
