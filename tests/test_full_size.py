@@ -18,6 +18,8 @@ from stable_diffusion.encoder import Encoder
 from stable_diffusion.text_encoder import TextEncoder
 from stable_diffusion.weights import Tensors, load_weights
 
+pytestmark = pytest.mark.xdist_group("full_size")  # under `--dist loadgroup`, one worker holds these gigabytes
+
 
 def count(model):
     return sum(p.numel() for p in model.parameters())
