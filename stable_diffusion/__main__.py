@@ -343,7 +343,7 @@ def ctrl_c_exits_130(parser):
         signal.signal(signal.SIGINT, interrupt)
     try:
         yield
-    except Exception as error:
+    except Exception:
         if seen:
             parser.exit(130, f"{PROG}: interrupted\n")
         raise
