@@ -165,7 +165,7 @@ def latent_edge_weights(images, latent_size, edge_weight, batch_size=500):
     max-pooled to the latents' `latent_size` (each latent pixel weighs as its most changing image pixel), so that a
     small shape's few latent pixels count as much as the flat background around it. (N, h, w, 1) float32."""
     factor = images.shape[1] // latent_size
-    weights = [1.0 + edge_weight * ops.max_pool(edges(to_unit_range(images[i:i + batch_size])), factor)
+    weights = [1.0 + edge_weight * ops.max_pool(edges(to_unit_range(images[i:i + batch_size])), factor, strides=factor)
                for i in range(0, len(images), batch_size)]
     return np.concatenate([ops.convert_to_numpy(w) for w in weights])
 

@@ -130,7 +130,8 @@ def test_diffusion_stage_fits_and_resumes(tmp_path):
     latents = np.random.default_rng(0).standard_normal((8, SIZE // 2, SIZE // 2, 4)).astype("float32")
     unet, text = snapshot(sd.diffusion_model), snapshot(sd.text_encoder)
     loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs=2, batch_size=4, learning_rate=1e-3,
-                           backup_dir=tmp_path / "backup", seed=0)
+                           backup_dir=tmp_path / "backup", seed=0,
+                           loss_weights=latent_edge_weights(images, SIZE // 2, 10.0))  # as train_demo
     assert np.isfinite(loss)
     assert changed(unet, sd.diffusion_model) and changed(text, sd.text_encoder)
     assert not (tmp_path / "backup").exists()  # removed once training completes
