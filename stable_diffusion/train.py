@@ -107,8 +107,7 @@ class VAETrainer(keras.Model):
 class DiffusionTrainer(keras.Model):
     """Stage 2, fine-tuning, LoRA: (latents (B, h, w, C) scaled to about unit variance, token ids (B, 77)) ->
     the UNet's prediction and its target (`prediction_and_target`) for drawn noise, timesteps and caption
-    dropout; loss: their mean squared error, or, given a third input, per-pixel loss weights (B, h, w, 1)
-    (`latent_edge_weights`), their weighted mean.
+    dropout; loss: their mean squared error.
 
     Args:
         text_encoder, diffusion_model: the models to train (set `trainable=False` to freeze one).
@@ -131,7 +130,7 @@ class DiffusionTrainer(keras.Model):
         self.prediction_type = prediction_type
 
     def call(self, inputs):
-        latents, tokens = inputs[:2]  # a third input, loss weights, is compute_loss's
+        latents, tokens = inputs
         batch, channels = ops.shape(latents)[0], ops.shape(latents)[-1]
         noise = keras.random.normal(ops.shape(latents), seed=self.seed_generator)
         noise = noise + self.offset_noise * keras.random.normal((batch, 1, 1, channels), seed=self.seed_generator)
@@ -153,21 +152,7 @@ class DiffusionTrainer(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         prediction, target = y_pred
-        squared = ops.square(prediction - target)
-        if x is None or len(x) < 3:
-            return ops.mean(squared)
-        weight = ops.broadcast_to(x[2], ops.shape(squared))
-        return ops.sum(weight * squared) / ops.sum(weight)
-
-
-def latent_edge_weights(images, latent_size, edge_weight, batch_size=500):
-    """Per-pixel loss weights of the latents of uint8 images (N, H, W, 3): 1 + edge_weight * `edges`, the edge map
-    max-pooled to the latents' `latent_size` (each latent pixel weighs as its most changing image pixel), so that a
-    small shape's few latent pixels count as much as the flat background around it. (N, h, w, 1) float32."""
-    factor = images.shape[1] // latent_size
-    weights = [1.0 + edge_weight * ops.max_pool(edges(to_unit_range(images[i:i + batch_size])), factor, strides=factor)
-               for i in range(0, len(images), batch_size)]
-    return np.concatenate([ops.convert_to_numpy(w) for w in weights])
+        return ops.mean(ops.square(prediction - target))
 
 
 class Backup(keras.callbacks.Callback):
@@ -347,19 +332,17 @@ def copy_weights(source, target):
 
 
 def train_diffusion(sd, latents, tokens, epochs, batch_size, learning_rate, backup_dir=None, seed=None,
-                    ema_momentum=0.99, verbose="auto", caption_dropout=0.1, offset_noise=0.1, adamw=None,
-                    loss_weights=None):
+                    ema_momentum=0.99, verbose="auto", caption_dropout=0.1, offset_noise=0.1, adamw=None):
     """Fits the trainable variables of sd's UNet and text encoder (freeze either with `trainable=False`) on
     scaled latents and token ids, against the target of the scheduler's prediction type, ending on the EMA
     weights (momentum 0.99: an average over about the last 100 steps, for runs of a few thousand steps;
-    None: no EMA). `caption_dropout`, `offset_noise`, `loss_weights` (N, h, w, 1) or None: see
-    `DiffusionTrainer`; `adamw`: see `optimizer`. Returns the last epoch's loss."""
+    None: no EMA). `caption_dropout`, `offset_noise`: see `DiffusionTrainer`; `adamw`: see `optimizer`.
+    Returns the last epoch's loss."""
     trainer = DiffusionTrainer(sd.text_encoder, sd.diffusion_model, sd.scheduler.alphas_cumprod,
                                sd.tokenize("")[0], caption_dropout, offset_noise, seed,
                                sd.scheduler.config["prediction_type"])
-    x = (latents, tokens) if loss_weights is None else (latents, tokens, loss_weights)
-    return fit(trainer, x, epochs, batch_size, learning_rate, backup_dir, ema_momentum, verbose, adamw=adamw,
-               seed=seed)
+    return fit(trainer, (latents, tokens), epochs, batch_size, learning_rate, backup_dir, ema_momentum, verbose,
+               adamw=adamw, seed=seed)
 
 
 def deterministic():
@@ -398,8 +381,7 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
 
     Stage 1 trains the VAE (edge-weighted L1, `VAETrainer`), stage 2 the UNet and text encoder on its latents,
     then each round of stage 3 the UNet alone (the text encoder frozen) on new images, round r on
-    `make_dataset(tune_images, seed + r)`, at a lower learning rate. Stages 2 and 3 weigh their squared error by
-    `latent_edge_weights`, so small shapes, a few latent pixels each, are not drowned by the background.
+    `make_dataset(tune_images, seed + r)`, at a lower learning rate.
 
     Args:
         output: the bundle folder to write (`StableDiffusion.save`).
@@ -408,7 +390,7 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
         tune_images, tune_rounds: images of each round of stage 3, and its rounds; 0 skips it.
         batch_size, vae_batch_size: images per step of stages 2 and 3 and of stage 1.
         vae_lr, learning_rate, tune_lr: peak learning rates of stages 1, 2 and 3.
-        edge_weight: extra loss weight of the pixels on edges, in every stage (`VAETrainer`, `latent_edge_weights`).
+        edge_weight: see `VAETrainer`.
         work_dir: where stage checkpoints go; a rerun with the same folder resumes, within a stage from its last
             finished epoch.
         config: model configuration (`DEMO_CONFIG` by default), as for `StableDiffusion`.
@@ -436,15 +418,13 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
     copy_weights(decoder, sd.decoder)
     losses["diffusion_loss"] = run_stage(work_dir, "diffusion", (sd.text_encoder, sd.diffusion_model), lambda: (
         train_diffusion(sd, latents * scaling_factor, sd.tokenize(captions), epochs, batch_size, learning_rate,
-                        backup_dir=work_dir / "diffusion_backup", seed=seed, verbose=verbose,
-                        loss_weights=latent_edge_weights(images, latents.shape[1], edge_weight))))
+                        backup_dir=work_dir / "diffusion_backup", seed=seed, verbose=verbose)))
     sd.text_encoder.trainable = False
     for r in range(1, (tune_rounds if tune_images else 0) + 1):
         images, captions = make_dataset(tune_images, seed + r)
         losses[f"tune_loss_{r}"] = run_stage(work_dir, f"tune_{r}", (sd.diffusion_model,), lambda: train_diffusion(
             sd, encode_latents(sd.encoder, images, scaling_factor), sd.tokenize(captions), tune_epochs, batch_size,
-            tune_lr, backup_dir=work_dir / f"tune_{r}_backup", seed=seed, verbose=verbose,
-            loss_weights=latent_edge_weights(images, latents.shape[1], edge_weight)))
+            tune_lr, backup_dir=work_dir / f"tune_{r}_backup", seed=seed, verbose=verbose))
     sd.text_encoder.trainable = True
     sd.save(output, overwrite=True)
     return dict(losses, scaling_factor=scaling_factor, num_images=num_images)

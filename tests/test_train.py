@@ -22,8 +22,8 @@ from stable_diffusion.data import make_dataset, write_folder
 from stable_diffusion.decoder import Decoder
 from stable_diffusion.encoder import Encoder
 from stable_diffusion.train import (DiffusionTrainer, Epochs, VAETrainer, edges, fine_tune, fit, initial_vectors,
-                                    latent_edge_weights, load_folder, main, to_unit_range, train_demo, train_diffusion,
-                                    train_embedding, train_lora, train_textual_inversion)
+                                    load_folder, main, to_unit_range, train_demo, train_diffusion, train_embedding,
+                                    train_lora, train_textual_inversion)
 from stable_diffusion.bundle import write_safetensors
 from stable_diffusion.weights import named_variables
 
@@ -68,31 +68,6 @@ def test_vae_loss_weighs_edges():
     assert loss(10.0, np.full_like(target, 0.5)) == pytest.approx(0.5)
 
 
-def test_diffusion_loss_weighs_latent_edges():
-    """`latent_edge_weights`: 1 + edge_weight on the latent pixels whose image pixels hold an edge, 1 elsewhere. The
-    diffusion loss with them is the weighted mean squared error: the plain mean for weights of ones or none, and the
-    same error costs edge_weight + 1 times as much on an edge as on flat colour."""
-    images = np.zeros((1, 32, 32, 3), np.uint8)
-    images[0, 4:8, 4:8] = 255  # a small white square on black: `edges` marks image rows and columns 2 to 8
-    weights = latent_edge_weights(images, 8, 10.0)  # latent pixel (i, j): image pixels 4i..4i+3, 4j..4j+3
-    expected = np.ones((1, 8, 8, 1), np.float32)
-    expected[0, :3, :3] = 11.0
-    np.testing.assert_array_equal(weights, expected)
-
-    def error_at(i, j):
-        error = np.zeros((1, 8, 8, 4), np.float32)
-        error[0, i, j] = 0.5
-        return error
-
-    trainer, target = DiffusionTrainer(None, None, [0.5], [0]), np.zeros((1, 8, 8, 4), np.float32)
-    loss = lambda x, prediction: float(trainer.compute_loss(x, y_pred=(prediction, target)))
-    plain = np.mean(np.square(error_at(5, 5)))
-    assert loss((target, None), error_at(5, 5)) == pytest.approx(plain)
-    assert loss((target, None, np.ones_like(weights)), error_at(5, 5)) == pytest.approx(plain)
-    assert loss((target, None, weights), error_at(1, 1)) == pytest.approx(11 * loss((target, None, weights),
-                                                                                     error_at(5, 5)))
-
-
 def test_fit_draws_a_new_order_each_epoch_and_a_resumed_run_the_same_orders(tmp_path, interrupted, monkeypatch):
     """Keras' own shuffle repeats its first order every epoch (under `set_random_seed`); ours draws one per epoch
     from the seed and the epoch, each batch read once in the epoch's order, so resuming after epoch 1 goes on as an
@@ -130,8 +105,7 @@ def test_diffusion_stage_fits_and_resumes(tmp_path):
     latents = np.random.default_rng(0).standard_normal((8, SIZE // 2, SIZE // 2, 4)).astype("float32")
     unet, text = snapshot(sd.diffusion_model), snapshot(sd.text_encoder)
     loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs=2, batch_size=4, learning_rate=1e-3,
-                           backup_dir=tmp_path / "backup", seed=0,
-                           loss_weights=latent_edge_weights(images, SIZE // 2, 10.0))  # as train_demo
+                           backup_dir=tmp_path / "backup", seed=0)
     assert np.isfinite(loss)
     assert changed(unet, sd.diffusion_model) and changed(text, sd.text_encoder)
     assert not (tmp_path / "backup").exists()  # removed once training completes
