@@ -112,7 +112,9 @@ def clip_tokenizer(vocabulary, merges):
 
 def openvino_graph(model, inputs):
     """The `openvino.Model` of `model` (OpenVINO backend) on parameters of the shapes and dtypes of the
-    numpy arrays `inputs` (one per model input), or None where this Keras lacks the class it needs."""
+    numpy arrays `inputs` (one per model input), or None where this Keras lacks the class it needs. bfloat16
+    outputs (mixed_bfloat16 policies) are converted to float32: OpenVINO's Python API hands bf16 results out as
+    float16 arrays of the same bytes (keras-team/keras#22567)."""
     try:  # private: the symbolic tensor of Keras' OpenVINO backend
         from keras.src.backend.openvino.core import OpenVINOKerasTensor
     except ImportError:
@@ -123,4 +125,6 @@ def openvino_graph(model, inputs):
     parameters = [opset16.parameter(x.shape, openvino.Type(x.dtype)) for x in inputs]
     tensors = [OpenVINOKerasTensor(parameter.output(0)) for parameter in parameters]
     outputs = model(tensors if len(tensors) > 1 else tensors[0])
-    return openvino.Model([opset16.result(output.output) for output in keras.tree.flatten(outputs)], parameters)
+    outputs = [output.output for output in keras.tree.flatten(outputs)]
+    outputs = [opset16.convert(x, "f32") if x.get_element_type() == openvino.Type.bf16 else x for x in outputs]
+    return openvino.Model([opset16.result(output) for output in outputs], parameters)
