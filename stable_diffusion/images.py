@@ -39,7 +39,8 @@ def load_latents(image, latent_shape):
         return None
     if latents.shape[-3:] != tuple(latent_shape):
         raise ValueError(f"image as latents must be (B, h, w, C) = (B, {', '.join(map(str, latent_shape))}) for this "
-                         f"pipeline, got {latents.shape}.")
+                         f"pipeline, got {latents.shape} (float arrays are read as latents; pictures are uint8 "
+                         f"(H, W, 3)).")
     return latents.reshape(-1, *latent_shape)
 
 

@@ -141,6 +141,8 @@ def test_inpaint_and_image_to_image_under_mixed_precision(reference, ours):
     (lambda sd, tmp: sd.image_to_image(PROMPT, tmp / "not-an-image.png"), "Cannot read image .*not-an-image"),
     (lambda sd, tmp: sd.image_to_image(PROMPT, picture(32, 64)), r"image is 32x64 pixels \(height x width\) but this pipeline makes 64x64"),
     (lambda sd, tmp: sd.image_to_image(PROMPT, picture().astype("float32")), "uint8"),
+    (lambda sd, tmp: sd.image_to_image(PROMPT, np.ones((64, 64, 4), "float32")),
+     r"image as latents must be .* got \(64, 64, 4\) \(float arrays are read as latents; pictures are uint8"),
     (lambda sd, tmp: sd.image_to_image(PROMPT, picture(), strength=0), r"strength must be in \(0, 1\]"),
     (lambda sd, tmp: sd.image_to_image(PROMPT, picture(), strength=1.2), r"strength must be in \(0, 1\]"),
     (lambda sd, tmp: sd.image_to_image(PROMPT, picture(), strength=0.01), "leaves no step"),
