@@ -63,12 +63,13 @@ def test_a_quantized_pipeline_is_not_saved(int8_pipeline, tmp_path):
 @pytest.mark.demo
 def test_int8_demo_images_stay_close_to_float32():
     """The shipped demo model at its default settings: int8 draws float32's pictures (PSNR of the 4 images
-    >= 30 dB, issue 18's bound; per image >= 24 dB, median >= 35 dB). Sampling can grow int8's rounding into a one-pixel shift of a shape's edge, which costs a
-    64x64 image about 27 dB (seed 5's red circle on an Intel AMX Xeon, 2026-12-02); another seed's picture of
-    the same prompt scores 9-21 dB."""
+    >= 30 dB, issue 18's bound; per image >= 24 dB, median >= 35 dB). Sampling can grow int8's rounding into a
+    one-pixel shift of a shape's edge, which costs a 64x64 image about 27 dB (seed 5's red circle on an Intel
+    AMX Xeon, 2026-12-02); another seed's picture of the same prompt scores 9-21 dB."""
     images = {quantize: StableDiffusion.from_checkpoint(jit_compile=False, quantize=quantize).text_to_image(
         DEMO_PROMPTS, seed=5, verbose=False) for quantize in (None, "int8")}
     scores = [psnr(got, expected) for got, expected in zip(images["int8"], images[None])]
     assert min(scores) >= 24 and np.median(scores) >= 35, f"PSNR {scores} dB against float32"
-    assert psnr(images["int8"], images[None]) >= 30, f"PSNR {psnr(images['int8'], images[None])} dB of the 4"
+    together = psnr(images["int8"], images[None])
+    assert together >= 30, f"PSNR {together} dB of the 4 images against float32"
     assert max(scores) < 100, "int8 images equal float32: not quantized?"

@@ -101,7 +101,7 @@ def test_fit_draws_a_new_order_each_epoch_and_a_resumed_run_the_same_orders(tmp_
 @pytest.mark.training
 def test_diffusion_stage_fits_and_resumes(tmp_path):
     sd = StableDiffusion(SIZE, SIZE, config=TINY_CONFIG)
-    images, captions = make_dataset(8, seed=0, image_size=SIZE)
+    _, captions = make_dataset(8, seed=0, image_size=SIZE)
     latents = np.random.default_rng(0).standard_normal((8, SIZE // 2, SIZE // 2, 4)).astype("float32")
     unet, text = snapshot(sd.diffusion_model), snapshot(sd.text_encoder)
     loss = train_diffusion(sd, latents, sd.tokenize(captions), epochs=2, batch_size=4, learning_rate=1e-3,
