@@ -9,11 +9,11 @@ Stage 1 trains the VAE (`Encoder` + `Decoder`) on reconstruction, weighted up on
 (Rombach et al., 2022, sec. 3.1); stage 2 trains the UNet and the text encoder on the epsilon-prediction loss of
 DDPM (Ho et al., 2020) over pre-encoded latents, with 10% of the captions dropped for
 classifier-free guidance (Ho & Salimans, 2022), offset noise (Guttenberg, 2023, "Diffusion with
-Offset Noise") and EMA weights; stage 3 trains the UNet alone on new images at a lower learning rate. The
-trainers are `keras.Model`s whose `call` draws the noise with `keras.random` and whose
-`compute_loss` holds the loss, so `fit` runs them on every backend. The diffusion loss is diffusers'
-(`train_text_to_image.py`): `F.mse_loss(unet(noisy, t, text).sample, target)`, the target the noise
-or, for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
+Offset Noise") and EMA weights; stage 3 trains the UNet alone on new images at a lower learning rate, stage 4 on
+new small shapes, the hardest prompts. The trainers are `keras.Model`s whose `call` draws the noise with
+`keras.random` and whose `compute_loss` holds the loss, so `fit` runs them on every backend. The diffusion loss is
+diffusers' (`train_text_to_image.py`): `F.mse_loss(unet(noisy, t, text).sample, target)`, the target the noise or,
+for v-prediction checkpoints, the velocity (Salimans & Ho, 2022).
 
     python -m stable_diffusion.train --output demo
     python -m stable_diffusion.train --checkpoint demo --data FOLDER --output OUT
@@ -374,22 +374,26 @@ def run_stage(work_dir, name, models, train):
 
 
 def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_images=8000, tune_epochs=16,
-               tune_rounds=2, batch_size=64, vae_batch_size=32, vae_lr=2e-3, learning_rate=2e-3, tune_lr=5e-4,
-               edge_weight=10.0, work_dir=None, config=None, verbose="auto"):
+               tune_rounds=2, small_images=24000, small_epochs=4, batch_size=64, vae_batch_size=32, vae_lr=2e-3,
+               learning_rate=2e-3, tune_lr=5e-4, small_lr=2e-4, edge_weight=10.0, work_dir=None, config=None,
+               verbose="auto"):
     """Trains a small Stable Diffusion from scratch on `make_dataset(num_images, seed)` and saves it; the defaults
     are the demo model's recipe.
 
     Stage 1 trains the VAE (edge-weighted L1, `VAETrainer`), stage 2 the UNet and text encoder on its latents,
     then each round of stage 3 the UNet alone (the text encoder frozen) on new images, round r on
-    `make_dataset(tune_images, seed + r)`, at a lower learning rate.
+    `make_dataset(tune_images, seed + r)`, at a lower learning rate. Stage 4 fits the UNet alone once more on the
+    hardest prompts, small shapes: the images of `make_dataset(small_images, seed + tune_rounds + 1)` whose captions
+    say "small" (about a third), at a lower rate still.
 
     Args:
         output: the bundle folder to write (`StableDiffusion.save`).
         num_images, seed: the synthetic dataset (64x64).
-        vae_epochs, epochs, tune_epochs: epochs of stages 1, 2 and of each round of 3.
+        vae_epochs, epochs, tune_epochs, small_epochs: epochs of stages 1, 2, of each round of 3, and of 4.
         tune_images, tune_rounds: images of each round of stage 3, and its rounds; 0 skips it.
-        batch_size, vae_batch_size: images per step of stages 2 and 3 and of stage 1.
-        vae_lr, learning_rate, tune_lr: peak learning rates of stages 1, 2 and 3.
+        small_images: images drawn for stage 4, of which it keeps the small shapes; 0 skips it.
+        batch_size, vae_batch_size: images per step of stages 2 to 4 and of stage 1.
+        vae_lr, learning_rate, tune_lr, small_lr: peak learning rates of stages 1, 2, 3 and 4.
         edge_weight: see `VAETrainer`.
         work_dir: where stage checkpoints go; a rerun with the same folder resumes, within a stage from its last
             finished epoch.
@@ -425,6 +429,14 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
         losses[f"tune_loss_{r}"] = run_stage(work_dir, f"tune_{r}", (sd.diffusion_model,), lambda: train_diffusion(
             sd, encode_latents(sd.encoder, images, scaling_factor), sd.tokenize(captions), tune_epochs, batch_size,
             tune_lr, backup_dir=work_dir / f"tune_{r}_backup", seed=seed, verbose=verbose))
+    if small_images:
+        small_seed = seed + tune_rounds + 1  # no earlier round's images
+        images, captions = make_dataset(small_images, small_seed)
+        small = [i for i, caption in enumerate(captions) if "small" in caption.split()]
+        losses["small_loss"] = run_stage(work_dir, "small", (sd.diffusion_model,), lambda: train_diffusion(
+            sd, encode_latents(sd.encoder, images[small], scaling_factor), sd.tokenize([captions[i] for i in small]),
+            small_epochs, batch_size, small_lr, backup_dir=work_dir / "small_backup", seed=small_seed,
+            verbose=verbose))
     sd.text_encoder.trainable = True
     sd.save(output, overwrite=True)
     return dict(losses, scaling_factor=scaling_factor, num_images=num_images)
@@ -749,6 +761,9 @@ def main(argv=None):
                         "UNet alone (default: 8000; 0 skips it)")
     parser.add_argument("--tune-epochs", type=int, default=16, help="epochs of each round of stage 3 (default: 16)")
     parser.add_argument("--tune-rounds", type=int, default=2, help="rounds of stage 3 (default: 2)")
+    parser.add_argument("--small-images", type=int, default=24000, help="images drawn for stage 4, the UNet on "
+                        "their small shapes alone (default: 24000; 0 skips it)")
+    parser.add_argument("--small-epochs", type=int, default=4, help="epochs of stage 4 (default: 4)")
     parser.add_argument("--epochs", type=int, help="diffusion epochs (default: 32, fine-tuning 10)")
     parser.add_argument("--batch-size", type=int, help="diffusion batch (default: 64, fine-tuning 16)")
     parser.add_argument("--learning-rate", type=float, help="default: 2e-3, fine-tuning 1e-4")
@@ -766,6 +781,7 @@ def main(argv=None):
     else:
         result = train_demo(args.output, args.num_images, args.seed, args.vae_epochs,
                             tune_images=args.tune_images, tune_epochs=args.tune_epochs, tune_rounds=args.tune_rounds,
+                            small_images=args.small_images, small_epochs=args.small_epochs,
                             work_dir=args.work_dir, verbose=verbose, **options)
     print(json.dumps(result))
 

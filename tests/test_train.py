@@ -114,10 +114,11 @@ def test_diffusion_stage_fits_and_resumes(tmp_path):
 @pytest.mark.training
 def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
     config = dict(TINY_CONFIG, decoder=dict(TINY_CONFIG["decoder"], scaling_factor=1.0))
-    options = dict(num_images=8, vae_epochs=1, epochs=1, tune_images=8, tune_epochs=2, batch_size=4,
-                   vae_batch_size=4, work_dir=tmp_path / "work", config=config, verbose=0)
-    result = train_demo(tmp_path / "demo", **options)
-    stages = ("vae_loss", "diffusion_loss", "tune_loss_1", "tune_loss_2")  # the default two rounds of stage 3
+    options = dict(num_images=8, vae_epochs=1, epochs=1, tune_images=8, tune_epochs=2, small_images=12,
+                   small_epochs=1, batch_size=4, vae_batch_size=4, work_dir=tmp_path / "work", config=config,
+                   verbose=0)
+    result = train_demo(tmp_path / "demo", **options)  # stage 4 keeps the 4 small shapes of make_dataset(12, 3)
+    stages = ("vae_loss", "diffusion_loss", "tune_loss_1", "tune_loss_2", "small_loss")  # two rounds of stage 3
     assert sorted(result) == sorted([*stages, "scaling_factor", "num_images"])
     assert all(np.isfinite(result[stage]) for stage in stages)
     saved = json.loads((tmp_path / "demo" / "config.json").read_text())
@@ -127,9 +128,12 @@ def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
     after_stage_2.text_encoder.load_weights(tmp_path / "work" / "diffusion_text_encoder.weights.h5")
     after_stage_2.diffusion_model.load_weights(tmp_path / "work" / "diffusion_diffusion_model.weights.h5")
     final = snapshot(sd.diffusion_model)
+    sd.diffusion_model.load_weights(tmp_path / "work" / "tune_2_diffusion_model.weights.h5")  # after stage 3
+    assert changed(final, sd.diffusion_model), "stage 4 left the UNet"
+    after_stage_3 = snapshot(sd.diffusion_model)
     sd.diffusion_model.load_weights(tmp_path / "work" / "tune_1_diffusion_model.weights.h5")  # after round 1
-    assert changed(final, sd.diffusion_model), "round 2 left the UNet"
-    assert not changed(snapshot(after_stage_2.text_encoder), sd.text_encoder), "stage 3 trained the text encoder"
+    assert changed(after_stage_3, sd.diffusion_model), "round 2 left the UNet"
+    assert not changed(snapshot(after_stage_2.text_encoder), sd.text_encoder), "stages 3-4 trained the text encoder"
     assert changed(snapshot(after_stage_2.diffusion_model), sd.diffusion_model), "stage 3 left the UNet"
     resumed = train_demo(tmp_path / "demo", **options)  # every stage is read back, not retrained
     assert all(resumed[stage] == result[stage] for stage in stages)
