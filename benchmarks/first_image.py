@@ -85,7 +85,7 @@ def main():
         "",
         f"- Command: `python -m benchmarks.first_image --backends {' '.join(args.backends)} --repeats "
         f"{args.repeats} --steps {args.steps}`",
-        f"- Machine: {model}, {os.cpu_count()} cores (load average {load:.1f} at the start; other jobs ran), "
+        f"- Machine: {model}, {os.cpu_count()} cores (load average {load:.1f} at the start), "
         f"flags: {flags}; Python {platform.python_version()}, Keras {keras.__version__}, "
         f"OpenVINO {openvino.__version__.split('-')[0]}",
         f"- The demo model at 64x64, {args.steps} steps; each process new; the second reads the cache the first "

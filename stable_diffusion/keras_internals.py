@@ -12,15 +12,41 @@ Keras or keras-hub lacks it; the rest of the package uses public APIs only.
 - `openvino_graph`: a model called on the OpenVINO backend's private `OpenVINOKerasTensor`, as Keras'
   OpenVINO trainer does, to get its OpenVINO graph. Fallback: none (`runtime.py` then keeps Keras'
   own `predict_on_batch`).
+- Importing keras-hub (`import_keras_hub`): on backends other than TensorFlow, as where TensorFlow is not
+  installed, which keras-hub 0.32 reads from an ImportError (`keras_hub.src.utils.tensor_utils`). Fallback: none
+  needed; a keras-hub that imports TensorFlow regardless only costs the import.
 - Quantizing (`garbage_collected_once`): Keras' `Layer.__delattr__` runs a full `gc.collect()` each time a
   layer drops a variable, as `Dense.quantize` drops its float kernel. No fallback needed: without the
   block, quantizing is as correct, only slower.
 """
 import contextlib
 import gc
+import sys
 
 import keras
-import keras_hub
+
+
+def import_keras_hub():
+    """keras-hub; on backends other than TensorFlow imported as where TensorFlow is not installed, unless keras-hub
+    or TensorFlow is loaded already. keras-hub imports TensorFlow and tensorflow-text when it finds them (4 s of
+    2 CPU cores, `benchmarks/RESULTS.md`) for its `tf.data` paths, which prompts never take: the tokenizer runs on
+    its pure-Python path either way. Such a keras-hub treats TensorFlow as absent for the rest of the process
+    (import keras_hub first to keep its `tf.data` paths); `import tensorflow` itself still works."""
+    if keras.backend.backend() == "tensorflow" or "keras_hub" in sys.modules or "tensorflow" in sys.modules:
+        import keras_hub
+
+        return keras_hub
+    blocked = ("tensorflow", "tensorflow_text")
+    sys.modules.update(dict.fromkeys(blocked))  # `import` raises ImportError on a None entry (Python's import system)
+    try:
+        import keras_hub
+    finally:
+        for name in blocked:
+            del sys.modules[name]
+    return keras_hub
+
+
+keras_hub = import_keras_hub()
 
 try:  # private: the registry of variables a StatelessScope created without a value
     from keras.src.backend.common import global_state

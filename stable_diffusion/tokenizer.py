@@ -2,7 +2,8 @@
 
 Glue around `keras_hub.models.CLIPTokenizer` (byte-level BPE) and `keras_hub.layers.StartEndPacker`
 (start/end tokens, truncation, padding). Both run on their pure-Python path (the `tokenizers`
-library), so the tokenizer works under every Keras backend and returns NumPy.
+library), so the tokenizer works under every Keras backend and returns NumPy; on backends other than TensorFlow,
+keras-hub is imported without it (`keras_internals.import_keras_hub`).
 
 The ids match transformers' `CLIPTokenizer` (transformers 5.x, which diffusers uses): NFC, every
 whitespace run to one space, lowercase, CLIP's pre-split regex, byte-level BPE. keras-hub builds the
@@ -29,12 +30,11 @@ import warnings
 from pathlib import Path
 
 import keras
-import keras_hub
 import numpy as np
 
 from . import emphasis
 from .arguments import check_prompts
-from .keras_internals import clip_tokenizer
+from .keras_internals import clip_tokenizer, keras_hub
 from .presets import asset
 from .weights import CheckpointError, read_json
 

@@ -2,7 +2,7 @@
 on another backend: `KERAS_BACKEND=openvino python other_backend.py CHECKPOINT OUT.npz` loads two pipelines from
 CHECKPOINT in turn, the second (text-to-image only) after the first left its compiled models in the cache on disk,
 and saves their images with each one's (compilations, compilations read from the cache), and the second's
-image again after a weight of its decoder changed."""
+image again after a weight of its decoder changed, and whether TensorFlow was imported."""
 import sys
 
 import numpy as np
@@ -52,6 +52,7 @@ def main(checkpoint, out):
     bias = sd.decoder.get_layer("decoder-conv_out").bias  # assigned after compiling: must be compiled again
     bias.assign(keras.ops.convert_to_numpy(bias.value) + 0.5)
     saved["brighter_text_to_image"] = generate(sd, ("text_to_image",))["text_to_image"]
+    saved["tensorflow_imported"] = np.array("tensorflow" in sys.modules)
     np.savez(out, **saved)
 
 

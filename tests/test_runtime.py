@@ -32,6 +32,7 @@ def test_backend_equals_this_one_and_reads_its_cache(backend, reference, ours, t
     np.testing.assert_array_equal(saved["second_text_to_image"], saved["first_text_to_image"])
     brightening = (saved["brighter_text_to_image"].astype(int) - saved["second_text_to_image"]).mean()
     assert brightening > 30, f"the decoder's output bias, raised by 0.5 (64 levels), raised the image {brightening:.1f}"
+    assert not saved["tensorflow_imported"], f"generating on {backend} imported TensorFlow"
     compiled, from_cache = saved["first_reads"]
     assert compiled > 0 and from_cache == 0, f"a fresh cache: {from_cache} of {compiled} compilations read"
     compiled, from_cache = saved["second_reads"]
