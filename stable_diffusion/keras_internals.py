@@ -13,8 +13,8 @@ Keras or keras-hub lacks it; the rest of the package uses public APIs only.
   OpenVINO trainer does, to get its OpenVINO graph. Fallback: none (`runtime.py` then keeps Keras'
   own `predict_on_batch`).
 - Importing keras-hub (`import_keras_hub`): on backends other than TensorFlow, as where TensorFlow is not
-  installed, which keras-hub 0.32 reads from an ImportError (`keras_hub.src.utils.tensor_utils`). Fallback: none
-  needed; a keras-hub that imports TensorFlow regardless only costs the import.
+  installed, which keras-hub 0.32 reads from an ImportError (`keras_hub.src.utils.tensor_utils`). Fallback: a
+  keras-hub that fails to import so is imported again with TensorFlow.
 - Quantizing (`garbage_collected_once`): Keras' `Layer.__delattr__` runs a full `gc.collect()` each time a
   layer drops a variable, as `Dense.quantize` drops its float kernel. No fallback needed: without the
   block, quantizing is as correct, only slower.
@@ -40,9 +40,14 @@ def import_keras_hub():
     sys.modules.update(dict.fromkeys(blocked))  # `import` raises ImportError on a None entry (Python's import system)
     try:
         import keras_hub
+    except ImportError:  # a keras-hub that needs TensorFlow: the parts it imported go, and it is imported with it
+        for name in [name for name in sys.modules if name.split(".")[0] == "keras_hub"]:
+            del sys.modules[name]
     finally:
         for name in blocked:
             del sys.modules[name]
+    import keras_hub
+
     return keras_hub
 
 

@@ -340,11 +340,22 @@ sys.meta_path.insert(0, Block())
 """
 
 
-@pytest.mark.parametrize("backend, prelude", [("torch", ""), ("jax", BLOCK_TENSORFLOW)],
-                         ids=["torch", "jax_without_tensorflow"])
-def test_other_backends(tokenizer, backend, prelude):
+KERAS_HUB_NEEDS_TENSORFLOW = """import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name == "keras_hub" and sys.modules.get("tensorflow", 0) is None:
+            raise ImportError("this keras-hub needs TensorFlow")
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+@pytest.mark.parametrize("backend, prelude, imported", [
+    ("torch", "", False), ("jax", BLOCK_TENSORFLOW, False), ("torch", KERAS_HUB_NEEDS_TENSORFLOW, True)],
+    ids=["torch", "jax_without_tensorflow", "torch_keras_hub_needing_tensorflow"])
+def test_other_backends(tokenizer, backend, prelude, imported):
     """The same ids, as NumPy, when Keras runs on torch or JAX, also where TensorFlow is not installed
-    (keras-hub then takes its `tokenizers` path only); where it is, it stays unimported (`import_keras_hub`)."""
+    (keras-hub then takes its `tokenizers` path only); where it is, it stays unimported (`import_keras_hub`), unless
+    keras-hub cannot be imported without it."""
     prompts = ["a cat 🐱", "wow!!", "A photo of an astronaut, riding a horse on Mars"]
     script = prelude + f"from stable_diffusion.tokenizer import Tokenizer; ids = Tokenizer.from_vendored()({prompts!r})\n"
     script += "print(type(ids).__name__, ids.dtype, ids.tolist(), 'tensorflow' in sys.modules)"
@@ -354,7 +365,7 @@ def test_other_backends(tokenizer, backend, prelude):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     expected = tokenizer(prompts).tolist()
-    assert result.stdout.strip().splitlines()[-1] == f"ndarray int32 {expected} False"
+    assert result.stdout.strip().splitlines()[-1] == f"ndarray int32 {expected} {imported}"
 
 
 def test_keras_hub_without_the_private_methods_serves_as_it_is(tokenizer, monkeypatch):
