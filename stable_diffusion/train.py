@@ -261,7 +261,7 @@ def fit(trainer, x, epochs, batch_size, learning_rate, backup_dir=None, ema_mome
     Returns the last epoch's loss (None if the backup had finished all epochs); with `ema_momentum`,
     the EMA weights are copied into the trained variables at the end.
     `jit_compile` default: on for JAX (which otherwise runs op by op), off for TensorFlow, where XLA
-    compiling these small models on CPU takes minutes and saves little.
+    compiling these small models on CPU takes minutes (`benchmarks/RESULTS.md`, "XLA or not").
     """
     if jit_compile is None:
         jit_compile = keras.backend.backend() == "jax"
