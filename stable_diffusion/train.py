@@ -433,6 +433,9 @@ def train_demo(output, num_images=8000, seed=0, vae_epochs=4, epochs=32, tune_im
         small_seed = seed + tune_rounds + 1  # no earlier round's images
         images, captions = make_dataset(small_images, small_seed)
         small = [i for i, caption in enumerate(captions) if "small" in caption.split()]
+        if not small:  # stages 1-3 are saved: a rerun with more images resumes at stage 4
+            raise ValueError(f"The {small_images} images drawn for stage 4 hold no small shape; draw more "
+                             "(small_images, --small-images).")
         losses["small_loss"] = run_stage(work_dir, "small", (sd.diffusion_model,), lambda: train_diffusion(
             sd, encode_latents(sd.encoder, images[small], scaling_factor), sd.tokenize([captions[i] for i in small]),
             small_epochs, batch_size, small_lr, backup_dir=work_dir / "small_backup", seed=small_seed,

@@ -59,7 +59,8 @@ def assert_close(got, expected, reference):
 
 
 @pytest.mark.parametrize("kind, scheduler, strength", [("sd1", "ddim", 0.6), ("sd2", "ddim", 0.8),
-                                                       ("sd1", "dpmpp_2m_karras", 0.7), ("sd1", "euler", 0.5)])
+                                                       ("sd1", "dpmpp_2m_karras", 0.7),
+                                                       pytest.param("sd1", "euler", 0.5, marks=pytest.mark.slow)])
 def test_image_to_image_equals_diffusers(kind, scheduler, strength, reference, ours, monkeypatch):
     pipe, folder = reference(kind)
     img2img = StableDiffusionImg2ImgPipeline(**own_components(pipe), requires_safety_checker=False)
@@ -90,7 +91,7 @@ def inpainting_checkpoint(reference, tmp_path):
 
 
 @pytest.mark.parametrize("unet_channels, strength", [pytest.param(4, 1.0, marks=pytest.mark.slow), (4, 0.7),
-                                                     (9, 1.0), (9, 0.75)])
+                                                     (9, 1.0), pytest.param(9, 0.75, marks=pytest.mark.slow)])
 def test_inpaint_equals_diffusers(unet_channels, strength, reference, ours, monkeypatch, tmp_path):
     if unet_channels == 4:
         sd, components = ours("sd1"), own_components(reference("sd1")[0])

@@ -32,7 +32,8 @@ NEGATIVE_SIZES = dict(SIZES, negative_original_size=(24, 24), negative_target_si
     pytest.param(["a red circle", "a blue square"], ["green", "a triangle"], 5.0, SIZES, False,
                  marks=pytest.mark.slow),  # sizes as below, a batch of two
     (["a red circle"], ["green"], 5.0, NEGATIVE_SIZES, False),
-    (["a red circle", "a blue square"], ["green", "a triangle"], 1.0, SIZES, False),  # no guidance: the prompt's
+    pytest.param(["a red circle", "a blue square"], ["green", "a triangle"], 1.0, SIZES, False,
+                 marks=pytest.mark.slow),  # no guidance: the prompt's
     pytest.param(["a red circle"], ["green"], 7.5, NEGATIVE_SIZES, True, marks=pytest.mark.compiled),  # XLA's loop
 ])
 def test_text_to_image_equals_diffusers(prompts, negative, guidance, sizes, jit, sdxl):

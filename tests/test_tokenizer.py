@@ -314,6 +314,7 @@ def test_unknown_pad_token(tokenizer, tmp_path):
         Tokenizer(tokenizer.vocabulary, tokenizer.merges, pad_token_id=123456)
 
 
+@pytest.mark.slow  # 25 s on 2 AVX2 cores: TensorFlow's lookup tables of the vocabulary, and traces
 def test_tensorflow_path_built_on_first_use():
     """keras-hub's TensorFlow path (tf.data, tf.function) gives the Python path's ids (for lowercase
     prompts: that path does not lowercase). Its tables are not built with the tokenizer but when first

@@ -137,6 +137,9 @@ def test_train_demo_writes_a_loadable_bundle_and_resumes(tmp_path):
     assert changed(snapshot(after_stage_2.diffusion_model), sd.diffusion_model), "stage 3 left the UNet"
     resumed = train_demo(tmp_path / "demo", **options)  # every stage is read back, not retrained
     assert all(resumed[stage] == result[stage] for stage in stages)
+    with pytest.raises(ValueError, match="hold no small shape"):  # make_dataset(1, seed 0 + 0 rounds + 1): a square
+        train_demo(tmp_path / "other", **dict(options, tune_rounds=0, small_images=1))
+    assert not (tmp_path / "other").exists()
     assert sd.img_height == 64  # make_dataset's image size
     assert sd.text_to_image("a red circle on a white background", num_steps=2, seed=0, verbose=False).shape == (
         1, 64, 64, 3)
