@@ -32,20 +32,17 @@ def import_keras_hub():
     2 CPU cores, `benchmarks/RESULTS.md`) for its `tf.data` paths, which prompts never take: the tokenizer runs on
     its pure-Python path either way. Such a keras-hub treats TensorFlow as absent for the rest of the process
     (import keras_hub first to keep its `tf.data` paths); `import tensorflow` itself still works."""
-    if keras.backend.backend() == "tensorflow" or "keras_hub" in sys.modules or "tensorflow" in sys.modules:
-        import keras_hub
-
-        return keras_hub
-    blocked = ("tensorflow", "tensorflow_text")
-    sys.modules.update(dict.fromkeys(blocked))  # `import` raises ImportError on a None entry (Python's import system)
-    try:
-        import keras_hub
-    except ImportError:  # a keras-hub that needs TensorFlow: the parts it imported go, and it is imported with it
-        for name in [name for name in sys.modules if name.split(".")[0] == "keras_hub"]:
-            del sys.modules[name]
-    finally:
-        for name in blocked:
-            del sys.modules[name]
+    if not (keras.backend.backend() == "tensorflow" or "keras_hub" in sys.modules or "tensorflow" in sys.modules):
+        blocked = ("tensorflow", "tensorflow_text")
+        sys.modules.update(dict.fromkeys(blocked))  # `import` raises ImportError on a None entry (Python's import)
+        try:
+            import keras_hub
+        except ImportError:  # a keras-hub that needs TensorFlow: the parts it imported go; imported with it below
+            for name in [name for name in sys.modules if name.split(".")[0] == "keras_hub"]:
+                del sys.modules[name]
+        finally:
+            for name in blocked:
+                del sys.modules[name]
     import keras_hub
 
     return keras_hub
